@@ -1,0 +1,211 @@
+"""One configuration for the whole factory: a pydantic model, loadable from YAML.
+
+Prefect renders these models as forms; the defaults run the embedded demo (local files, CPU,
+the tiny model shipped with the package, the sample data made by ``indusfactory sample-data``).
+Production differs by configuration only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from indusfactory.errors import ConfigError
+
+EMBEDDED_BASE_MODEL = "embedded:tiny-sd"
+"""Sentinel for the tiny Stable Diffusion pipeline shipped inside the package (``assets/tiny-sd``)."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where the team's real data lives (local paths or fsspec URIs such as ``s3://``)."""
+
+    coco_annotations: str = Field(
+        "./sample-data/defective/annotations.json",
+        description="COCO instances file of the annotated defective images.",
+    )
+    images_dir: str = Field(
+        "./sample-data/defective/images", description="Folder the COCO file names its images in."
+    )
+    defect_free_dir: str = Field(
+        "./sample-data/defect_free", description="Folder of defect-free images (drivers for generation)."
+    )
+    split_seed: int = Field(0, description="Seed of the reproducible train/val/test split.")
+    split_fractions: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="Train, val and test fractions of the defective images."
+    )
+    max_image_pixels: int = Field(
+        64_000_000, gt=0, description="Images above this many pixels are refused (decompression bombs)."
+    )
+    make_sample_data: bool = Field(
+        True,
+        description="If the sources are missing and point at ./sample-data, create the sample dataset there.",
+    )
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be non-negative and sum to 1, got {value}")
+        return value
+
+
+class BaseModelConfig(Section):
+    """The Stable Diffusion 1.x pipeline everything starts from."""
+
+    pretrained: str = Field(
+        EMBEDDED_BASE_MODEL,
+        description="A local diffusers folder, a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) "
+        "or 'embedded:tiny-sd' for the tiny model shipped with indusfactory.",
+    )
+    revision: str | None = Field(None, description="Hub revision, when `pretrained` is a hub id.")
+    resolution: int = Field(128, gt=0, description="Training and generation resolution in pixels (512 for SD 1.5).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _divisible_by_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"resolution must be divisible by 8, got {value}")
+        return value
+
+
+class TrainingConfig(Section):
+    """Optimisation settings shared by both training stages."""
+
+    steps: int = Field(300, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    seed: int = 0
+    lr_warmup_steps: int = Field(0, ge=0)
+
+
+class ConceptConfig(TrainingConfig):
+    """Stage 1: DreamBooth concept learning (LoRA by default)."""
+
+    token: str = Field("sks", min_length=1, description="Rare token [V] naming the defective concept.")
+    prompt_template: str = Field("an image of a {token}", description="Instance prompt; {token} is replaced.")
+    lora_rank: int = Field(8, gt=0, description="LoRA rank (must be > 0).")
+    lora_alpha: int = Field(8, gt=0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    steps: int = Field(150, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+class ConditionConfig(TrainingConfig):
+    """Stage 2: the ControlNet-style conditioning network trained on topological drivers."""
+
+    prompt_template: str = Field(
+        "an image of a {token} with a {classes} crack", description="{token} and {classes} are replaced."
+    )
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    empty_prompt_probability: float = Field(0.0, ge=0, le=1)
+
+
+class DriverConfig(Section):
+    """The paper's topological driver recipe."""
+
+    downscale: int = Field(4, ge=1, description="Downscale factor before the adaptive threshold.")
+    block_size: int = Field(15, ge=3, description="Neighbourhood of skimage's threshold_local (odd).")
+    offset: float = Field(0.0, description="Offset of threshold_local (in 0..1 intensity units).")
+    background_max: int = Field(50, ge=0, le=255, description="Thresholded background is scaled to 0..this.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"block_size must be odd, got {value}")
+        return value
+
+
+class PlanConfig(Section):
+    """What to generate: drivers from defect-free images paired with sampled masks."""
+
+    augmentations_per_image: int = Field(2, ge=1, description="Offline augmentations per defect-free image (paper: 10).")
+    images_per_driver: int = Field(4, ge=1, le=15, description="Images generated per driver (paper: at most 15).")
+    max_defect_free_images: int | None = Field(None, gt=0, description="Use at most this many defect-free images.")
+    seed: int = 0
+
+
+class GenerationConfig(Section):
+    """Sampling settings of the generation stage."""
+
+    scheduler: Literal["dpmsolver++", "ddim", "euler"] = "dpmsolver++"
+    steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+    conditioning_scale: float = Field(1.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    shard_size: int = Field(16, gt=0, description="Plan rows per shard (hundreds in production).")
+
+
+class ExportConfig(Section):
+    """Where and how the dataset is published."""
+
+    dataset_name: str = Field("demo-cracks", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str | None = Field(None, description="Dataset version; by default derived from the plan and models.")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
+
+
+class ExecutionConfig(Section):
+    """Where the work runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
+
+
+class FactoryConfig(Section):
+    """Everything that decides a dataset."""
+
+    factory_root: str = Field("./factory", description="Local path or fsspec URI (s3://bucket/prefix).")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    concept: ConceptConfig = Field(default_factory=ConceptConfig)
+    condition: ConditionConfig = Field(default_factory=ConditionConfig)
+    driver: DriverConfig = Field(default_factory=DriverConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="after")
+    def _prompts_name_their_fields(self) -> "FactoryConfig":
+        if "{token}" not in self.concept.prompt_template:
+            raise ValueError("concept.prompt_template must contain {token}")
+        if "{classes}" not in self.condition.prompt_template:
+            raise ValueError("condition.prompt_template must contain {classes}")
+        return self
+
+
+def load_config(path: str | Path) -> FactoryConfig:
+    """Read a YAML file into a validated ``FactoryConfig``; errors name the file and the bad keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return parse_config(data, origin=str(path))
+
+
+def parse_config(data: dict, origin: str = "config") -> FactoryConfig:
+    """Validate a mapping into a ``FactoryConfig`` with an error listing every bad key and why."""
+    try:
+        return FactoryConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{origin} is invalid: {problems}") from exc

@@ -1,0 +1,17 @@
+"""Errors the factory raises on purpose. Each message names the thing and the reason."""
+
+
+class IndusfactoryError(Exception):
+    """Base of every error indusfactory raises deliberately."""
+
+
+class BadInputError(IndusfactoryError, ValueError):
+    """The input (data, model, config) cannot be used; retrying will not help."""
+
+
+class ConfigError(BadInputError):
+    """The configuration is invalid."""
+
+
+class ModelLoadError(BadInputError):
+    """A base or trained model is missing, incomplete or of the wrong kind."""

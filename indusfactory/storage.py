@@ -1,0 +1,155 @@
+"""The factory root: one URI (local path or ``s3://bucket/prefix``) opened with fsspec everywhere.
+
+Writes are atomic: bytes go to a temporary name next to the target and are moved into place,
+so a reader never sees half a file and a crash leaves only a ``.tmp-`` file that readers skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from indusfactory.errors import BadInputError
+
+TMP_PREFIX = ".tmp-"
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than ``file`` (``s3://``, ``memory://``...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def normalise_uri(uri: str) -> str:
+    """Absolute local paths for local roots; remote URIs unchanged (minus a trailing slash)."""
+    if is_remote(uri):
+        return uri.rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` and refuse parts that would escape ``base``."""
+    for part in parts:
+        if part.startswith("/") or ".." in part.split("/"):
+            raise BadInputError(f"path part {part!r} would escape {base}")
+    return posixpath.join(base, *parts) if is_remote(base) else os.path.join(base, *parts)
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it. Credentials come from the environment."""
+    return url_to_fs(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` through a temporary sibling moved into place."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+    fs.mv(tmp, path)
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def local_copy_for_write(uri: str) -> Iterator[str]:
+    """Yield a local folder to write a directory tree into; it is uploaded to ``uri`` on success.
+
+    Local roots write in a temporary sibling folder that is renamed into place, so a crash never
+    leaves a half-written model folder under its final name.
+    """
+    import shutil
+    import tempfile
+
+    if is_remote(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+            fs, path = filesystem(uri)
+            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}"
+    tmp.mkdir()
+    try:
+        yield str(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def local_copy_for_read(uri: str) -> Iterator[str]:
+    """Yield a local path holding the tree at ``uri`` (downloaded first when remote)."""
+    import tempfile
+
+    if not is_remote(uri):
+        yield uri
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, path = filesystem(uri)
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+
+
+@dataclass(frozen=True)
+class FactoryLayout:
+    """Where each stage writes under the factory root."""
+
+    root: str
+
+    @classmethod
+    def of(cls, root: str) -> "FactoryLayout":
+        return cls(normalise_uri(root))
+
+    def catalog(self, fingerprint: str) -> str:
+        return join(self.root, "catalog", fingerprint)
+
+    def model(self, kind: str, fingerprint: str) -> str:
+        return join(self.root, "models", kind, fingerprint)
+
+    def plan(self, fingerprint: str) -> str:
+        return join(self.root, "plans", fingerprint)
+
+    def dataset(self, name: str, version: str) -> str:
+        return join(self.root, "datasets", name, version)
+
+    def dataset_latest(self, name: str) -> str:
+        return join(self.root, "datasets", name, "latest")

@@ -1,0 +1,131 @@
+"""A tiny Stable Diffusion 1.x pipeline in diffusers layout, small enough for a 2-core CPU.
+
+Same classes, same folder layout and same loading code as Stable Diffusion 1.5 (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel, a real CLIP BPE tokenizer, a DDPM-family scheduler), only smaller:
+everything downstream loads it with ``from_pretrained`` exactly as it would load SD 1.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_PROMPT_TOKENS = 77
+
+# Words the factory's prompts use; each becomes one BPE token. Any other text still encodes
+# (byte-level fallback), it just takes more tokens.
+VOCABULARY_WORDS = (
+    "a an the of with and on in image photo picture texture surface close up macro industrial "
+    "crack cracks cracked defect defects defective scratch scratches dent pit pits corrosion rust "
+    "hairline branched transverse longitudinal diagonal thin wide fine deep "
+    "brick bricks gravel grass moon concrete metal steel wall stone rock road asphalt tile ceramic "
+    "wood plastic glass blade turbine weld casting sks"
+).split()
+
+
+def build_clip_tokenizer(words: tuple[str, ...] | list[str] = VOCABULARY_WORDS) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer whose vocabulary has one token per word in ``words``."""
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [BOS, EOS, *alphabet, *(ch + "</w>" for ch in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(w.lower() for w in words):
+        # Merges added later rank lower, so they never change how earlier words encode: join
+        # whatever the current merges leave of this word, left to right, into one token.
+        symbols = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks.setdefault(pair, len(merges))
+            if len(ranks) > len(merges):
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            symbols = [pair[0] + pair[1], *symbols[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
+
+
+def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
+    return symbols
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 128) -> StableDiffusionPipeline:
+    """A randomly initialised tiny SD 1.x pipeline (VAE downsamples by 4, latents 4 channels)."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_PROMPT_TOKENS,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.5,
+    )
+    latent_size = sample_size // 4
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny pipeline in diffusers layout (safetensors) to ``path``."""
+    path = Path(path)
+    build_tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
