@@ -67,7 +67,7 @@ class BaseModelConfig(Section):
         "or 'embedded:tiny-sd' for the tiny model shipped with indusfactory.",
     )
     revision: str | None = Field(None, description="Hub revision, when `pretrained` is a hub id.")
-    resolution: int = Field(128, gt=0, description="Training and generation resolution in pixels (512 for SD 1.5).")
+    resolution: int = Field(64, gt=0, description="Training and generation resolution in pixels (512 for SD 1.5).")
 
     @field_validator("resolution")
     @classmethod
@@ -145,6 +145,9 @@ class GenerationConfig(Section):
     conditioning_scale: float = Field(1.0, ge=0)
     batch_size: int = Field(8, gt=0)
     shard_size: int = Field(16, gt=0, description="Plan rows per shard (hundreds in production).")
+    min_mask_contrast: float = Field(
+        0.0, description="Samples whose defect is not this much darker than its surroundings are flagged (qc_passed=false)."
+    )
 
 
 class ExportConfig(Section):

@@ -61,7 +61,7 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     return symbols
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 128) -> StableDiffusionPipeline:
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 64) -> StableDiffusionPipeline:
     """A randomly initialised tiny SD 1.x pipeline (VAE downsamples by 4, latents 4 channels)."""
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer()
@@ -128,4 +128,85 @@ def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
     """Write a random tiny pipeline in diffusers layout (safetensors) to ``path``."""
     path = Path(path)
     build_tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+PRETRAIN_SURFACES = ("brick", "gravel", "grass", "moon", "camera", "coins", "coffee", "rocket")
+
+
+def _pretrain_crops(n: int, size: int, rng) -> tuple[list, list[str]]:
+    """Random crops of scikit-image's bundled photographs with captions ``a photo of <name>``."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    crops, captions = [], []
+    photos = {name: getattr(skimage.data, name)() for name in PRETRAIN_SURFACES}
+    for i in range(n):
+        name = PRETRAIN_SURFACES[i % len(PRETRAIN_SURFACES)]
+        photo = photos[name]
+        photo = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
+        side = int(rng.integers(size, min(4 * size, *photo.shape[:2]) + 1))
+        top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
+        crops.append(np.asarray(crop))
+        captions.append(f"a photo of {'metal' if name in ('coins', 'rocket') else name}")
+    return crops, captions
+
+
+def pretrain_tiny_model(path: str | Path, vae_steps: int = 1500, unet_steps: int = 3000, seed: int = 0,
+                        log=print) -> Path:
+    """Build the tiny pipeline and pretrain its VAE and UNet on crops of scikit-image's photographs.
+
+    This is how ``indusfactory/assets/tiny-sd`` was made (see README): a stand-in for SD 1.5's
+    pretraining, so the demo starts from a model that already draws textured surfaces.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+
+    from indusfactory.imaging import to_model_tensor
+
+    rng = np.random.default_rng(seed)
+    pipe = build_tiny_pipeline(seed)
+    crops, captions = _pretrain_crops(2048, 64, rng)
+    pixels = to_model_tensor(crops)
+    generator = torch.Generator().manual_seed(seed)
+    vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=1e-3)
+    for step in range(vae_steps):
+        batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
+        dist = pipe.vae.encode(batch).latent_dist
+        recon = pipe.vae.decode(dist.sample(generator)).sample
+        loss = F.l1_loss(recon, batch) + 0.1 * F.mse_loss(recon, batch) + 1e-6 * dist.kl().mean()
+        loss.backward()
+        vae_opt.step()
+        vae_opt.zero_grad()
+        if step % 100 == 0:
+            log(f"vae step {step}/{vae_steps} loss {loss.item():.4f}")
+    pipe.vae.requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([pipe.vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
+        std = float(latents.std())
+        pipe.vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+        latents = latents / std
+        unique = sorted(set(captions))
+        tokens = pipe.tokenizer(unique + [""], padding="max_length", max_length=MAX_PROMPT_TOKENS, return_tensors="pt")
+    caption_index = torch.tensor([unique.index(c) for c in captions])
+    unet_opt = torch.optim.AdamW(list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters()), lr=5e-4)
+    scheduler = pipe.scheduler
+    for step in range(unet_steps):
+        index = torch.randint(0, len(latents), (16,), generator=generator)
+        hidden = pipe.text_encoder(tokens.input_ids)[0]
+        which = caption_index[index].clone()
+        which[torch.rand(len(index), generator=generator) < 0.1] = len(unique)  # unconditional, for CFG
+        noise = torch.randn(latents[index].shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        pred = pipe.unet(scheduler.add_noise(latents[index], noise, t), t, hidden[which]).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        unet_opt.step()
+        unet_opt.zero_grad()
+        if step % 100 == 0:
+            log(f"unet step {step}/{unet_steps} loss {loss.item():.4f}")
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
     return path

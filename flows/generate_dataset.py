@@ -1,0 +1,29 @@
+"""Flow ``generate-dataset``: the whole chain, from raw files to a published dataset version.
+
+ingest -> learn-concept -> learn-condition -> build-plan -> generate-shard x N -> publish-dataset
+"""
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from indusfactory.config import FactoryConfig
+from indusfactory.export import dataset_uri_for
+from indusfactory.schema import DatasetRecord
+from tasks.generate import build_plan_task, generate_shard_task, publish_dataset_task
+from tasks.ingest import ingest_task
+from tasks.learn import learn_concept_task, learn_condition_task
+from tasks.report import summarise_run
+
+
+@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
+    catalog = ingest_task(config)
+    concept = learn_concept_task(config, catalog)
+    condition = learn_condition_task(config, catalog, concept)
+    plan = build_plan_task(config, catalog)
+    dataset_uri = dataset_uri_for(config, plan, concept, condition)
+    shards = generate_shard_task.map(unmapped(config), unmapped(catalog), unmapped(plan), unmapped(concept),
+                                     unmapped(condition), unmapped(dataset_uri), range(plan.shards)).result()
+    dataset = publish_dataset_task(config, catalog, plan, concept, condition, dataset_uri, shards)
+    summarise_run(catalog, concept, condition, plan, shards, dataset)
+    return dataset

@@ -1,0 +1,203 @@
+"""Export: shards, COCO and the manifest of a dataset version under the factory root.
+
+Layout of ``datasets/<name>/<version>/``::
+
+    data/train-00000-of-00002.parquet   shards, Hugging Face naming; a shard exists only when complete
+    images/<sample_id>.png              the images the COCO files name
+    annotations/shards/train-00000-of-00002.json   COCO per shard
+    annotations/instances_train.json    merged COCO (file_name relative to images/)
+    contact_sheet.png                   samples above their mask outlines
+    README.md                           dataset card; `datasets.load_dataset(path)` reads the folder
+    manifest.json                       counts, checksums, lineage, config: written last (commit marker)
+
+A version with a manifest is published and never rewritten.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indusfactory import storage
+from indusfactory.errors import IndusfactoryError
+from indusfactory.config import FactoryConfig
+from indusfactory.fingerprint import CODE_VERSION, fingerprint
+from indusfactory.schema import (
+    DATASET_SCHEMA,
+    SCHEMA_VERSION,
+    DatasetRecord,
+    ModelRecord,
+    PlanRecord,
+    ShardRecord,
+    coco_document,
+    decode_image,
+    encode_png,
+    rle_to_mask,
+    with_metadata,
+)
+
+MANIFEST_FILE = "manifest.json"
+CONTACT_SHEET = "contact_sheet.png"
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}"
+
+
+def shard_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
+    return storage.join(dataset_uri, "data", f"{shard_name(split, index, total)}.parquet")
+
+
+def shard_coco_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
+    return storage.join(dataset_uri, "annotations", "shards", f"{shard_name(split, index, total)}.json")
+
+
+def is_published(dataset_uri: str) -> bool:
+    return storage.exists(storage.join(dataset_uri, MANIFEST_FILE))
+
+
+def coco_of_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """COCO ``images`` and ``annotations`` of dataset rows (ids from the plan's sample index)."""
+    images, annotations = [], []
+    for row in rows:
+        images.append({"id": int(row["sample_index"]), "file_name": row["image"]["path"], "width": row["width"],
+                       "height": row["height"], "sample_id": row["sample_id"]})
+        for k, inst in enumerate(row["instances"]):
+            annotations.append({
+                "id": int(row["sample_index"]) * 100 + k + 1, "image_id": int(row["sample_index"]),
+                "category_id": inst["category_id"], "segmentation": inst["rle"], "area": inst["area"],
+                "bbox": inst["bbox"], "iscrowd": 0,
+            })
+    return images, annotations
+
+
+def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list[dict], categories: list[dict],
+                seconds: float) -> ShardRecord:
+    """Write images, the shard's COCO file and, last, its parquet (the shard's completion marker)."""
+    for row in rows:
+        storage.write_bytes_atomic(storage.join(dataset_uri, "images", row["image"]["path"]), row["image"]["bytes"])
+    images, annotations = coco_of_rows(rows)
+    coco_uri = shard_coco_uri(dataset_uri, split, index, total)
+    storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, shard_name(split, index, total)))
+    table = pa.Table.from_pylist(rows, schema=with_metadata(DATASET_SCHEMA, categories, huggingface=True))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    uri = shard_uri(dataset_uri, split, index, total)
+    storage.write_bytes_atomic(uri, data)
+    return ShardRecord(index=index, total=total, uri=uri, coco_uri=coco_uri, rows=len(rows),
+                       flagged=sum(not r["qc_passed"] for r in rows), sha256=storage.sha256_bytes(data),
+                       seconds=round(seconds, 3), worker=rows[0]["worker"] if rows else "")
+
+
+def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord | None:
+    """The record of a shard already on storage (a rerun does not regenerate it), else None."""
+    uri = shard_uri(dataset_uri, split, index, total)
+    if not storage.exists(uri):
+        return None
+    data = storage.read_bytes(uri)
+    table = pq.read_table(io.BytesIO(data), columns=["qc_passed", "worker"])
+    return ShardRecord(index=index, total=total, uri=uri, coco_uri=shard_coco_uri(dataset_uri, split, index, total),
+                       rows=table.num_rows, flagged=int((~np.asarray(table["qc_passed"])).sum()),
+                       sha256=storage.sha256_bytes(data), seconds=0.0,
+                       worker=table["worker"][0].as_py() if table.num_rows else "", reused=True)
+
+
+def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
+    """README.md with the front matter `datasets.load_dataset(folder)` reads."""
+    counts = manifest["counts"]
+    return "\n".join([
+        "---", "configs:", "- config_name: default", "  data_files:", f"  - split: {split}",
+        f"    path: data/{split}-*.parquet", "task_categories:", "- image-segmentation", "tags:",
+        "- synthetic", "- industrial-inspection", "- indusfactory", "---", "",
+        f"# {name} {version}", "",
+        "Synthetic, self-annotated industrial defect images made by indusfactory "
+        "(DreamBooth concept + ControlNet-style conditioning on topological drivers).", "",
+        f"- samples: {counts['samples']} in {counts['shards']} shards ({counts['flagged']} flagged by QC)",
+        f"- categories: {', '.join(c['name'] for c in manifest['categories'])}",
+        f"- base model: `{manifest['lineage']['base_model']}`; concept `{manifest['lineage']['concept_fingerprint']}`;"
+        f" condition `{manifest['lineage']['condition_fingerprint']}`", "",
+        "## Load it", "", "```python", "import pandas as pd",
+        f'df = pd.read_parquet("{{root}}/data/")', "from datasets import load_dataset",
+        'ds = load_dataset("{root}")', "from pycocotools.coco import COCO",
+        f'coco = COCO("{{root}}/annotations/instances_{split}.json")', "```", "",
+        "Masks are COCO RLE (`instances[].rle`, decode with `pycocotools.mask.decode`).", "",
+    ]).replace("{root}", f"<path to {name}/{version}>")
+
+
+def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shards: list[ShardRecord],
+                     categories: list[dict], config: dict, lineage: dict) -> DatasetRecord:
+    """Merge COCO, write the card, then the manifest (last), then move the ``latest`` pointer."""
+    manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
+    if is_published(dataset_uri):
+        manifest = storage.read_json(manifest_uri)
+        return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
+                             samples=manifest["counts"]["samples"], shards=manifest["counts"]["shards"], reused=True)
+    shards = sorted(shards, key=lambda s: s.index)
+    expected = shards[0].total if shards else 0
+    if [s.index for s in shards] != list(range(expected)):
+        raise IndusfactoryError(f"cannot publish {dataset_uri}: shards {[s.index for s in shards]} of {expected}")
+    for shard in shards:
+        if storage.sha256_bytes(storage.read_bytes(shard.uri)) != shard.sha256:
+            raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} changed after it was written")
+    images, annotations = [], []
+    for shard in shards:
+        doc = storage.read_json(shard.coco_uri)
+        images += doc["images"]
+        annotations += doc["annotations"]
+    storage.write_json_atomic(storage.join(dataset_uri, "annotations", f"instances_{split}.json"),
+                              coco_document(images, annotations, categories, f"{name} {version}"))
+    manifest = {
+        "name": name, "version": version, "split": split, "schema_version": SCHEMA_VERSION,
+        "code_version": CODE_VERSION, "created": datetime.now(timezone.utc).isoformat(),
+        "counts": {"samples": sum(s.rows for s in shards), "shards": len(shards),
+                   "flagged": sum(s.flagged for s in shards), "annotations": len(annotations)},
+        "shards": [{"path": shard.uri[len(dataset_uri) + 1:], "rows": shard.rows, "sha256": shard.sha256,
+                    "worker": shard.worker} for shard in shards],
+        "categories": categories, "lineage": lineage, "config": config,
+    }
+    if shards:
+        preview = pq.read_table(io.BytesIO(storage.read_bytes(shards[0].uri)), columns=["image", "instances"])
+        storage.write_bytes_atomic(storage.join(dataset_uri, CONTACT_SHEET), contact_sheet(preview.to_pylist()[:16]))
+    storage.write_bytes_atomic(storage.join(dataset_uri, "README.md"),
+                               dataset_card(name, version, split, manifest).encode())
+    storage.write_json_atomic(manifest_uri, manifest)
+    storage.write_bytes_atomic(storage.join(dataset_uri.rsplit("/", 1)[0], "latest"), f"{version}\n".encode())
+    return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
+                         samples=manifest["counts"]["samples"], shards=len(shards))
+
+
+def contact_sheet(rows: list[dict], columns: int = 8) -> bytes:
+    """PNG grid: each sample's image above the same image with its mask outlined in red."""
+    from skimage.segmentation import find_boundaries
+
+    tiles = []
+    for row in rows:
+        image = decode_image(row["image"]["bytes"])
+        overlay = image.copy()
+        for inst in row["instances"]:
+            overlay[find_boundaries(rle_to_mask(inst["rle"]), mode="outer")] = (255, 0, 0)
+        tiles.append(np.concatenate([image, overlay], axis=0))
+    if not tiles:
+        return b""
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)])
+    return encode_png(grid)
+
+
+def dataset_version(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
+    """The configured version, or one derived from everything that decides the bytes."""
+    if config.export.version:
+        return config.export.version
+    return "v-" + fingerprint("dataset", plan.fingerprint, concept.fingerprint, condition.fingerprint,
+                              config.generation, config.driver, length=10)
+
+
+def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
+    return storage.FactoryLayout.of(config.factory_root).dataset(
+        config.export.dataset_name, dataset_version(config, plan, concept, condition))

@@ -1,0 +1,38 @@
+"""Small image helpers shared by training and generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def fit_square(array: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
+    """Centre-crop to a square and resize to ``resolution`` (bicubic, or nearest for masks)."""
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = array[top : top + side, left : left + side]
+    if side == resolution:
+        return crop.copy()
+    if array.dtype == bool:
+        image = Image.fromarray(crop.astype(np.uint8) * 255)
+        return np.asarray(image.resize((resolution, resolution), Image.NEAREST)) > 127
+    resample = Image.NEAREST if nearest else Image.BICUBIC
+    return np.asarray(Image.fromarray(crop).resize((resolution, resolution), resample))
+
+
+def to_model_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 arrays -> float tensor Nx3xHxW in [-1, 1] (what the VAE encodes)."""
+    batch = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def to_condition_tensor(drivers: list[np.ndarray]) -> torch.Tensor:
+    """float HxWx3 drivers in [0, 1] -> tensor Nx3xHxW (what the conditioning network reads)."""
+    return torch.from_numpy(np.stack(drivers).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
+def from_model_output(images: np.ndarray) -> np.ndarray:
+    """Pipeline ``output_type='np'`` floats in [0, 1] -> uint8."""
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -1,0 +1,157 @@
+"""Loading models: the base Stable Diffusion 1.x pipeline, the concept LoRA and the conditioning
+network, always through diffusers/transformers ``from_pretrained`` and always from safetensors.
+
+The same code loads the tiny model shipped with the package, a local SD 1.5 folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionConfig
+from indusfactory.errors import ModelLoadError
+
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def embedded_model_path() -> Path:
+    """The tiny pretrained SD 1.x pipeline shipped inside the package."""
+    return Path(str(resources.files("indusfactory") / "assets" / "tiny-sd"))
+
+
+def resolve_base_model(pretrained: str) -> str:
+    """A local folder or hub id for ``from_pretrained``; local folders are checked for every component."""
+    if pretrained == EMBEDDED_BASE_MODEL:
+        path = embedded_model_path()
+    elif os.path.isdir(os.path.expanduser(pretrained)) or pretrained.startswith((".", "/", "~")):
+        path = Path(pretrained).expanduser()
+    else:
+        return pretrained  # a hub id; from_pretrained resolves it (or fails offline with a clear error)
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"base model {path} is not a diffusers pipeline folder: model_index.json is missing")
+    missing = [c for c in PIPELINE_COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"base model {path} is missing the component folder(s) {', '.join(missing)}")
+    return str(path.resolve())
+
+
+def select_device(execution: ExecutionConfig) -> torch.device:
+    if execution.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if execution.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("execution.device is 'cuda' but no CUDA device is available")
+    return torch.device(execution.device)
+
+
+def select_dtype(execution: ExecutionConfig, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that support it, fp16 otherwise, unless the config says."""
+    if execution.precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[execution.precision]
+
+
+def configure_torch(execution: ExecutionConfig) -> None:
+    if execution.torch_threads:
+        torch.set_num_threads(execution.torch_threads)
+
+
+@dataclass
+class BaseComponents:
+    """The parts of an SD 1.x pipeline that training needs."""
+
+    model_id: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _load(what: str, model_id: str, fn):
+    try:
+        return fn()
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"could not load the {what} of base model {model_id}: {exc}") from exc
+
+
+def load_base_components(config: BaseModelConfig) -> BaseComponents:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from safetensors."""
+    model_id = resolve_base_model(config.pretrained)
+    kw = {"revision": config.revision} if config.revision else {}
+    safe = {"use_safetensors": True, **kw}
+    return BaseComponents(
+        model_id=model_id,
+        tokenizer=_load("tokenizer", model_id, lambda: CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)),
+        text_encoder=_load("text encoder", model_id,
+                           lambda: CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **safe)),
+        vae=_load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(model_id, subfolder="vae", **safe)),
+        unet=_load("UNet", model_id, lambda: UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **safe)),
+        noise_scheduler=_load("scheduler", model_id,
+                              lambda: DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)),
+    )
+
+
+def load_concept_pipeline(config: BaseModelConfig, concept_dir: str) -> StableDiffusionPipeline:
+    """The base pipeline with the concept LoRA fused into its UNet (the paper's concept model)."""
+    model_id = resolve_base_model(config.pretrained)
+    kw = {"revision": config.revision} if config.revision else {}
+    pipe = _load("pipeline", model_id, lambda: StableDiffusionPipeline.from_pretrained(
+        model_id, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kw))
+    try:
+        pipe.load_lora_weights(concept_dir, weight_name="pytorch_lora_weights.safetensors")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"concept LoRA {concept_dir} does not fit base model {model_id}: {exc}") from exc
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def scheduler_for(name: str, config: dict):
+    """A sampling scheduler built from the base model's scheduler config."""
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    return EulerDiscreteScheduler.from_config(config)
+
+
+def load_generation_pipeline(config: BaseModelConfig, concept_dir: str, condition_dir: str,
+                             scheduler: str) -> StableDiffusionControlNetPipeline:
+    """Concept model (base + fused LoRA) conditioned by the trained conditioning network."""
+    concept = load_concept_pipeline(config, concept_dir)
+    try:
+        controlnet = ControlNetModel.from_pretrained(condition_dir, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"conditioning network {condition_dir} cannot be loaded: {exc}") from exc
+    pipe = StableDiffusionControlNetPipeline(
+        vae=concept.vae, text_encoder=concept.text_encoder, tokenizer=concept.tokenizer, unet=concept.unet,
+        controlnet=controlnet, scheduler=scheduler_for(scheduler, concept.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

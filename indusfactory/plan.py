@@ -1,0 +1,156 @@
+"""The generation plan: one row per sample, deciding the whole dataset.
+
+Each defect-free image gets N offline augmentations (drivers); each driver is paired with up to
+K masks sampled from the annotated training split and perturbed (the paper's SADF set), each
+with its own seed. A row holds every parameter needed to rebuild its driver and mask, so the same
+plan and the same models give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indusfactory import storage
+from indusfactory.augment import apply_augmentation, apply_perturbation, sample_augmentation, sample_perturbation
+from indusfactory.condition import condition_prompt
+from indusfactory.config import FactoryConfig
+from indusfactory.drivers import extract_topological_driver
+from indusfactory.errors import BadInputError
+from indusfactory.fingerprint import fingerprint
+from indusfactory.imaging import fit_square
+from indusfactory.ingest import read_catalog
+from indusfactory.schema import PLAN_SCHEMA, CatalogRecord, PlanRecord, category_index, decode_image, rle_to_mask
+
+PLAN_FILE = "plan.parquet"
+RECORD_FILE = "plan.json"
+MASK_SOURCE_BANK = "bank"
+
+
+def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
+    return fingerprint("plan", catalog.content_fingerprint, config.plan, config.generation.shard_size,
+                       config.concept.token, config.condition.prompt_template, config.base_model.resolution,
+                       storage.normalise_uri(config.factory_root))
+
+
+def _rng(*parts: object) -> np.random.Generator:
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _mask_bank(rows: list[dict]) -> list[dict]:
+    """Every instance of the defective train split, in a stable order."""
+    bank = [{"image_id": r["image_id"], **inst} for r in rows if r["defective"] and r["split"] == "train"
+            for inst in r["instances"]]
+    if not bank:
+        raise BadInputError("the catalog's train split has no annotated instance to sample masks from")
+    return sorted(bank, key=lambda b: (b["image_id"], b["annotation_id"]))
+
+
+def build_plan_rows(config: FactoryConfig, rows: list[dict]) -> list[dict]:
+    """The plan as a list of rows (deterministic in the config and the catalog)."""
+    drivers = sorted((r for r in rows if not r["defective"]), key=lambda r: r["image_id"])
+    if not drivers:
+        raise BadInputError("the catalog has no defect-free image to build drivers from")
+    drivers = drivers[: config.plan.max_defect_free_images or None]
+    bank = _mask_bank(rows)
+    plan: list[dict] = []
+    for driver in drivers:
+        for aug in range(config.plan.augmentations_per_image):
+            rng = _rng(config.plan.seed, driver["image_id"], aug)
+            augmentation = sample_augmentation(rng)
+            for slot in range(config.plan.images_per_driver):
+                source = bank[int(rng.integers(len(bank)))]
+                sample_id = fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot)
+                plan.append({
+                    "sample_id": sample_id, "sample_index": len(plan),
+                    "shard": len(plan) // config.generation.shard_size,
+                    "driver_image_id": driver["image_id"], "augmentation_index": aug,
+                    "augmentation": json.dumps(augmentation, sort_keys=True),
+                    "instances": [{
+                        "category_id": source["category_id"], "category": source["category"],
+                        "mask_source": MASK_SOURCE_BANK, "mask_source_id": f"{source['image_id']}:{source['annotation_id']}",
+                        "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True),
+                    }],
+                    "prompt": condition_prompt(config, [source["category"]]),
+                    "seed": int(rng.integers(0, 2**31 - 1)),
+                })
+    return plan
+
+
+def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> PlanRecord:
+    """Write the plan parquet under ``plan_uri`` (reused when already complete)."""
+    record_uri = storage.join(plan_uri, RECORD_FILE)
+    if storage.exists(record_uri):
+        return PlanRecord.model_validate({**storage.read_json(record_uri), "reused": True})
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist())
+    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), sink.getvalue().to_pybytes())
+    record = PlanRecord(uri=plan_uri, fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1], samples=len(rows),
+                        shards=rows[-1]["shard"] + 1)
+    storage.write_json_atomic(record_uri, record.model_dump(mode="json", exclude={"reused"}))
+    return record
+
+
+def read_plan(plan: PlanRecord, shard: int | None = None) -> list[dict]:
+    """The plan rows (of one shard when ``shard`` is given)."""
+    fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle, filters=[("shard", "=", shard)] if shard is not None else None)
+    return table.to_pylist()
+
+
+@dataclass
+class SampleInputs:
+    """What a plan row rebuilds into: the driver and the labelled masks it was painted with."""
+
+    driver: np.ndarray
+    instances: list[tuple[dict, np.ndarray]]
+
+
+class SourceImages:
+    """Decoded catalog images and masks, looked up by id (decoded once per process)."""
+
+    def __init__(self, catalog_uri: str, categories: list[dict]):
+        self._rows = {r["image_id"]: r for r in read_catalog(catalog_uri).to_pylist()}
+        self._images: dict[tuple[str, int], np.ndarray] = {}
+        self.class_index = category_index(categories)
+
+    def image(self, image_id: str, resolution: int) -> np.ndarray:
+        key = (image_id, resolution)
+        if key not in self._images:
+            if image_id not in self._rows:
+                raise BadInputError(f"plan references image {image_id}, which is not in the catalog")
+            self._images[key] = fit_square(decode_image(self._rows[image_id]["image"]["bytes"]), resolution)
+        return self._images[key]
+
+    def mask(self, source_id: str, resolution: int) -> np.ndarray:
+        image_id, annotation_id = source_id.rsplit(":", 1)
+        for inst in self._rows.get(image_id, {}).get("instances", []):
+            if inst["annotation_id"] == int(annotation_id):
+                return fit_square(rle_to_mask(inst["rle"]), resolution)
+        raise BadInputError(f"plan references mask {source_id}, which is not in the catalog")
+
+
+def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> SampleInputs:
+    """Rebuild a plan row's driver and masks exactly (same code path as training drivers)."""
+    resolution = config.base_model.resolution
+    image = apply_augmentation(sources.image(row["driver_image_id"], resolution), json.loads(row["augmentation"]))
+    instances = []
+    for inst in row["instances"]:
+        mask = apply_perturbation(sources.mask(inst["mask_source_id"], resolution), json.loads(inst["perturbation"]))
+        instances.append((inst, mask))
+    driver = extract_topological_driver(
+        image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
+    return SampleInputs(driver=driver, instances=instances)
+
+
+def plan_uri_for(config: FactoryConfig, catalog: CatalogRecord) -> str:
+    return storage.FactoryLayout.of(config.factory_root).plan(plan_fingerprint(config, catalog))

@@ -1,0 +1,293 @@
+"""Every data contract of the factory: catalog, plan and dataset parquet schemas, COCO documents,
+stage records, and the RLE helpers that move masks between them.
+
+Masks are always COCO RLE produced and decoded by pycocotools (compressed ``counts`` as str).
+Images inside parquet are structs of ``bytes`` and ``path``, the way Hugging Face ``datasets``
+stores an ``Image`` feature, so ``load_dataset`` decodes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = "1"
+METADATA_SCHEMA_VERSION = b"indusfactory.schema_version"
+METADATA_CATEGORIES = b"indusfactory.categories"
+METADATA_HUGGINGFACE = b"huggingface"
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+CATALOG_INSTANCE = pa.struct(
+    [
+        ("annotation_id", pa.int64()),
+        ("category_id", pa.int32()),
+        ("category", pa.string()),
+        ("rle", RLE_STRUCT),
+        ("bbox", pa.list_(pa.float64())),
+        ("area", pa.float64()),
+        ("iscrowd", pa.bool_()),
+    ]
+)
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("file_name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("split", pa.string()),
+        ("defective", pa.bool_()),
+        ("image", IMAGE_STRUCT),
+        ("instances", pa.list_(CATALOG_INSTANCE)),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [("source_uri", pa.string()), ("kind", pa.string()), ("reason", pa.string())]
+)
+
+PLAN_INSTANCE = pa.struct(
+    [
+        ("category_id", pa.int32()),
+        ("category", pa.string()),
+        ("mask_source", pa.string()),
+        ("mask_source_id", pa.string()),
+        ("perturbation", pa.string()),
+    ]
+)
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("shard", pa.int32()),
+        ("driver_image_id", pa.string()),
+        ("augmentation_index", pa.int32()),
+        ("augmentation", pa.string()),
+        ("instances", pa.list_(PLAN_INSTANCE)),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+
+DATASET_INSTANCE = pa.struct(
+    [
+        ("category_id", pa.int32()),
+        ("category", pa.string()),
+        ("rle", RLE_STRUCT),
+        ("bbox", pa.list_(pa.float64())),
+        ("area", pa.float64()),
+        ("mask_source", pa.string()),
+    ]
+)
+
+DATASET_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("image", IMAGE_STRUCT),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("instances", pa.list_(DATASET_INSTANCE)),
+        ("driver", IMAGE_STRUCT),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("driver_image_id", pa.string()),
+        ("qc_mask_contrast", pa.float64()),
+        ("qc_passed", pa.bool_()),
+        ("base_model", pa.string()),
+        ("concept_fingerprint", pa.string()),
+        ("condition_fingerprint", pa.string()),
+        ("code_version", pa.string()),
+        ("worker", pa.string()),
+    ]
+)
+
+# Hugging Face `datasets` reads this from the parquet metadata: images decode as `Image`.
+_HF_INSTANCE_FEATURES = {
+    "category_id": {"dtype": "int32", "_type": "Value"},
+    "category": {"dtype": "string", "_type": "Value"},
+    "rle": {
+        "size": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+        "counts": {"dtype": "string", "_type": "Value"},
+    },
+    "bbox": {"feature": {"dtype": "float64", "_type": "Value"}, "_type": "List"},
+    "area": {"dtype": "float64", "_type": "Value"},
+    "mask_source": {"dtype": "string", "_type": "Value"},
+}
+HF_FEATURES = {
+    "sample_id": {"dtype": "string", "_type": "Value"},
+    "sample_index": {"dtype": "int64", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "width": {"dtype": "int32", "_type": "Value"},
+    "height": {"dtype": "int32", "_type": "Value"},
+    "instances": {"feature": _HF_INSTANCE_FEATURES, "_type": "List"},
+    "driver": {"_type": "Image"},
+    "prompt": {"dtype": "string", "_type": "Value"},
+    "seed": {"dtype": "int64", "_type": "Value"},
+    "driver_image_id": {"dtype": "string", "_type": "Value"},
+    "qc_mask_contrast": {"dtype": "float64", "_type": "Value"},
+    "qc_passed": {"dtype": "bool", "_type": "Value"},
+    "base_model": {"dtype": "string", "_type": "Value"},
+    "concept_fingerprint": {"dtype": "string", "_type": "Value"},
+    "condition_fingerprint": {"dtype": "string", "_type": "Value"},
+    "code_version": {"dtype": "string", "_type": "Value"},
+    "worker": {"dtype": "string", "_type": "Value"},
+}
+
+
+def with_metadata(schema: pa.Schema, categories: list[dict], huggingface: bool = False) -> pa.Schema:
+    """Attach the schema version, the categories and (for datasets) the HF features to a schema."""
+    metadata = {
+        METADATA_SCHEMA_VERSION: SCHEMA_VERSION.encode(),
+        METADATA_CATEGORIES: json.dumps(categories).encode(),
+    }
+    if huggingface:
+        metadata[METADATA_HUGGINGFACE] = json.dumps({"info": {"features": HF_FEATURES}}).encode()
+    return schema.with_metadata(metadata)
+
+
+def categories_from_metadata(schema: pa.Schema) -> list[dict]:
+    """The ``[{"id", "name", ...}]`` categories stored in a catalog or dataset schema."""
+    raw = (schema.metadata or {}).get(METADATA_CATEGORIES)
+    if raw is None:
+        raise ValueError("parquet file has no indusfactory categories metadata")
+    return json.loads(raw)
+
+
+def category_index(categories: list[dict]) -> dict[int, int]:
+    """Category id -> class index (position in the id-sorted categories), used for driver colours."""
+    return {c["id"]: i for i, c in enumerate(sorted(categories, key=lambda c: c["id"]))}
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """Compressed COCO RLE of a boolean HxW mask, with ``counts`` as str (JSON-able)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Boolean HxW mask of a compressed or uncompressed COCO RLE."""
+    size = [int(s) for s in rle["size"]]
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        encoded = mask_utils.frPyObjects({"size": size, "counts": counts}, size[0], size[1])
+    else:
+        encoded = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(encoded).astype(bool)
+
+
+def rle_bbox_area(rle: dict) -> tuple[list[float], float]:
+    """COCO ``[x, y, w, h]`` box and pixel area of an RLE."""
+    encoded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return [float(v) for v in mask_utils.toBbox(encoded)], float(mask_utils.area(encoded))
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 HxWx3 (or HxW) array; deterministic for the same pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """uint8 HxWx3 RGB array of encoded image bytes."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# --- COCO --------------------------------------------------------------------------------------
+
+
+def coco_document(images: list[dict], annotations: list[dict], categories: list[dict], description: str) -> dict:
+    """A COCO instances document (``info``, ``images``, ``annotations``, ``categories``)."""
+    return {
+        "info": {"description": description, "version": SCHEMA_VERSION},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+
+
+# --- stage records: the small things tasks exchange --------------------------------------------
+
+
+class Record(BaseModel):
+    """A small, JSON-serialisable description of a stage output (URIs, hashes, counts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class CatalogRecord(Record):
+    uri: str
+    fingerprint: str
+    content_fingerprint: str
+    found: int
+    ingested: int
+    quarantined: int
+    duplicates: int
+    defective: int
+    defect_free: int
+    categories: list[dict[str, Any]]
+    reused: bool = False
+
+
+class ModelRecord(Record):
+    kind: str
+    uri: str
+    fingerprint: str
+    base_model: str
+    steps: int
+    seconds: float
+    reused: bool = False
+
+
+class PlanRecord(Record):
+    uri: str
+    fingerprint: str
+    samples: int
+    shards: int
+    reused: bool = False
+
+
+class ShardRecord(Record):
+    index: int
+    total: int
+    uri: str
+    coco_uri: str
+    rows: int
+    flagged: int
+    sha256: str
+    seconds: float
+    worker: str
+    reused: bool = False
+
+
+class DatasetRecord(Record):
+    name: str
+    version: str
+    uri: str
+    manifest_uri: str
+    samples: int
+    shards: int
+    reused: bool = False

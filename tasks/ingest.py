@@ -1,0 +1,32 @@
+"""Prefect task around ``indusfactory.ingest``."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from indusfactory.config import FactoryConfig
+from indusfactory.ingest import catalog_marker, catalog_uri_for, ingest
+from indusfactory.sample_data import ensure_sample_data
+from indusfactory.schema import CatalogRecord
+from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+
+
+def _marker(parameters: dict) -> str:
+    config: FactoryConfig = parameters["config"]
+    ensure_sample_data(config.source.coco_annotations, config.source.images_dir, config.source.defect_free_dir)
+    return catalog_marker(catalog_uri_for(config))
+
+
+@task(name="ingest", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
+def ingest_task(config: FactoryConfig) -> CatalogRecord:
+    """Build (or reuse) the catalog of the configured sources."""
+    logger = run_logger()
+    made = ensure_sample_data(config.source.coco_annotations, config.source.images_dir, config.source.defect_free_dir)
+    if made:
+        logger.info("sources were missing: wrote the sample dataset to %s", made)
+    record = ingest(config.source, catalog_uri_for(config))
+    verb = "reused" if record.reused else "built"
+    logger.info("catalog %s %s: found %d = ingested %d + quarantined %d + duplicates %d (%d defective, %d defect-free)",
+                record.fingerprint, verb, record.found, record.ingested, record.quarantined, record.duplicates,
+                record.defective, record.defect_free)
+    return record
