@@ -1,0 +1,65 @@
+"""Shared fixtures: a random tiny SD pipeline, small sample data, tiny configs, a real Prefect API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A randomly initialised tiny SD 1.x pipeline in diffusers layout (written once per session)."""
+    from indusfactory.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    from indusfactory.sample_data import write_sample_data
+
+    return write_sample_data(tmp_path_factory.mktemp("data") / "sample", n_defective=12, n_defect_free=4,
+                             size=64).root
+
+
+def tiny_config(sample: Path, factory_root: Path, model: Path | str, **overrides):
+    """A FactoryConfig that runs the whole chain in seconds on the tiny model."""
+    from indusfactory.config import parse_config
+
+    data = {
+        "factory_root": str(factory_root),
+        "source": {"coco_annotations": str(sample / "defective" / "annotations.json"),
+                   "images_dir": str(sample / "defective" / "images"), "defect_free_dir": str(sample / "defect_free")},
+        "base_model": {"pretrained": str(model)},
+        "concept": {"steps": 2, "batch_size": 2},
+        "condition": {"steps": 2, "batch_size": 2},
+        "plan": {"augmentations_per_image": 1, "images_per_driver": 3, "max_defect_free_images": 2},
+        "generation": {"steps": 2, "shard_size": 4, "batch_size": 3},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return parse_config(data)
+
+
+@pytest.fixture
+def make_config(sample_root, tiny_model_path, tmp_path):
+    def make(**overrides):
+        return tiny_config(sample_root, tmp_path / "factory", tiny_model_path, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary SQLite-backed server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionPipeline
+
+from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig
+from indusfactory.errors import ModelLoadError
+from indusfactory.models import embedded_model_path, load_base_components, resolve_base_model
+from indusfactory.tiny_model import VOCABULARY_WORDS, build_clip_tokenizer
+
+
+def test_tokenizer_has_one_token_per_factory_word():
+    tokenizer = build_clip_tokenizer()
+    for word in VOCABULARY_WORDS:
+        assert len(tokenizer.tokenize(word)) == 1, word
+    ids = tokenizer("an image of a sks with a hairline crack").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 11
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "an image of a sks with a hairline crack"
+    # Words outside the vocabulary still encode (byte-level fallback), they just take more tokens.
+    assert len(tokenizer.tokenize("zyxw")) > 1
+
+
+def test_written_model_loads_like_sd15(tiny_model_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("an image of a sks", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    assert sorted(p.name for p in tiny_model_path.iterdir() if p.is_dir()) == [
+        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert not list(tiny_model_path.rglob("*.bin")), "weights must be safetensors only"
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 96))
+    assert controlnet.config.block_out_channels == pipe.unet.config.block_out_channels
+
+
+def test_bad_base_model_folders_are_named(tmp_path, tiny_model_path):
+    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+        resolve_base_model(str(tmp_path))
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_path, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ModelLoadError, match="missing the component folder.*vae"):
+        resolve_base_model(str(broken))
+
+
+def test_embedded_model_is_pretrained_not_random():
+    """The shipped tiny model reconstructs a texture through its VAE far better than a random one."""
+    import skimage.data
+    from PIL import Image
+
+    from indusfactory.imaging import to_model_tensor
+    from indusfactory.tiny_model import build_tiny_pipeline
+
+    assert (embedded_model_path() / "model_index.json").is_file()
+    crop = np.asarray(Image.fromarray(skimage.data.gravel()[100:228, 300:428]).resize((64, 64)).convert("RGB"))
+    pixels = to_model_tensor([crop])
+    shipped = load_base_components(BaseModelConfig(pretrained=EMBEDDED_BASE_MODEL)).vae
+    random_vae = build_tiny_pipeline(seed=1).vae
+    with torch.no_grad():
+        errors = [float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
+                  for vae in (shipped, random_vae)]
+    assert errors[0] < 0.15 < errors[1], errors
