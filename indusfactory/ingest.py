@@ -79,7 +79,6 @@ def load_rgb(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, int, 
     """Decode image bytes to RGB uint8 with EXIF orientation applied; clear errors for bad files."""
     if not data:
         raise BadInputError(f"{name} is an empty (zero-byte) file")
-    Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, before decoding pixels
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -93,6 +92,8 @@ def load_rgb(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, int, 
             rgb = np.asarray(image.convert("RGB"))
     except BadInputError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(f"{name} is refused as a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadInputError(f"{name} is not a readable image: {exc}") from exc
     return rgb, width, height

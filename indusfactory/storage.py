@@ -150,6 +150,3 @@ class FactoryLayout:
 
     def dataset(self, name: str, version: str) -> str:
         return join(self.root, "datasets", name, version)
-
-    def dataset_latest(self, name: str) -> str:
-        return join(self.root, "datasets", name, "latest")

@@ -34,6 +34,14 @@ def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_conf
     assert sorted(df["sample_id"]) == sorted(set(df["sample_id"]))
     assert [s["rows"] for s in manifest["shards"]] == [4, 2]
 
+    # Hugging Face datasets reads the folder through its card and decodes images; duckdb reads the shards.
+    import datasets
+    import duckdb
+
+    ds = datasets.load_dataset(str(root), split="train")
+    assert ds.num_rows == 6 and ds[0]["image"].size == (64, 64)
+    assert duckdb.sql(f"select count(*) from read_parquet('{root}/data/*.parquet')").fetchone()[0] == 6
+
     # COCO loads in pycocotools; every mask decodes to the mask the plan painted into the driver.
     coco = COCO(str(root / "annotations" / "instances_train.json"))
     assert len(coco.getImgIds()) == 6 and manifest["counts"]["annotations"] == len(coco.getAnnIds())

@@ -1,0 +1,40 @@
+import yaml
+from typer.testing import CliRunner
+
+from indusfactory.cli import app
+
+runner = CliRunner()
+
+
+def test_sample_data_and_tiny_model_commands(tmp_path):
+    result = runner.invoke(app, ["sample-data", str(tmp_path / "data"), "--n-defective", "3", "--n-defect-free", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "data" / "defect_free").glob("*.png"))) == 2
+    result = runner.invoke(app, ["tiny-model", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sample_data_rejects_bad_size(tmp_path):
+    result = runner.invoke(app, ["sample-data", str(tmp_path / "d"), "--size", "30"])
+    assert result.exit_code == 2 and "size" in result.output
+
+
+def test_run_with_unknown_key_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"generation": {"stepz": 3}}))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "generation.stepz" in result.output
+
+
+def test_run_with_missing_source_folder_names_it(prefect_api, tmp_path, sample_root, tiny_model_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "factory_root": str(tmp_path / "factory"),
+        "base_model": {"pretrained": str(tiny_model_path)},
+        "source": {"coco_annotations": str(sample_root / "defective" / "annotations.json"),
+                   "images_dir": str(tmp_path / "no-such-images"),
+                   "defect_free_dir": str(sample_root / "defect_free")}}))
+    result = runner.invoke(app, ["run", str(path), "--stage", "ingest"])
+    assert result.exit_code == 2, result.output
+    assert "source.images_dir" in result.output and "no-such-images" in result.output
