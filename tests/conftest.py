@@ -50,8 +50,8 @@ def tiny_config(sample: Path, factory_root: Path, model: Path | str, **overrides
 
 @pytest.fixture
 def make_config(sample_root, tiny_model_path, tmp_path):
-    def make(**overrides):
-        return tiny_config(sample_root, tmp_path / "factory", tiny_model_path, **overrides)
+    def make(factory_root: Path | str | None = None, **overrides):
+        return tiny_config(sample_root, factory_root or tmp_path / "factory", tiny_model_path, **overrides)
 
     return make
 
@@ -63,3 +63,43 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible endpoint over HTTP on loopback (moto's server), as s3fs's own tests use."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                              "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the loopback endpoint; returns its ``s3://`` URI."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    name = "test-" + request.node.name.lower().replace("_", "-")[:40]
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}"
