@@ -133,6 +133,15 @@ class PlanConfig(Section):
     augmentations_per_image: int = Field(2, ge=1, description="Offline augmentations per defect-free image (paper: 10).")
     images_per_driver: int = Field(4, ge=1, le=15, description="Images generated per driver (paper: at most 15).")
     max_defect_free_images: int | None = Field(None, gt=0, description="Use at most this many defect-free images.")
+    max_instances_per_image: int = Field(1, ge=1, le=8, description="Each sample gets 1..this many defect masks.")
+    procedural_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of masks drawn by the procedural crack generator instead of the mask bank."
+    )
+    procedural_styles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Crack style (see indusfactory.cracks.CRACK_STYLES) per class name; a class named like a "
+        "style uses it, others default to 'hairline'.",
+    )
     seed: int = 0
 
 

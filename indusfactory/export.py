@@ -26,6 +26,7 @@ from indusfactory import storage
 from indusfactory.errors import IndusfactoryError
 from indusfactory.config import FactoryConfig
 from indusfactory.fingerprint import CODE_VERSION, fingerprint
+from indusfactory.imaging import image_grid
 from indusfactory.schema import (
     DATASET_SCHEMA,
     SCHEMA_VERSION,
@@ -184,9 +185,7 @@ def contact_sheet(rows: list[dict], columns: int = 8) -> bytes:
         tiles.append(np.concatenate([image, overlay], axis=0))
     if not tiles:
         return b""
-    while len(tiles) % columns:
-        tiles.append(np.zeros_like(tiles[0]))
-    grid = np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)])
+    grid = image_grid(tiles, columns)
     return encode_png(grid)
 
 

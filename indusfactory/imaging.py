@@ -36,3 +36,11 @@ def to_condition_tensor(drivers: list[np.ndarray]) -> torch.Tensor:
 def from_model_output(images: np.ndarray) -> np.ndarray:
     """Pipeline ``output_type='np'`` floats in [0, 1] -> uint8."""
     return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def image_grid(tiles: list[np.ndarray], columns: int = 8) -> np.ndarray:
+    """Tile same-sized uint8 images into a grid, padding the last row with black."""
+    tiles = list(tiles)
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    return np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)])

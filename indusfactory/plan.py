@@ -20,16 +20,27 @@ from indusfactory import storage
 from indusfactory.augment import apply_augmentation, apply_perturbation, sample_augmentation, sample_perturbation
 from indusfactory.condition import condition_prompt
 from indusfactory.config import FactoryConfig
+from indusfactory.cracks import CRACK_STYLES, random_crack_mask
 from indusfactory.drivers import extract_topological_driver
 from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
-from indusfactory.imaging import fit_square
+from indusfactory.imaging import fit_square, image_grid
 from indusfactory.ingest import read_catalog
-from indusfactory.schema import PLAN_SCHEMA, CatalogRecord, PlanRecord, category_index, decode_image, rle_to_mask
+from indusfactory.schema import (
+    PLAN_SCHEMA,
+    CatalogRecord,
+    PlanRecord,
+    category_index,
+    decode_image,
+    encode_png,
+    rle_to_mask,
+)
 
 PLAN_FILE = "plan.parquet"
 RECORD_FILE = "plan.json"
+PREVIEW_FILE = "preview.png"
 MASK_SOURCE_BANK = "bank"
+MASK_SOURCE_PROCEDURAL = "procedural"
 
 
 def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
@@ -52,6 +63,27 @@ def _mask_bank(rows: list[dict]) -> list[dict]:
     return sorted(bank, key=lambda b: (b["image_id"], b["annotation_id"]))
 
 
+def crack_style_for(config: FactoryConfig, category: str) -> str:
+    """The procedural crack style of a class: configured, else the class name if it is a style."""
+    style = config.plan.procedural_styles.get(category, category if category in CRACK_STYLES else "hairline")
+    if style not in CRACK_STYLES:
+        raise BadInputError(f"plan.procedural_styles[{category!r}] = {style!r} is not one of {sorted(CRACK_STYLES)}")
+    return style
+
+
+def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator) -> dict:
+    """One mask of a sample: a perturbed mask from the bank, or a procedural crack of a sampled class."""
+    if rng.random() < config.plan.procedural_fraction:
+        category = categories[int(rng.integers(len(categories)))]
+        return {"category_id": category["id"], "category": category["name"], "mask_source": MASK_SOURCE_PROCEDURAL,
+                "mask_source_id": crack_style_for(config, category["name"]),
+                "perturbation": json.dumps({"crack_seed": int(rng.integers(0, 2**31 - 1))})}
+    source = bank[int(rng.integers(len(bank)))]
+    return {"category_id": source["category_id"], "category": source["category"], "mask_source": MASK_SOURCE_BANK,
+            "mask_source_id": f"{source['image_id']}:{source['annotation_id']}",
+            "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True)}
+
+
 def build_plan_rows(config: FactoryConfig, rows: list[dict]) -> list[dict]:
     """The plan as a list of rows (deterministic in the config and the catalog)."""
     drivers = sorted((r for r in rows if not r["defective"]), key=lambda r: r["image_id"])
@@ -59,25 +91,22 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict]) -> list[dict]:
         raise BadInputError("the catalog has no defect-free image to build drivers from")
     drivers = drivers[: config.plan.max_defect_free_images or None]
     bank = _mask_bank(rows)
+    categories = sorted({(b["category_id"], b["category"]) for b in bank})
+    categories = [{"id": cid, "name": name} for cid, name in categories]
     plan: list[dict] = []
     for driver in drivers:
         for aug in range(config.plan.augmentations_per_image):
             rng = _rng(config.plan.seed, driver["image_id"], aug)
             augmentation = sample_augmentation(rng)
             for slot in range(config.plan.images_per_driver):
-                source = bank[int(rng.integers(len(bank)))]
-                sample_id = fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot)
+                n_instances = int(rng.integers(1, config.plan.max_instances_per_image + 1))
+                instances = [_plan_instance(config, bank, categories, rng) for _ in range(n_instances)]
                 plan.append({
-                    "sample_id": sample_id, "sample_index": len(plan),
-                    "shard": len(plan) // config.generation.shard_size,
+                    "sample_id": fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot),
+                    "sample_index": len(plan), "shard": len(plan) // config.generation.shard_size,
                     "driver_image_id": driver["image_id"], "augmentation_index": aug,
-                    "augmentation": json.dumps(augmentation, sort_keys=True),
-                    "instances": [{
-                        "category_id": source["category_id"], "category": source["category"],
-                        "mask_source": MASK_SOURCE_BANK, "mask_source_id": f"{source['image_id']}:{source['annotation_id']}",
-                        "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True),
-                    }],
-                    "prompt": condition_prompt(config, [source["category"]]),
+                    "augmentation": json.dumps(augmentation, sort_keys=True), "instances": instances,
+                    "prompt": condition_prompt(config, [i["category"] for i in instances]),
                     "seed": int(rng.integers(0, 2**31 - 1)),
                 })
     return plan
@@ -93,6 +122,8 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), sink.getvalue().to_pybytes())
+    sources = SourceImages(catalog.uri, catalog.categories)
+    storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
     record = PlanRecord(uri=plan_uri, fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1], samples=len(rows),
                         shards=rows[-1]["shard"] + 1)
     storage.write_json_atomic(record_uri, record.model_dump(mode="json", exclude={"reused"}))
@@ -145,7 +176,12 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
     image = apply_augmentation(sources.image(row["driver_image_id"], resolution), json.loads(row["augmentation"]))
     instances = []
     for inst in row["instances"]:
-        mask = apply_perturbation(sources.mask(inst["mask_source_id"], resolution), json.loads(inst["perturbation"]))
+        params = json.loads(inst["perturbation"])
+        if inst["mask_source"] == MASK_SOURCE_PROCEDURAL:
+            mask = random_crack_mask((resolution, resolution), inst["mask_source_id"],
+                                     np.random.default_rng(params["crack_seed"]))
+        else:
+            mask = apply_perturbation(sources.mask(inst["mask_source_id"], resolution), params)
         instances.append((inst, mask))
     driver = extract_topological_driver(
         image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
@@ -154,3 +190,9 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
 
 def plan_uri_for(config: FactoryConfig, catalog: CatalogRecord) -> str:
     return storage.FactoryLayout.of(config.factory_root).plan(plan_fingerprint(config, catalog))
+
+
+def plan_preview(config: FactoryConfig, sources: SourceImages, rows: list[dict]) -> bytes:
+    """PNG contact sheet of the drivers (masks painted in their class colours) of the first rows."""
+    tiles = [(materialise(row, sources, config).driver * 255).round().astype(np.uint8) for row in rows]
+    return encode_png(image_grid(tiles)) if tiles else b""
