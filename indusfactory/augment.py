@@ -234,10 +234,15 @@ def _perturb(mask: np.ndarray, p: dict) -> np.ndarray:
     return np.array(out, dtype=bool, copy=True)
 
 
+MIN_KEPT_AREA = 0.4
+"""A perturbed mask must keep at least this share of the original area, else a milder attempt is used."""
+
+
 def apply_perturbation(mask: np.ndarray, params: Mapping, roi: np.ndarray | None = None) -> np.ndarray:
     """Perturb a bool HxW mask by ``params``; bool HxW, inside the image, never empty.
 
-    If the result is empty (or, with ``roi``, misses the roi after intersection), it falls back
+    If the result is empty or keeps less than ``MIN_KEPT_AREA`` of the mask's area (erosion of a
+    thin crack, a translation off the image, or, with ``roi``, outside the roi), it falls back
     step by step: without the erosion, then also without the translation, then the original
     mask. With ``roi`` (bool HxW) the result is always intersected with it; ValueError if even the
     original mask misses the roi, or if the mask is empty. Deterministic given ``params``.
@@ -260,7 +265,7 @@ def apply_perturbation(mask: np.ndarray, params: Mapping, roi: np.ndarray | None
         out = _perturb(mask, attempt)
         if roi is not None:
             out &= roi
-        if out.any():
+        if out.any() and out.sum() >= MIN_KEPT_AREA * mask.sum():
             return out
     out = mask & roi if roi is not None else mask.copy()
     if not out.any():

@@ -300,3 +300,16 @@ def test_roi_that_misses_even_the_original_is_an_error():
 def test_bad_perturbation_input_is_refused(mask, params, roi, message):
     with pytest.raises(ValueError, match=message):
         apply_perturbation(mask, params, roi=roi)
+
+
+def test_thin_crack_is_not_reduced_to_a_few_pixels():
+    """Erosion would wipe a 1-px crack down to nothing; the perturbation keeps most of it instead."""
+    from indusfactory.augment import MIN_KEPT_AREA, apply_perturbation, identity_perturbation
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[32, 8:56] = True
+    mask[33, 20:40] = True
+    params = {**identity_perturbation(), "morph_radius": -1}
+    out = apply_perturbation(mask, params)
+    assert out.sum() >= MIN_KEPT_AREA * mask.sum()
+    assert np.array_equal(out, mask)  # the fallback drops the erosion and nothing else changes
