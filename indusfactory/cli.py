@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "indusfactory")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 app = typer.Typer(help="indusfactory: synthetic self-annotated industrial defect datasets.", no_args_is_help=True)
 

@@ -26,14 +26,37 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    """Where the team's real data lives (local paths or fsspec URIs such as ``s3://``)."""
+    """Where the team's real data lives (local paths or fsspec URIs such as ``s3://``).
 
+    Two formats of annotated defective images: ``coco`` (a COCO instances file naming images in
+    ``images_dir``) and ``mask_folder`` (images in ``images_dir``, one PNG mask per image with
+    the same relative path and stem in ``masks_dir``, pixel value -> class by ``mask_values``).
+    """
+
+    format: Literal["coco", "mask_folder"] = Field(
+        "coco", description="How the defective images are annotated: 'coco' or 'mask_folder'."
+    )
     coco_annotations: str = Field(
         "./sample-data/defective/annotations.json",
-        description="COCO instances file of the annotated defective images.",
+        description="COCO instances file of the annotated defective images (format 'coco' only).",
     )
     images_dir: str = Field(
-        "./sample-data/defective/images", description="Folder the COCO file names its images in."
+        "./sample-data/defective/images",
+        description="Folder of the defective images (the COCO file names its images relative to it).",
+    )
+    masks_dir: str | None = Field(
+        None,
+        description="Format 'mask_folder': folder of mask PNGs, one per image, same relative path and stem.",
+    )
+    mask_values: dict[int, str] = Field(
+        default_factory=dict,
+        description="Format 'mask_folder': mask pixel value -> class name (0 is background; every "
+        "connected component of a value is one instance; the value is the category id).",
+    )
+    split_field: str | None = Field(
+        None,
+        description="Format 'coco': key of each image entry holding its split (train/val/test); "
+        "when set, every COCO image must carry a valid one. Default: a seeded split.",
     )
     defect_free_dir: str = Field(
         "./sample-data/defect_free", description="Folder of defect-free images (drivers for generation)."
@@ -44,6 +67,9 @@ class SourceConfig(Section):
     )
     max_image_pixels: int = Field(
         64_000_000, gt=0, description="Images above this many pixels are refused (decompression bombs)."
+    )
+    read_workers: int = Field(
+        8, ge=1, le=64, description="Threads reading and decoding images (helps most on s3://); not in the cache key."
     )
     make_sample_data: bool = Field(
         True,
@@ -56,6 +82,34 @@ class SourceConfig(Section):
         if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be non-negative and sum to 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_format(self) -> "SourceConfig":
+        """Each format names what it needs and refuses the other format's fields."""
+        if self.format == "coco":
+            if not self.coco_annotations:
+                raise ValueError("source.coco_annotations is required when source.format is 'coco'")
+            if self.masks_dir is not None or self.mask_values:
+                raise ValueError("source.masks_dir and source.mask_values are only used with format "
+                                 "'mask_folder' (source.format is 'coco')")
+            if self.split_field is not None and not self.split_field.strip():
+                raise ValueError("source.split_field must be a non-empty key of the COCO image entries")
+            return self
+        missing = [name for name, value in (("source.masks_dir", self.masks_dir),
+                                            ("source.mask_values", self.mask_values)) if not value]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} required when source.format is 'mask_folder' "
+                             "(mask_values maps mask pixel values to class names, e.g. {1: crack})")
+        if self.split_field is not None:
+            raise ValueError("source.split_field is read from COCO image entries only; "
+                             "format 'mask_folder' uses the seeded split")
+        bad = sorted(v for v in self.mask_values if not 1 <= v <= 65535)
+        if bad:
+            raise ValueError(f"source.mask_values keys must be pixel values 1..65535 (0 is background), got {bad}")
+        names = [n.strip() for n in self.mask_values.values()]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"source.mask_values class names must be non-empty and distinct, got {names}")
+        return self
 
 
 class BaseModelConfig(Section):

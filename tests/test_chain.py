@@ -40,7 +40,7 @@ def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_conf
 
     ds = datasets.load_dataset(str(root), split="train")
     assert ds.num_rows == 6 and ds[0]["image"].size == (64, 64)
-    assert duckdb.sql(f"select count(*) from read_parquet('{root}/data/*.parquet')").fetchone()[0] == 6
+    assert duckdb.sql(f"select count(*) from read_parquet('{root}/data/*.parquet')").fetchall() == [(6,)]
 
     # COCO loads in pycocotools; every mask decodes to the mask the plan painted into the driver.
     coco = COCO(str(root / "annotations" / "instances_train.json"))
