@@ -131,30 +131,70 @@ def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-PRETRAIN_SURFACES = ("brick", "gravel", "grass", "moon", "camera", "coins", "coffee", "rocket")
+PRETRAIN_PHOTOS = ("brick", "gravel", "grass", "moon", "camera", "coins", "coffee", "rocket", "astronaut",
+                   "chelsea", "hubble_deep_field", "retina")
+CAPTIONS = {"coins": "metal", "rocket": "metal", "camera": "photo", "astronaut": "photo", "chelsea": "photo",
+            "hubble_deep_field": "texture", "retina": "texture", "coffee": "photo"}
+
+
+def _colour_jitter(image, rng):
+    """Random per-channel gains and offset, so the VAE learns colour from grey photographs too."""
+    import numpy as np
+
+    gains = rng.uniform(0.55, 1.25, size=3)
+    offset = rng.uniform(-25, 25, size=3)
+    return np.clip(image.astype(np.float32) * gains + offset, 0, 255).astype(np.uint8)
+
+
+def _random_strokes(image, rng):
+    """Generic dark and light strokes (lines and curves of 1-3 px): thin structures a VAE must keep."""
+    import numpy as np
+    from skimage.draw import bezier_curve
+    from skimage.morphology import dilation, disk
+
+    out = image.astype(np.float32)
+    size = image.shape[0]
+    for _ in range(int(rng.integers(1, 4))):
+        points = rng.integers(0, size, size=6)
+        rr, cc = bezier_curve(*points[:2], *points[2:4], *points[4:6], weight=float(rng.uniform(0.5, 3)),
+                              shape=image.shape[:2])
+        stroke = np.zeros(image.shape[:2], dtype=bool)
+        stroke[rr, cc] = True
+        radius = int(rng.integers(0, 2))
+        if radius:
+            stroke = dilation(stroke, disk(radius))
+        level = rng.uniform(0.05, 0.4) if rng.random() < 0.8 else rng.uniform(1.3, 1.8)
+        out[stroke] = np.clip(out[stroke] * level, 0, 255)
+    return out.astype(np.uint8)
 
 
 def _pretrain_crops(n: int, size: int, rng) -> tuple[list, list[str]]:
-    """Random crops of scikit-image's bundled photographs with captions ``a photo of <name>``."""
+    """Random crops of scikit-image's bundled photographs (colour-jittered, some with generic strokes),
+    captioned ``a photo of <name>``."""
     import numpy as np
     import skimage.data
     from PIL import Image
 
     crops, captions = [], []
-    photos = {name: getattr(skimage.data, name)() for name in PRETRAIN_SURFACES}
+    photos = {name: getattr(skimage.data, name)() for name in PRETRAIN_PHOTOS}
     for i in range(n):
-        name = PRETRAIN_SURFACES[i % len(PRETRAIN_SURFACES)]
+        name = PRETRAIN_PHOTOS[i % len(PRETRAIN_PHOTOS)]
         photo = photos[name]
         photo = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
         side = int(rng.integers(size, min(4 * size, *photo.shape[:2]) + 1))
         top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-        crops.append(np.asarray(crop))
-        captions.append(f"a photo of {'metal' if name in ('coins', 'rocket') else name}")
+        crop = np.asarray(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size),
+                                                                                              Image.BICUBIC))
+        if rng.random() < 0.7:
+            crop = _colour_jitter(crop, rng)
+        if rng.random() < 0.5:
+            crop = _random_strokes(crop, rng)
+        crops.append(crop)
+        captions.append(f"a photo of {CAPTIONS.get(name, name)}")
     return crops, captions
 
 
-def pretrain_tiny_model(path: str | Path, vae_steps: int = 1500, unet_steps: int = 3000, seed: int = 0,
+def pretrain_tiny_model(path: str | Path, vae_steps: int = 2500, unet_steps: int = 3000, seed: int = 0,
                         log=print) -> Path:
     """Build the tiny pipeline and pretrain its VAE and UNet on crops of scikit-image's photographs.
 
@@ -168,7 +208,7 @@ def pretrain_tiny_model(path: str | Path, vae_steps: int = 1500, unet_steps: int
 
     rng = np.random.default_rng(seed)
     pipe = build_tiny_pipeline(seed)
-    crops, captions = _pretrain_crops(2048, 64, rng)
+    crops, captions = _pretrain_crops(4096, 64, rng)
     pixels = to_model_tensor(crops)
     generator = torch.Generator().manual_seed(seed)
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=1e-3)
