@@ -198,6 +198,14 @@ class PlanConfig(Section):
         description="Crack style (see indusfactory.cracks.CRACK_STYLES) per class name; a class named like a "
         "style uses it, others default to 'hairline'.",
     )
+    roi_min_intensity: int | None = Field(
+        None, ge=0, le=255,
+        description="Region of interest: masks are placed only where the (augmented) driver image is brighter "
+        "than this grey level, e.g. 20 to keep defects off a black borescope border.",
+    )
+    roi_dir: str | None = Field(
+        None, description="Folder of region-of-interest PNGs named like the defect-free images (non-zero = allowed)."
+    )
     seed: int = 0
 
 

@@ -17,7 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indusfactory import storage
-from indusfactory.augment import apply_augmentation, apply_perturbation, sample_augmentation, sample_perturbation
+from skimage.transform import AffineTransform, warp
+
+from indusfactory.augment import (
+    apply_augmentation,
+    apply_perturbation,
+    augmentation_matrix,
+    sample_augmentation,
+    sample_perturbation,
+)
 from indusfactory.condition import condition_prompt
 from indusfactory.config import FactoryConfig
 from indusfactory.cracks import CRACK_STYLES, random_crack_mask
@@ -41,6 +49,8 @@ RECORD_FILE = "plan.json"
 PREVIEW_FILE = "preview.png"
 MASK_SOURCE_BANK = "bank"
 MASK_SOURCE_PROCEDURAL = "procedural"
+MAX_PLACEMENT_TRIES = 20
+MIN_INSIDE_ROI = 0.95
 
 
 def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
@@ -71,7 +81,7 @@ def crack_style_for(config: FactoryConfig, category: str) -> str:
     return style
 
 
-def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator) -> dict:
+def _sample_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator) -> dict:
     """One mask of a sample: a perturbed mask from the bank, or a procedural crack of a sampled class."""
     if rng.random() < config.plan.procedural_fraction:
         category = categories[int(rng.integers(len(categories)))]
@@ -84,7 +94,22 @@ def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dic
             "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True)}
 
 
-def build_plan_rows(config: FactoryConfig, rows: list[dict]) -> list[dict]:
+def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator,
+                   roi: np.ndarray | None, sources: "SourceImages", driver_id: str) -> dict:
+    """Sample masks until one falls inside the region of interest (at once when there is none)."""
+    for _ in range(MAX_PLACEMENT_TRIES):
+        inst = _sample_instance(config, bank, categories, rng)
+        if roi is None:
+            return inst
+        mask = instance_mask(inst, sources, config.base_model.resolution)
+        if (mask & roi).sum() >= MIN_INSIDE_ROI * mask.sum():
+            return inst
+    raise BadInputError(
+        f"no sampled mask falls inside the region of interest of defect-free image {driver_id} after "
+        f"{MAX_PLACEMENT_TRIES} tries (the region covers {roi.mean():.0%} of the image)")
+
+
+def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceImages") -> list[dict]:
     """The plan as a list of rows (deterministic in the config and the catalog)."""
     drivers = sorted((r for r in rows if not r["defective"]), key=lambda r: r["image_id"])
     if not drivers:
@@ -98,9 +123,11 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict]) -> list[dict]:
         for aug in range(config.plan.augmentations_per_image):
             rng = _rng(config.plan.seed, driver["image_id"], aug)
             augmentation = sample_augmentation(rng)
+            roi = driver_roi(config, sources, driver["image_id"], augmentation)
             for slot in range(config.plan.images_per_driver):
                 n_instances = int(rng.integers(1, config.plan.max_instances_per_image + 1))
-                instances = [_plan_instance(config, bank, categories, rng) for _ in range(n_instances)]
+                instances = [_plan_instance(config, bank, categories, rng, roi, sources, driver["image_id"])
+                             for _ in range(n_instances)]
                 plan.append({
                     "sample_id": fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot),
                     "sample_index": len(plan), "shard": len(plan) // config.generation.shard_size,
@@ -117,12 +144,12 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
     record_uri = storage.join(plan_uri, RECORD_FILE)
     if storage.exists(record_uri):
         return PlanRecord.model_validate({**storage.read_json(record_uri), "reused": True})
-    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist())
+    sources = SourceImages(catalog.uri, catalog.categories)
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
     table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), sink.getvalue().to_pybytes())
-    sources = SourceImages(catalog.uri, catalog.categories)
     storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
     record = PlanRecord(uri=plan_uri, fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1], samples=len(rows),
                         shards=rows[-1]["shard"] + 1)
@@ -162,6 +189,9 @@ class SourceImages:
             self._images[key] = fit_square(decode_image(self._rows[image_id]["image"]["bytes"]), resolution)
         return self._images[key]
 
+    def file_name(self, image_id: str) -> str:
+        return self._rows[image_id]["file_name"]
+
     def mask(self, source_id: str, resolution: int) -> np.ndarray:
         image_id, annotation_id = source_id.rsplit(":", 1)
         for inst in self._rows.get(image_id, {}).get("instances", []):
@@ -170,19 +200,46 @@ class SourceImages:
         raise BadInputError(f"plan references mask {source_id}, which is not in the catalog")
 
 
+def instance_mask(inst: dict, sources: SourceImages, resolution: int, roi: np.ndarray | None = None) -> np.ndarray:
+    """The mask a plan instance paints: a perturbed bank mask or a procedural crack (within ``roi``)."""
+    params = json.loads(inst["perturbation"])
+    if inst["mask_source"] == MASK_SOURCE_PROCEDURAL:
+        mask = random_crack_mask((resolution, resolution), inst["mask_source_id"],
+                                 np.random.default_rng(params["crack_seed"]))
+        return mask & roi if roi is not None else mask
+    return apply_perturbation(sources.mask(inst["mask_source_id"], resolution), params, roi=roi)
+
+
+def driver_roi(config: FactoryConfig, sources: SourceImages, image_id: str, augmentation: dict) -> np.ndarray | None:
+    """Where masks may go on an augmented driver image: brighter than ``roi_min_intensity`` and
+    inside the image's ROI file from ``roi_dir`` (warped like the image); None when unconstrained."""
+    resolution = config.base_model.resolution
+    roi = None
+    if config.plan.roi_dir:
+        name = sources.file_name(image_id).rsplit(".", 1)[0] + ".png"
+        try:
+            raw = decode_image(storage.read_bytes(storage.join(config.plan.roi_dir, name)))
+        except FileNotFoundError as exc:
+            raise BadInputError(f"plan.roi_dir has no region-of-interest file {name} for image {image_id}") from exc
+        square = fit_square(raw.max(axis=2) > 0, resolution)
+        matrix = augmentation_matrix(augmentation, square.shape)
+        roi = warp(square.astype(np.float64), AffineTransform(matrix=matrix), order=0, mode="reflect") > 0.5
+    if config.plan.roi_min_intensity is not None:
+        image = apply_augmentation(sources.image(image_id, resolution), augmentation)
+        bright = image.astype(np.float64).mean(axis=2) > config.plan.roi_min_intensity
+        roi = bright if roi is None else roi & bright
+    if roi is not None and not roi.any():
+        raise BadInputError(f"the region of interest of defect-free image {image_id} is empty")
+    return roi
+
+
 def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> SampleInputs:
     """Rebuild a plan row's driver and masks exactly (same code path as training drivers)."""
     resolution = config.base_model.resolution
-    image = apply_augmentation(sources.image(row["driver_image_id"], resolution), json.loads(row["augmentation"]))
-    instances = []
-    for inst in row["instances"]:
-        params = json.loads(inst["perturbation"])
-        if inst["mask_source"] == MASK_SOURCE_PROCEDURAL:
-            mask = random_crack_mask((resolution, resolution), inst["mask_source_id"],
-                                     np.random.default_rng(params["crack_seed"]))
-        else:
-            mask = apply_perturbation(sources.mask(inst["mask_source_id"], resolution), params)
-        instances.append((inst, mask))
+    augmentation = json.loads(row["augmentation"])
+    image = apply_augmentation(sources.image(row["driver_image_id"], resolution), augmentation)
+    roi = driver_roi(config, sources, row["driver_image_id"], augmentation)
+    instances = [(inst, instance_mask(inst, sources, resolution, roi)) for inst in row["instances"]]
     driver = extract_topological_driver(
         image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
     return SampleInputs(driver=driver, instances=instances)

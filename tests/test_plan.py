@@ -1,5 +1,7 @@
 import json
 
+from indusfactory.augment import apply_augmentation
+
 import numpy as np
 import pytest
 
@@ -44,7 +46,7 @@ def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
     config = make_config(plan={"max_instances_per_image": 3, "images_per_driver": 5})
     from indusfactory.ingest import read_catalog
 
-    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist())
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
     sources = SourceImages(catalog.uri, catalog.categories)
     assert any(len(r["instances"]) > 1 for r in rows)
     for row in rows:
@@ -63,7 +65,7 @@ def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, cata
     from indusfactory.ingest import read_catalog
 
     config = make_config(plan={"procedural_fraction": 1.0, "procedural_styles": {"hairline": "branched"}})
-    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist())
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
     sources = SourceImages(catalog.uri, catalog.categories)
     for row in rows:
         inst = row["instances"][0]
@@ -71,7 +73,7 @@ def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, cata
         assert inst["mask_source_id"] == "branched"  # hairline is mapped to branched, branched is its own style
         assert "crack_seed" in json.loads(inst["perturbation"])
         assert materialise(row, sources, config).instances[0][1].any()
-    bank_only = build_plan_rows(make_config(), read_catalog(catalog.uri).to_pylist())
+    bank_only = build_plan_rows(make_config(), read_catalog(catalog.uri).to_pylist(), sources)
     assert {r["instances"][0]["mask_source"] for r in bank_only} == {"bank"}
 
 
@@ -79,8 +81,77 @@ def test_unknown_style_and_missing_drivers_are_clear_errors(make_config, catalog
     from indusfactory.ingest import read_catalog
 
     rows = read_catalog(catalog.uri).to_pylist()
+    sources = SourceImages(catalog.uri, catalog.categories)
     config = make_config(plan={"procedural_fraction": 1.0, "procedural_styles": {"hairline": "zigzag"}})
     with pytest.raises(BadInputError, match="zigzag"):
-        build_plan_rows(config, rows)
+        build_plan_rows(config, rows, sources)
     with pytest.raises(BadInputError, match="no defect-free image"):
-        build_plan_rows(make_config(), [r for r in rows if r["defective"]])
+        build_plan_rows(make_config(), [r for r in rows if r["defective"]], sources)
+
+
+@pytest.fixture
+def bordered(sample_root, tmp_path, make_config):
+    """Sample data whose defect-free images have a black left third, like a borescope border."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "bordered"
+    shutil.copytree(sample_root, root)
+    for path in (root / "defect_free").glob("*.png"):
+        image = np.asarray(Image.open(path).convert("RGB")).copy()
+        image[:, : image.shape[1] // 3] = 0
+        Image.fromarray(image).save(path)
+    source = {"coco_annotations": str(root / "defective" / "annotations.json"),
+              "images_dir": str(root / "defective" / "images"), "defect_free_dir": str(root / "defect_free")}
+    return root, source
+
+
+@pytest.mark.parametrize("procedural", [0.0, 1.0])
+def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedural):
+    from indusfactory.ingest import read_catalog
+
+    root, source = bordered
+    config = make_config(source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6,
+                                              "procedural_fraction": procedural})
+    catalog = ingest(config.source, catalog_uri_for(config))
+    sources = SourceImages(catalog.uri, catalog.categories)
+    def dark_region(row):
+        image = apply_augmentation(sources.image(row["driver_image_id"], 64), json.loads(row["augmentation"]))
+        return image.mean(axis=2) <= 20
+
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
+    for row in rows:
+        dark = dark_region(row)
+        assert dark.mean() > 0.15  # the border survives the augmentations
+        for _, mask in materialise(row, sources, config).instances:
+            assert mask.any() and not (mask & dark).any(), "a mask was placed on the black border"
+    # Without the constraint, masks do land on the border: the constraint is what keeps them off.
+    free = make_config(source=source, plan={"images_per_driver": 6, "procedural_fraction": procedural})
+    unconstrained = build_plan_rows(free, read_catalog(catalog.uri).to_pylist(), sources)
+    assert any((mask & dark_region(row)).any() for row in unconstrained
+               for _, mask in materialise(row, sources, free).instances)
+
+
+def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
+    from PIL import Image
+
+    from indusfactory.ingest import read_catalog
+
+    root, source = bordered
+    roi_dir = tmp_path / "roi"
+    roi_dir.mkdir()
+    for path in (root / "defect_free").glob("*.png"):
+        allowed = np.zeros((64, 64), dtype=np.uint8)
+        allowed[:, 32:] = 255  # only the right half
+        Image.fromarray(allowed).save(roi_dir / path.name)
+    config = make_config(source=source, plan={"roi_dir": str(roi_dir), "images_per_driver": 6})
+    catalog = ingest(config.source, catalog_uri_for(config))
+    sources = SourceImages(catalog.uri, catalog.categories)
+    for row in build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources):
+        for _, mask in materialise(row, sources, config).instances:
+            assert mask.any() and not mask[:, :16].any(), "a mask left the allowed right half"
+    missing = make_config(source=source, plan={"roi_dir": str(tmp_path / "empty-roi")})
+    (tmp_path / "empty-roi").mkdir()
+    with pytest.raises(BadInputError, match="region-of-interest file"):
+        build_plan_rows(missing, read_catalog(catalog.uri).to_pylist(), sources)
