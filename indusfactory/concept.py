@@ -21,7 +21,7 @@ from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
 from indusfactory.imaging import fit_square, to_model_tensor
 from indusfactory.ingest import read_catalog
-from indusfactory.models import configure_torch, load_base_components
+from indusfactory.models import base_model_fingerprint, configure_torch, load_base_components
 from indusfactory.schema import CatalogRecord, ModelRecord, decode_image
 from indusfactory.training import (
     Progress,
@@ -40,7 +40,8 @@ RECORD_FILE = "record.json"
 
 
 def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    return fingerprint("concept", catalog.content_fingerprint, config.base_model, config.concept,
+    return fingerprint("concept", catalog.content_fingerprint, config.base_model,
+                       base_model_fingerprint(config.base_model), config.concept,
                        storage.normalise_uri(config.factory_root))
 
 

@@ -6,8 +6,10 @@ The same code loads the tiny model shipped with the package, a local SD 1.5 fold
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +52,28 @@ def resolve_base_model(pretrained: str) -> str:
     if missing:
         raise ModelLoadError(f"base model {path} is missing the component folder(s) {', '.join(missing)}")
     return str(path.resolve())
+
+
+def base_model_fingerprint(config: BaseModelConfig) -> dict:
+    """What identifies the base model's weights: for a local folder a hash of every config file and
+    weight file in it (so a changed folder trains again); for a hub id the id and revision."""
+    model_id = resolve_base_model(config.pretrained)
+    path = Path(model_id)
+    if not path.is_dir():
+        return {"hub_id": model_id, "revision": config.revision}
+    return {"files": _folder_digest(str(path.resolve()))}
+
+
+@lru_cache(maxsize=8)
+def _folder_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file() and file.suffix in (".json", ".txt", ".safetensors"):
+            digest.update(str(file.relative_to(folder)).encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def select_device(execution: ExecutionConfig) -> torch.device:

@@ -62,3 +62,21 @@ def test_embedded_model_is_pretrained_not_random():
         errors = [float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
                   for vae in (shipped, random_vae)]
     assert errors[0] < 0.15 < errors[1], errors
+
+
+def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
+    """A changed local base model (same path, other weights) must not reuse models trained on the old one."""
+    import shutil
+
+    from indusfactory.models import base_model_fingerprint
+    from indusfactory.tiny_model import write_tiny_model
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_model_path, folder)
+    config = BaseModelConfig(pretrained=str(folder))
+    before = base_model_fingerprint(config)
+    assert base_model_fingerprint(BaseModelConfig(pretrained=str(tiny_model_path))) == before  # content, not path
+    other = write_tiny_model(tmp_path / "other", seed=5)
+    assert base_model_fingerprint(BaseModelConfig(pretrained=str(other))) != before
+    assert base_model_fingerprint(BaseModelConfig(pretrained="org/model", revision="v2")) == {
+        "hub_id": "org/model", "revision": "v2"}
