@@ -123,7 +123,7 @@ def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
         f"- base model: `{manifest['lineage']['base_model']}`; concept `{manifest['lineage']['concept_fingerprint']}`;"
         f" condition `{manifest['lineage']['condition_fingerprint']}`", "",
         "## Load it", "", "```python", "import pandas as pd",
-        f'df = pd.read_parquet("{{root}}/data/")', "from datasets import load_dataset",
+        'df = pd.read_parquet("{root}/data/")', "from datasets import load_dataset",
         'ds = load_dataset("{root}")', "from pycocotools.coco import COCO",
         f'coco = COCO("{{root}}/annotations/instances_{split}.json")', "```", "",
         "Masks are COCO RLE (`instances[].rle`, decode with `pycocotools.mask.decode`).", "",

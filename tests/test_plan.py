@@ -29,7 +29,7 @@ def catalog(make_config):
 def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
     config = make_config(plan={"max_defect_free_images": 4, "augmentations_per_image": 2})
     first = build_plan(config, catalog, str(tmp_path / "a"))
-    second = build_plan(config, catalog, str(tmp_path / "b"))
+    build_plan(config, catalog, str(tmp_path / "b"))
     assert (tmp_path / "a" / PLAN_FILE).read_bytes() == (tmp_path / "b" / PLAN_FILE).read_bytes()
     assert first.samples == 4 * 2 * 3 and first.shards == 6
     assert (tmp_path / "a" / PREVIEW_FILE).stat().st_size > 0
