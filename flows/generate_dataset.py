@@ -12,7 +12,7 @@ from indusfactory.schema import DatasetRecord
 from tasks.generate import build_plan_task, generate_shard_task, publish_dataset_task
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
-from tasks.report import summarise_run
+from tasks.report import collect_shards, summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -22,8 +22,9 @@ def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
     condition = learn_condition_task(config, catalog, concept)
     plan = build_plan_task(config, catalog)
     dataset_uri = dataset_uri_for(config, plan, concept, condition)
-    shards = generate_shard_task.map(unmapped(config), unmapped(catalog), unmapped(plan), unmapped(concept),
-                                     unmapped(condition), unmapped(dataset_uri), range(plan.shards)).result()
+    futures = generate_shard_task.map(unmapped(config), unmapped(catalog), unmapped(plan), unmapped(concept),
+                                      unmapped(condition), unmapped(dataset_uri), range(plan.shards))
+    shards = collect_shards(futures, plan.samples)
     dataset = publish_dataset_task(config, catalog, plan, concept, condition, dataset_uri, shards)
     summarise_run(catalog, concept, condition, plan, shards, dataset)
     return dataset

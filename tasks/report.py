@@ -39,3 +39,23 @@ def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: Model
     for line in markdown.splitlines()[4:11]:
         logger.info(line)
     return markdown
+
+
+def collect_shards(futures, total_samples: int) -> list[ShardRecord]:
+    """Wait for the shard futures, updating a progress artifact (samples done / total, images/s)."""
+    import time
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.futures import as_completed
+
+    started = time.perf_counter()
+    artifact = create_progress_artifact(0.0, description=f"generated 0 / {total_samples} samples")
+    done, records = 0, []
+    for future in as_completed(futures):
+        record = future.result()
+        records.append(record)
+        done += record.rows
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        update_progress_artifact(artifact, 100.0 * done / max(total_samples, 1),
+                                 description=f"generated {done} / {total_samples} samples ({rate:.2f} images/s)")
+    return sorted(records, key=lambda r: r.index)

@@ -64,6 +64,16 @@ def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_conf
     assert mtimes["manifest.json"] >= max(t for name, t in mtimes.items() if name != "manifest.json")
     assert (root.parent / "latest").read_text().strip() == record.version
 
+    # The run left its summary, per-shard table and a finished progress artifact in the Prefect API.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    kinds = {a.type for a in artifacts}
+    assert {"markdown", "table", "progress"} <= kinds
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert any(a.data == 100.0 and "6 / 6 samples" in (a.description or "") for a in progress)
+
     # Second run: nothing is trained, generated or published again.
     before = _files(Path(config.factory_root))
     again = generate_dataset(config=config)
