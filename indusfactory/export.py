@@ -30,6 +30,7 @@ from indusfactory.imaging import image_grid
 from indusfactory.schema import (
     DATASET_SCHEMA,
     SCHEMA_VERSION,
+    CatalogRecord,
     DatasetRecord,
     ModelRecord,
     PlanRecord,
@@ -200,3 +201,14 @@ def dataset_version(config: FactoryConfig, plan: PlanRecord, concept: ModelRecor
 def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
     return storage.FactoryLayout.of(config.factory_root).dataset(
         config.export.dataset_name, dataset_version(config, plan, concept, condition))
+
+
+def publish_dataset(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
+                    condition: ModelRecord, dataset_uri: str, shards: list[ShardRecord]) -> DatasetRecord:
+    """Finalise the dataset version at ``dataset_uri`` with the lineage of everything that made it."""
+    lineage = {"base_model": config.base_model.pretrained, "catalog_fingerprint": catalog.content_fingerprint,
+               "plan_fingerprint": plan.fingerprint, "concept_fingerprint": concept.fingerprint,
+               "condition_fingerprint": condition.fingerprint}
+    version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+    return finalize_dataset(dataset_uri, config.export.dataset_name, version, config.export.split, shards,
+                            catalog.categories, config.model_dump(mode="json"), lineage)

@@ -21,8 +21,9 @@ from indusfactory.config import FactoryConfig
 from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.models import configure_torch, load_generation_pipeline, select_device, select_dtype
-from indusfactory.plan import SourceImages, materialise
-from indusfactory.schema import ModelRecord, encode_png, mask_to_rle, rle_bbox_area
+from indusfactory.export import existing_shard, write_shard
+from indusfactory.plan import SourceImages, materialise, read_plan
+from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
 
 log = logging.getLogger(__name__)
 _PIPELINE_CACHE: dict[tuple, object] = {}
@@ -140,7 +141,12 @@ def _dataset_row(ctx: GenerationContext, row: dict, sample, image: np.ndarray, w
     }
 
 
-def timed_generate(ctx: GenerationContext, rows: list[dict]) -> tuple[list[dict], float]:
+def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, shard: int) -> ShardRecord:
+    """Generate and write one shard of the plan; a shard already on storage is returned as is."""
+    split = ctx.config.export.split
+    done = existing_shard(dataset_uri, split, shard, plan.shards)
+    if done:
+        return done
     started = time.perf_counter()
-    out = generate_rows(ctx, rows)
-    return out, time.perf_counter() - started
+    rows = generate_rows(ctx, read_plan(plan, shard))
+    return write_shard(dataset_uri, split, shard, plan.shards, rows, ctx.categories, time.perf_counter() - started)

@@ -6,10 +6,10 @@ from prefect import task
 
 from indusfactory import storage
 from indusfactory.config import FactoryConfig
-from indusfactory.export import existing_shard, finalize_dataset, shard_uri, write_shard
-from indusfactory.generate import GenerationContext, timed_generate
+from indusfactory.export import publish_dataset, shard_uri
+from indusfactory.generate import GenerationContext, generate_shard
 from indusfactory.plan import RECORD_FILE as PLAN_RECORD
-from indusfactory.plan import build_plan, plan_uri_for, read_plan
+from indusfactory.plan import build_plan, plan_uri_for
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
 
@@ -34,17 +34,14 @@ def _shard_marker(p: dict) -> str:
 def generate_shard_task(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
                         condition: ModelRecord, dataset_uri: str, shard: int) -> ShardRecord:
     """Generate one shard of the plan and write it (skipped when the shard is already on storage)."""
-    split = config.export.split
-    done = existing_shard(dataset_uri, split, shard, plan.shards)
-    if done:
-        run_logger().info("shard %d/%d already written by %s: not regenerated", shard + 1, plan.shards, done.worker)
-        return done
     ctx = GenerationContext(config=config, catalog_uri=catalog.uri, categories=catalog.categories, concept=concept,
                             condition=condition)
-    rows, seconds = timed_generate(ctx, read_plan(plan, shard))
-    record = write_shard(dataset_uri, split, shard, plan.shards, rows, catalog.categories, seconds)
-    run_logger().info("shard %d/%d: %d images in %.1f s (%.2f img/s), %d flagged by QC", shard + 1, plan.shards,
-                      record.rows, seconds, record.rows / max(seconds, 1e-9), record.flagged)
+    record = generate_shard(ctx, plan, dataset_uri, shard)
+    if record.reused:
+        run_logger().info("shard %d/%d already written by %s: not regenerated", shard + 1, plan.shards, record.worker)
+    else:
+        run_logger().info("shard %d/%d: %d images in %.1f s (%.2f img/s), %d flagged by QC", shard + 1, plan.shards,
+                          record.rows, record.seconds, record.rows / max(record.seconds, 1e-9), record.flagged)
     return record
 
 
@@ -52,12 +49,7 @@ def generate_shard_task(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
 def publish_dataset_task(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
                          condition: ModelRecord, dataset_uri: str, shards: list[ShardRecord]) -> DatasetRecord:
     """Merge COCO, write the dataset card and, last, the manifest; then point ``latest`` at it."""
-    lineage = {"base_model": config.base_model.pretrained, "catalog_fingerprint": catalog.content_fingerprint,
-               "plan_fingerprint": plan.fingerprint, "concept_fingerprint": concept.fingerprint,
-               "condition_fingerprint": condition.fingerprint}
-    version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
-    record = finalize_dataset(dataset_uri, config.export.dataset_name, version, config.export.split, shards,
-                              catalog.categories, config.model_dump(mode="json"), lineage)
+    record = publish_dataset(config, catalog, plan, concept, condition, dataset_uri, shards)
     run_logger().info("dataset %s/%s %s at %s: %d samples in %d shards", record.name, record.version,
                       "was already published" if record.reused else "published", record.uri, record.samples,
                       record.shards)
