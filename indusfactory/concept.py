@@ -24,6 +24,8 @@ from indusfactory.ingest import read_catalog
 from indusfactory.models import base_model_fingerprint, configure_torch, load_base_components
 from indusfactory.schema import CatalogRecord, ModelRecord, decode_image
 from indusfactory.training import (
+    checkpoint_uri_for,
+    remove_checkpoint,
     Progress,
     diffusion_loss,
     encode_latents,
@@ -41,7 +43,8 @@ RECORD_FILE = "record.json"
 
 def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
     return fingerprint("concept", catalog.content_fingerprint, config.base_model,
-                       base_model_fingerprint(config.base_model), config.concept,
+                       base_model_fingerprint(config.base_model),
+                       config.concept.model_dump(mode="json", exclude={"checkpoint_every"}),
                        storage.normalise_uri(config.factory_root))
 
 
@@ -79,6 +82,7 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
     latents = encode_latents(base, to_model_tensor(images))
     prompt_embeds = encode_prompts(base, [concept_prompt(config)])
     c = config.concept
+    torch.manual_seed(c.seed)  # the LoRA init is random: the same config must train the same weights
     base.unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, init_lora_weights="gaussian",
                                      target_modules=c.lora_target_modules))
     params = [p for p in base.unet.parameters() if p.requires_grad]
@@ -89,7 +93,8 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
         hidden = prompt_embeds.expand(len(index), -1, -1)
         return diffusion_loss(base.unet(noisy, timesteps, hidden).sample, target)
 
-    losses, seconds = run_training(params, c, len(images), step, "learn-concept", progress)
+    losses, seconds = run_training(params, c, len(images), step, "learn-concept", progress,
+                                   checkpoint_uri=checkpoint_uri_for(output_uri))
     fp = os.path.basename(output_uri.rstrip("/"))
     record = ModelRecord(kind="concept", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
                          steps=c.steps, seconds=round(seconds, 2))
@@ -104,6 +109,7 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
                                             "base_model": config.base_model.model_dump(mode="json"),
                                             "data_fingerprint": catalog.content_fingerprint, "losses": losses},
                              record.model_dump_json(exclude={"reused"}), RECORD_FILE)
+    remove_checkpoint(checkpoint_uri_for(output_uri))
     log.info("concept LoRA trained in %.1f s, written to %s", seconds, output_uri)
     return record
 

@@ -22,6 +22,8 @@ from indusfactory.ingest import read_catalog
 from indusfactory.models import BaseComponents, configure_torch, load_concept_pipeline
 from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
 from indusfactory.training import (
+    checkpoint_uri_for,
+    remove_checkpoint,
     Progress,
     diffusion_loss,
     encode_latents,
@@ -38,7 +40,8 @@ RECORD_FILE = "record.json"
 
 def condition_fingerprint(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:
     return fingerprint("condition", catalog.content_fingerprint, concept.fingerprint, config.base_model,
-                       config.concept.token, config.condition, config.driver, storage.normalise_uri(config.factory_root))
+                       config.concept.token,
+                       config.condition.model_dump(mode="json", exclude={"checkpoint_every"}), config.driver, storage.normalise_uri(config.factory_root))
 
 
 def condition_prompt(config: FactoryConfig, class_names: list[str]) -> str:
@@ -95,6 +98,7 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
     embeds = encode_prompts(base, unique_prompts)
     prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts])
     empty_index = len(unique_prompts) - 1
+    torch.manual_seed(config.condition.seed)  # the driver encoder is initialised at random
     controlnet = ControlNetModel.from_unet(
         base.unet, conditioning_embedding_out_channels=conditioning_channels_for(base.vae_scale_factor))
     controlnet.train()
@@ -114,7 +118,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
         return diffusion_loss(prediction, target)
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
-    losses, seconds = run_training(params, c, len(images), step, "learn-condition", progress)
+    losses, seconds = run_training(params, c, len(images), step, "learn-condition", progress,
+                                   checkpoint_uri=checkpoint_uri_for(output_uri))
     fp = os.path.basename(output_uri.rstrip("/"))
     record = ModelRecord(kind="condition", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
                          steps=c.steps, seconds=round(seconds, 2))
@@ -130,6 +135,7 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
                                             "concept_fingerprint": concept.fingerprint,
                                             "data_fingerprint": catalog.content_fingerprint, "losses": losses},
                              record.model_dump_json(exclude={"reused"}), RECORD_FILE)
+    remove_checkpoint(checkpoint_uri_for(output_uri))
     log.info("conditioning network trained in %.1f s, written to %s", seconds, output_uri)
     return record
 

@@ -139,6 +139,9 @@ class TrainingConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     seed: int = 0
     lr_warmup_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(
+        100, ge=0, description="Save a resumable checkpoint every N steps (0: never); a retry resumes from it."
+    )
 
 
 class ConceptConfig(TrainingConfig):

@@ -7,9 +7,10 @@ exactly what re-encoding every step would draw, at a fraction of the cost.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from indusfactory import storage
 from indusfactory.config import TrainingConfig
 from indusfactory.models import BaseComponents
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
 Progress = Callable[[int, int, float], None]
 """Called as ``progress(step, total_steps, loss)`` every few steps."""
 
@@ -77,21 +80,64 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
 
+def checkpoint_uri_for(output_uri: str) -> str:
+    """Where a training run keeps its resumable state: next to its output, removed once it is written."""
+    return output_uri.rstrip("/") + ".checkpoint"
+
+
+def save_checkpoint(uri: str, step: int, params: list[torch.nn.Parameter], optimizer, lr_scheduler,
+                    generator: torch.Generator, losses: list[float]) -> None:
+    """Everything needed to continue exactly where training stopped (tensors and plain values only)."""
+    state = {"step": step, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "generator": generator.get_state(),
+             "losses": torch.tensor(losses, dtype=torch.float64)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes_atomic(storage.join(uri, CHECKPOINT_FILE), buffer.getvalue())
+
+
+def load_checkpoint(uri: str) -> dict | None:
+    """The last checkpoint under ``uri`` (loaded with ``weights_only=True``: no code runs), or None."""
+    path = storage.join(uri, CHECKPOINT_FILE)
+    if not storage.exists(path):
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True)
+
+
+def remove_checkpoint(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_items: int,
                  step_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], desc: str,
-                 progress: Progress | None = None) -> tuple[list[float], float]:
+                 progress: Progress | None = None, checkpoint_uri: str | None = None) -> tuple[list[float], float]:
     """AdamW over ``params`` for ``config.steps`` steps of ``step_fn(batch_index, generator) -> loss``.
 
-    Batches are drawn with a seeded generator, so the same config trains the same weights.
+    Batches are drawn with a seeded generator, so the same config trains the same weights. With
+    ``checkpoint_uri``, state is saved every ``config.checkpoint_every`` steps and a rerun resumes
+    from the last checkpoint, ending with the same weights as an uninterrupted run.
     Returns the loss history and the seconds spent.
     """
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps)
     losses: list[float] = []
+    first = 1
+    state = load_checkpoint(checkpoint_uri) if checkpoint_uri else None
+    if state is not None:
+        with torch.no_grad():
+            for param, saved in zip(params, state["params"], strict=True):
+                param.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        generator.set_state(state["generator"])
+        losses, first = state["losses"].tolist(), int(state["step"]) + 1
+        log.info("%s: resuming from the checkpoint at step %d of %d", desc, first - 1, config.steps)
     started = time.perf_counter()
     report_every = max(1, config.steps // 10)
-    for step in tqdm(range(1, config.steps + 1), desc=desc, disable=None, leave=False):
+    for step in tqdm(range(first, config.steps + 1), desc=desc, disable=None, leave=False):
         index = torch.randint(0, n_items, (min(config.batch_size, n_items),), generator=generator)
         loss = step_fn(index, generator)
         loss.backward()
@@ -100,6 +146,8 @@ def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_ite
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if checkpoint_uri and config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            save_checkpoint(checkpoint_uri, step, params, optimizer, lr_scheduler, generator, losses)
         if progress and (step % report_every == 0 or step == config.steps):
             window = losses[-report_every:]
             progress(step, config.steps, sum(window) / len(window))
