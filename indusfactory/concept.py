@@ -71,8 +71,9 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
                   progress: Progress | None = None) -> ModelRecord:
     """Train the concept LoRA into ``output_uri`` (reused when already complete there)."""
     record_uri = storage.join(output_uri, RECORD_FILE)
-    if storage.exists(record_uri):
-        return ModelRecord.model_validate({**storage.read_json(record_uri), "reused": True})
+    done = ModelRecord.read_completed(record_uri)
+    if done:
+        return done
     validate(config)
     configure_torch(config.execution)
     images = training_images(catalog.uri, config.base_model.resolution)

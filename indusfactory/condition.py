@@ -81,8 +81,9 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
                     progress: Progress | None = None) -> ModelRecord:
     """Train the conditioning network into ``output_uri`` (reused when already complete there)."""
     record_uri = storage.join(output_uri, RECORD_FILE)
-    if storage.exists(record_uri):
-        return ModelRecord.model_validate({**storage.read_json(record_uri), "reused": True})
+    done = ModelRecord.read_completed(record_uri)
+    if done:
+        return done
     configure_torch(config.execution)
     images, drivers, prompts = training_examples(config, catalog)
     with storage.local_copy_for_read(concept.uri) as concept_dir:

@@ -821,8 +821,9 @@ def _nothing_usable(result: IngestResult, source: SourceConfig, catalog_uri: str
 def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
     """Build the catalog at ``catalog_uri`` (reused as is if it is already complete)."""
     record_uri = storage.join(catalog_uri, RECORD_FILE)
-    if storage.exists(record_uri):
-        return CatalogRecord.model_validate({**storage.read_json(record_uri), "reused": True})
+    done = CatalogRecord.read_completed(record_uri)
+    if done:
+        return done
     result, categories = collect(source)
     if not any(row["defective"] for row in result.rows):
         _write_quarantine(catalog_uri, result, source)

@@ -142,8 +142,9 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceIma
 def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> PlanRecord:
     """Write the plan parquet under ``plan_uri`` (reused when already complete)."""
     record_uri = storage.join(plan_uri, RECORD_FILE)
-    if storage.exists(record_uri):
-        return PlanRecord.model_validate({**storage.read_json(record_uri), "reused": True})
+    done = PlanRecord.read_completed(record_uri)
+    if done:
+        return done
     sources = SourceImages(catalog.uri, catalog.categories)
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
     table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)

@@ -248,6 +248,15 @@ class Record(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
+    @classmethod
+    def read_completed(cls, record_uri: str):
+        """The record a finished stage left at ``record_uri``, marked ``reused``; None if absent."""
+        from indusfactory import storage
+
+        if not storage.exists(record_uri):
+            return None
+        return cls.model_validate({**storage.read_json(record_uri), "reused": True})
+
 
 class CatalogRecord(Record):
     uri: str

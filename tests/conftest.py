@@ -56,6 +56,15 @@ def make_config(sample_root, tiny_model_path, tmp_path):
     return make
 
 
+@pytest.fixture
+def catalog(make_config):
+    """The catalog of the sample data, ingested under the test's factory root."""
+    from indusfactory.ingest import catalog_uri_for, ingest
+
+    config = make_config()
+    return ingest(config.source, catalog_uri_for(config))
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (temporary SQLite-backed server) for the whole session."""

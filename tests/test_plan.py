@@ -20,12 +20,6 @@ from indusfactory.plan import (
 )
 
 
-@pytest.fixture
-def catalog(make_config):
-    config = make_config()
-    return ingest(config.source, catalog_uri_for(config))
-
-
 def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
     config = make_config(plan={"max_defect_free_images": 4, "augmentations_per_image": 2})
     first = build_plan(config, catalog, str(tmp_path / "a"))

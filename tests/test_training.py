@@ -29,12 +29,6 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture
-def catalog(make_config):
-    config = make_config()
-    return ingest(config.source, catalog_uri_for(config))
-
-
 def test_concept_resumes_from_its_checkpoint_to_the_same_weights(make_config, catalog, tmp_path):
     config = make_config(concept={"steps": 6, "checkpoint_every": 2})
     train_concept(config, catalog, str(tmp_path / "full"))
