@@ -1,6 +1,10 @@
 """Flow ``generate-dataset``: the whole chain, from raw files to a published dataset version.
 
 ingest -> learn-concept -> learn-condition -> build-plan -> generate-shard x N -> publish-dataset
+-> evaluate-dataset (``evaluation.enabled``)
+
+Shards run in this flow (``execution.fan_out: local``) or as runs of the ``generate-shards``
+deployment on a GPU work pool (``execution.fan_out: work_pool``).
 """
 
 from prefect import flow, unmapped
@@ -9,6 +13,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from indusfactory.config import FactoryConfig
 from indusfactory.export import dataset_uri_for
 from indusfactory.schema import DatasetRecord
+from tasks._prefect import factory_run
+from tasks.dispatch import dispatch_shard_runs
+from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shard_task, publish_dataset_task
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
@@ -17,14 +24,21 @@ from tasks.report import collect_shards, summarise_run
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
-    catalog = ingest_task(config)
-    concept = learn_concept_task(config, catalog)
-    condition = learn_condition_task(config, catalog, concept)
-    plan = build_plan_task(config, catalog)
-    dataset_uri = dataset_uri_for(config, plan, concept, condition)
-    futures = generate_shard_task.map(unmapped(config), unmapped(catalog), unmapped(plan), unmapped(concept),
-                                      unmapped(condition), unmapped(dataset_uri), range(plan.shards))
-    shards = collect_shards(futures, plan.samples)
-    dataset = publish_dataset_task(config, catalog, plan, concept, condition, dataset_uri, shards)
-    summarise_run(catalog, concept, condition, plan, shards, dataset)
-    return dataset
+    with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        catalog = run(ingest_task)(config)
+        concept = run(learn_concept_task)(config, catalog)
+        condition = run(learn_condition_task)(config, catalog, concept)
+        plan = run(build_plan_task)(config, catalog)
+        dataset_uri = dataset_uri_for(config, plan, concept, condition)
+        if config.execution.fan_out == "work_pool":
+            shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
+        else:
+            futures = run(generate_shard_task).map(unmapped(config), unmapped(catalog), unmapped(plan),
+                                                   unmapped(concept), unmapped(condition), unmapped(dataset_uri),
+                                                   range(plan.shards))
+            shards = collect_shards(futures, plan.samples)
+        dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
+        summarise_run(catalog, concept, condition, plan, shards, dataset)
+        if config.evaluation.enabled:
+            run(evaluate_dataset_task)(config, catalog, dataset)
+        return dataset

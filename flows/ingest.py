@@ -4,9 +4,11 @@ from prefect import flow
 
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import CatalogRecord
+from tasks._prefect import factory_run
 from tasks.ingest import ingest_task
 
 
 @flow(name="ingest")
 def ingest(config: FactoryConfig = FactoryConfig()) -> CatalogRecord:
-    return ingest_task(config)
+    with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        return run(ingest_task)(config)

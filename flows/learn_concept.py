@@ -4,11 +4,13 @@ from prefect import flow
 
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import ModelRecord
+from tasks._prefect import factory_run
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task
 
 
 @flow(name="learn-concept")
 def learn_concept(config: FactoryConfig = FactoryConfig()) -> ModelRecord:
-    catalog = ingest_task(config)
-    return learn_concept_task(config, catalog)
+    with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        catalog = run(ingest_task)(config)
+        return run(learn_concept_task)(config, catalog)

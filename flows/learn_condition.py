@@ -4,12 +4,14 @@ from prefect import flow
 
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import ModelRecord
+from tasks._prefect import factory_run
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
 
 
 @flow(name="learn-condition")
 def learn_condition(config: FactoryConfig = FactoryConfig()) -> ModelRecord:
-    catalog = ingest_task(config)
-    concept = learn_concept_task(config, catalog)
-    return learn_condition_task(config, catalog, concept)
+    with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        catalog = run(ingest_task)(config)
+        concept = run(learn_concept_task)(config, catalog)
+        return run(learn_condition_task)(config, catalog, concept)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -16,7 +18,57 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 app = typer.Typer(help="indusfactory: synthetic self-annotated industrial defect datasets.", no_args_is_help=True)
 
-STAGES = ("ingest", "learn-concept", "learn-condition", "generate-dataset")
+STAGES = ("ingest", "learn-concept", "learn-condition", "generate-dataset", "evaluate-dataset")
+
+
+class GenerationBar:
+    """A tqdm bar of the generation stage: samples done / planned, and images/s of those generated here.
+
+    Fed by ``indusfactory.generate.progress_listener`` (batches of the shards this process generates;
+    shards already on storage advance it at once without counting towards images/s).
+    """
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} samples [{elapsed}{postfix}]"
+
+    def __init__(self, file=None):
+        self.bar = None
+        self.file = file
+        self.generated = 0
+        self.started: float | None = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=event.planned, desc="generate", bar_format=self.FORMAT, file=self.file,
+                            dynamic_ncols=True)
+        if event.generated:
+            self.started = self.started or time.perf_counter()
+            self.generated += event.samples
+        if self.generated:
+            self.bar.set_postfix_str(f"{self.generated / max(time.perf_counter() - self.started, 1e-9):.2f} images/s",
+                                     refresh=False)
+        self.bar.update(event.samples)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def _progress(stage: str) -> Iterator[None]:
+    """A progress bar over the generation batches while the stage generates images."""
+    if stage != "generate-dataset":
+        yield
+        return
+    from indusfactory.generate import progress_listener
+
+    bar = GenerationBar()
+    try:
+        with progress_listener(bar):
+            yield
+    finally:
+        bar.close()
 
 
 def _run_flow(config, stage: str):
@@ -28,7 +80,8 @@ def _run_flow(config, stage: str):
     flow = getattr(module, stage.replace("-", "_"))
     started = time.perf_counter()
     try:
-        result = flow(config=config)
+        with _progress(stage):
+            result = flow(config=config)
     except IndusfactoryError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc

@@ -8,29 +8,42 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from diffusers import ControlNetModel, DDPMScheduler
+from diffusers import (
+    ControlNetModel,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionControlNetPipeline,
+)
 
 from indusfactory import storage
-from indusfactory.config import FactoryConfig
+from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
 from indusfactory.drivers import extract_topological_driver
 from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
-from indusfactory.imaging import fit_square, to_condition_tensor, to_model_tensor
+from indusfactory.imaging import fit_square, from_model_output, image_grid, to_condition_tensor, to_model_tensor
 from indusfactory.ingest import read_catalog
 from indusfactory.models import BaseComponents, configure_torch, load_concept_pipeline
 from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
 from indusfactory.training import (
-    checkpoint_uri_for,
-    remove_checkpoint,
     Progress,
+    TrainingRuntime,
+    checkpoint_uri_for,
+    copy_validation_images,
     diffusion_loss,
     encode_latents,
     encode_prompts,
     model_card,
     noisy_inputs,
+    prepare_frozen,
+    remove_checkpoint,
     run_training,
+    save_validation_image,
+    to_device_and_dtype,
+    validation_due,
     write_model_metadata,
 )
 
@@ -41,7 +54,8 @@ RECORD_FILE = "record.json"
 def condition_fingerprint(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:
     return fingerprint("condition", catalog.content_fingerprint, concept.fingerprint, config.base_model,
                        config.concept.token,
-                       config.condition.model_dump(mode="json", exclude={"checkpoint_every"}), config.driver, storage.normalise_uri(config.factory_root))
+                       config.condition.model_dump(mode="json", exclude=TRAINING_ONLY_FIELDS), config.driver,
+                       storage.normalise_uri(config.factory_root))
 
 
 def condition_prompt(config: FactoryConfig, class_names: list[str]) -> str:
@@ -56,25 +70,86 @@ def conditioning_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
     return (16, 32, 96, 256, 256, 256)[: stages + 1]
 
 
-def training_examples(config: FactoryConfig, catalog: CatalogRecord) -> tuple[list, list, list[str]]:
-    """(images, drivers, prompts) of the defective train split, each also mirrored."""
+@dataclass
+class ConditionExamples:
+    """Annotated defective images at training resolution, with their drivers, union masks and prompts."""
+
+    images: list[np.ndarray]
+    drivers: list[np.ndarray]
+    masks: list[np.ndarray]
+    prompts: list[str]
+
+
+def annotated_examples(config: FactoryConfig, catalog: CatalogRecord, split: str) -> ConditionExamples:
+    """Every annotated defective image of ``split`` with its topological driver and prompt."""
     resolution = config.base_model.resolution
     to_class = category_index(catalog.categories)
-    images, drivers, prompts = [], [], []
+    out = ConditionExamples([], [], [], [])
     for row in read_catalog(catalog.uri).to_pylist():
-        if not (row["defective"] and row["split"] == "train" and row["instances"]):
+        if not (row["defective"] and row["split"] == split and row["instances"]):
             continue
         image = fit_square(decode_image(row["image"]["bytes"]), resolution)
         instances = [(to_class[i["category_id"]], fit_square(rle_to_mask(i["rle"]), resolution))
                      for i in row["instances"]]
-        driver = extract_topological_driver(image, instances, config.driver)
-        prompt = condition_prompt(config, [i["category"] for i in row["instances"]])
-        images += [image, image[:, ::-1]]
-        drivers += [driver, driver[:, ::-1]]
-        prompts += [prompt, prompt]
-    if not images:
+        out.images.append(image)
+        out.drivers.append(extract_topological_driver(image, instances, config.driver))
+        out.masks.append(np.logical_or.reduce([mask for _, mask in instances]))
+        out.prompts.append(condition_prompt(config, [i["category"] for i in row["instances"]]))
+    return out
+
+
+def training_examples(config: FactoryConfig, catalog: CatalogRecord) -> tuple[list, list, list[str]]:
+    """(images, drivers, prompts) of the defective train split, each also mirrored."""
+    ex = annotated_examples(config, catalog, "train")
+    if not ex.images:
         raise BadInputError(f"catalog {catalog.uri} has no annotated defective image in its train split")
-    return images, drivers, prompts
+    mirror = [a[:, ::-1] for a in ex.images], [d[:, ::-1] for d in ex.drivers]
+    return ex.images + mirror[0], ex.drivers + mirror[1], ex.prompts + ex.prompts
+
+
+def validation_examples(config: FactoryConfig, catalog: CatalogRecord, count: int) -> ConditionExamples:
+    """Up to ``count`` examples of the validation split (the train split when it has none)."""
+    ex = annotated_examples(config, catalog, "val")
+    if not ex.images:
+        ex = annotated_examples(config, catalog, "train")
+    return ConditionExamples(ex.images[:count], ex.drivers[:count], ex.masks[:count], ex.prompts[:count])
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def condition_validation(base: BaseComponents, controlnet: ControlNetModel, config: FactoryConfig,
+                         examples: ConditionExamples, runtime: TrainingRuntime, checkpoint_uri: str):
+    """Every validation step: a grid with one row per example, driver | generated | mask overlay."""
+    c = config.condition
+
+    @torch.no_grad()
+    def on_step(step: int) -> None:
+        if not validation_due(c, step) or not examples.images:
+            return
+        pipe = StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            controlnet=controlnet, scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        controlnet.eval()
+        resolution = config.base_model.resolution
+        with runtime.autocast():
+            out = pipe(examples.prompts, image=to_condition_tensor(examples.drivers).to(runtime.device),
+                       height=resolution, width=resolution, num_inference_steps=c.validation_inference_steps,
+                       controlnet_conditioning_scale=config.generation.conditioning_scale,
+                       generator=[torch.Generator().manual_seed(i) for i in range(len(examples.images))],
+                       output_type="np")
+        controlnet.train()
+        tiles = []
+        for driver, generated, mask in zip(examples.drivers, from_model_output(out.images), examples.masks):
+            tiles += [(driver * 255).round().astype(np.uint8), generated, mask_overlay(generated, mask)]
+        save_validation_image(checkpoint_uri, step, image_grid(tiles, columns=3))
+
+    return on_step
 
 
 def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord, output_uri: str,
@@ -85,61 +160,69 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
     if done:
         return done
     configure_torch(config.execution)
+    c = config.condition
+    runtime = TrainingRuntime.for_stage(config.execution, c)
     images, drivers, prompts = training_examples(config, catalog)
     with storage.local_copy_for_read(concept.uri) as concept_dir:
         pipe = load_concept_pipeline(config.base_model, concept_dir)
     base = BaseComponents(model_id=config.base_model.pretrained, tokenizer=pipe.tokenizer,
                           text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
                           noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
-    for module in (base.vae, base.text_encoder, base.unet):
-        module.requires_grad_(False)
+    prepare_frozen(base, runtime)
     latents = encode_latents(base, to_model_tensor(images))
     conditions = to_condition_tensor(drivers)
     unique_prompts = sorted(set(prompts)) + [""]
     embeds = encode_prompts(base, unique_prompts)
     prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts])
     empty_index = len(unique_prompts) - 1
-    torch.manual_seed(config.condition.seed)  # the driver encoder is initialised at random
+    torch.manual_seed(c.seed)  # the driver encoder is initialised at random
     controlnet = ControlNetModel.from_unet(
         base.unet, conditioning_embedding_out_channels=conditioning_channels_for(base.vae_scale_factor))
-    controlnet.train()
-    c = config.condition
+    to_device_and_dtype(controlnet, runtime.device, torch.float32).train()
+    if c.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
 
     def step(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noisy, timesteps, target = noisy_inputs(base, latents.sample(index, generator), generator)
+        noisy, timesteps, target = noisy_inputs(base, latents.sample(index, generator).to(runtime.device), generator)
         which = prompt_index[index].clone()
         if c.empty_prompt_probability > 0:
             drop = torch.rand(len(index), generator=generator) < c.empty_prompt_probability
             which[drop] = empty_index
-        hidden = embeds[which]
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=conditions[index],
-                               return_dict=False)
+        hidden = embeds[which.to(embeds.device)]
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden,
+                               controlnet_cond=conditions[index].to(runtime.device), return_dict=False)
         prediction = base.unet(noisy, timesteps, hidden, down_block_additional_residuals=down,
                                mid_block_additional_residual=mid).sample
-        return diffusion_loss(prediction, target)
+        return diffusion_loss(prediction, target, timesteps, base.noise_scheduler, c.snr_gamma)
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
+    checkpoint_uri = checkpoint_uri_for(output_uri)
+    on_step = condition_validation(base, controlnet, config, validation_examples(config, catalog, c.validation_images),
+                                   runtime, checkpoint_uri)
     losses, seconds = run_training(params, c, len(images), step, "learn-condition", progress,
-                                   checkpoint_uri=checkpoint_uri_for(output_uri))
+                                   checkpoint_uri=checkpoint_uri, runtime=runtime, on_step=on_step)
     fp = os.path.basename(output_uri.rstrip("/"))
-    record = ModelRecord(kind="condition", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
-                         steps=c.steps, seconds=round(seconds, 2))
     with storage.local_copy_for_write(output_uri) as folder:
         controlnet.save_pretrained(folder, safe_serialization=True)
+        validation = copy_validation_images(checkpoint_uri, folder)
+        record = ModelRecord(kind="condition", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
+                             steps=c.steps, seconds=round(seconds, 2), method="controlnet", validation=validation,
+                             final_loss=round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5))
         card = model_card(f"indusfactory conditioning network `{fp}`",
                           "ControlNet-style conditioning network on topological drivers, trained on top of "
-                          f"concept `{concept.fingerprint}`; load with `ControlNetModel.from_pretrained`.",
+                          f"concept `{concept.fingerprint}`; load with `ControlNetModel.from_pretrained` and use it "
+                          "in a `StableDiffusionControlNetPipeline` with the concept model. Validation grids: "
+                          "driver | generated | mask overlay.",
                           config.base_model.pretrained, c.model_dump(mode="json"), catalog.content_fingerprint,
-                          losses, seconds, extra=f"- example prompt: `{prompts[0]}`")
+                          losses, seconds, extra=f"- example prompt: `{prompts[0]}`", validation=validation)
         write_model_metadata(folder, card, {"condition": c.model_dump(mode="json"),
                                             "driver": config.driver.model_dump(mode="json"),
                                             "concept_fingerprint": concept.fingerprint,
                                             "data_fingerprint": catalog.content_fingerprint, "losses": losses},
                              record.model_dump_json(exclude={"reused"}), RECORD_FILE)
-    remove_checkpoint(checkpoint_uri_for(output_uri))
+    remove_checkpoint(checkpoint_uri)
     log.info("conditioning network trained in %.1f s, written to %s", seconds, output_uri)
     return record
-
 
 
 def condition_uri_for(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:

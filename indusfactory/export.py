@@ -16,6 +16,7 @@ A version with a manifest is published and never rewritten.
 from __future__ import annotations
 
 import io
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -44,6 +45,8 @@ from indusfactory.schema import (
 
 MANIFEST_FILE = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
+SHARD_METADATA = b"indusfactory.shard"
+"""Parquet metadata key of a shard's own counts: ``{"planned": n, "dropped": k}``."""
 
 
 def shard_name(split: str, index: int, total: int) -> str:
@@ -78,22 +81,29 @@ def coco_of_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list[dict], categories: list[dict],
-                seconds: float) -> ShardRecord:
-    """Write images, the shard's COCO file and, last, its parquet (the shard's completion marker)."""
-    for row in rows:
-        storage.write_bytes_atomic(storage.join(dataset_uri, "images", row["image"]["path"]), row["image"]["bytes"])
+                seconds: float, dropped: int = 0, worker: str = "") -> ShardRecord:
+    """Write images, the shard's COCO file and, last, its parquet (the shard's completion marker).
+
+    ``rows`` are the samples kept; ``dropped`` more were planned and left out by QC (recorded in the
+    parquet metadata, so a reused shard reports them too).
+    """
+    storage.write_many_atomic({storage.join(dataset_uri, "images", row["image"]["path"]): row["image"]["bytes"]
+                               for row in rows})
     images, annotations = coco_of_rows(rows)
     coco_uri = shard_coco_uri(dataset_uri, split, index, total)
     storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, shard_name(split, index, total)))
-    table = pa.Table.from_pylist(rows, schema=with_metadata(DATASET_SCHEMA, categories, huggingface=True))
+    schema = with_metadata(DATASET_SCHEMA, categories, huggingface=True)
+    counts = json.dumps({"planned": len(rows) + dropped, "dropped": dropped}).encode()
+    table = pa.Table.from_pylist(rows, schema=schema.with_metadata({**schema.metadata, SHARD_METADATA: counts}))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
     uri = shard_uri(dataset_uri, split, index, total)
     storage.write_bytes_atomic(uri, data)
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=coco_uri, rows=len(rows),
-                       flagged=sum(not r["qc_passed"] for r in rows), sha256=storage.sha256_bytes(data),
-                       seconds=round(seconds, 3), worker=rows[0]["worker"] if rows else "")
+                       flagged=sum(not r["qc_passed"] for r in rows), dropped=dropped,
+                       sha256=storage.sha256_bytes(data), seconds=round(seconds, 3),
+                       worker=worker or (rows[0]["worker"] if rows else ""))
 
 
 def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord | None:
@@ -103,8 +113,10 @@ def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> Shar
         return None
     data = storage.read_bytes(uri)
     table = pq.read_table(io.BytesIO(data), columns=["qc_passed", "worker"])
+    counts = json.loads((table.schema.metadata or {}).get(SHARD_METADATA, b"{}"))
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=shard_coco_uri(dataset_uri, split, index, total),
                        rows=table.num_rows, flagged=int((~np.asarray(table["qc_passed"])).sum()),
+                       dropped=int(counts.get("dropped", 0)),
                        sha256=storage.sha256_bytes(data), seconds=0.0,
                        worker=table["worker"][0].as_py() if table.num_rows else "", reused=True)
 
@@ -119,7 +131,8 @@ def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
         f"# {name} {version}", "",
         "Synthetic, self-annotated industrial defect images made by indusfactory "
         "(DreamBooth concept + ControlNet-style conditioning on topological drivers).", "",
-        f"- samples: {counts['samples']} in {counts['shards']} shards ({counts['flagged']} flagged by QC)",
+        f"- samples: {counts['samples']} in {counts['shards']} shards ({counts['flagged']} flagged by QC; "
+        f"{counts['dropped']} of {counts['planned']} planned dropped by QC)",
         f"- categories: {', '.join(c['name'] for c in manifest['categories'])}",
         f"- base model: `{manifest['lineage']['base_model']}`; concept `{manifest['lineage']['concept_fingerprint']}`;"
         f" condition `{manifest['lineage']['condition_fingerprint']}`", "",
@@ -146,6 +159,7 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
     for shard in shards:
         if storage.sha256_bytes(storage.read_bytes(shard.uri)) != shard.sha256:
             raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} changed after it was written")
+    storage.remove_temporaries(dataset_uri)  # left by a crashed attempt; every shard is complete now
     images, annotations = [], []
     for shard in shards:
         doc = storage.read_json(shard.coco_uri)
@@ -157,20 +171,35 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
         "name": name, "version": version, "split": split, "schema_version": SCHEMA_VERSION,
         "code_version": CODE_VERSION, "created": datetime.now(timezone.utc).isoformat(),
         "counts": {"samples": sum(s.rows for s in shards), "shards": len(shards),
+                   "planned": sum(s.planned for s in shards), "dropped": sum(s.dropped for s in shards),
                    "flagged": sum(s.flagged for s in shards), "annotations": len(annotations)},
-        "shards": [{"path": shard.uri[len(dataset_uri) + 1:], "rows": shard.rows, "sha256": shard.sha256,
-                    "worker": shard.worker} for shard in shards],
+        "qc": {key: config.get("generation", {}).get(key) for key in
+               ("qc_action", "min_mask_contrast", "adherence_scorer", "min_adherence")},
+        "shards": [{"path": shard.uri[len(dataset_uri) + 1:], "rows": shard.rows, "dropped": shard.dropped,
+                    "flagged": shard.flagged, "sha256": shard.sha256, "worker": shard.worker} for shard in shards],
         "categories": categories, "lineage": lineage, "config": config,
     }
-    if shards:
-        preview = pq.read_table(io.BytesIO(storage.read_bytes(shards[0].uri)), columns=["image", "instances"])
-        storage.write_bytes_atomic(storage.join(dataset_uri, CONTACT_SHEET), contact_sheet(preview.to_pylist()[:16]))
+    preview = preview_rows(shards, 16)
+    if preview:
+        storage.write_bytes_atomic(storage.join(dataset_uri, CONTACT_SHEET), contact_sheet(preview))
     storage.write_bytes_atomic(storage.join(dataset_uri, "README.md"),
                                dataset_card(name, version, split, manifest).encode())
     storage.write_json_atomic(manifest_uri, manifest)
     storage.write_bytes_atomic(storage.join(dataset_uri.rsplit("/", 1)[0], "latest"), f"{version}\n".encode())
     return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
                          samples=manifest["counts"]["samples"], shards=len(shards))
+
+
+def preview_rows(shards: list[ShardRecord], count: int) -> list[dict]:
+    """The first ``count`` samples (image and instances) of the shards, skipping empty ones."""
+    rows: list[dict] = []
+    for shard in shards:
+        if len(rows) >= count:
+            break
+        if shard.rows:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(shard.uri)), columns=["image", "instances"])
+            rows += table.to_pylist()[: count - len(rows)]
+    return rows
 
 
 def contact_sheet(rows: list[dict], columns: int = 8) -> bytes:
@@ -187,7 +216,7 @@ def contact_sheet(rows: list[dict], columns: int = 8) -> bytes:
     if not tiles:
         return b""
     grid = image_grid(tiles, columns)
-    return encode_png(grid)
+    return encode_png(grid, compress_level=1)  # a preview: 4x faster to encode than level 6
 
 
 def dataset_version(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:

@@ -1,16 +1,50 @@
 """Generation: a shard of plan rows becomes images, each labelled by the mask its driver carried.
 
-Models load once per worker process and stay for the next shard; prompt embeddings are computed
-once per prompt; each sample has its own seeded generator, so its image does not depend on the
-batch it ran in.
+Models load once per worker process and stay for the next shard.
+
+Batch invariance: a sample's image depends only on its plan row, never on the batch it ran in
+(its size, its other rows, the sample's position in it) nor on the process. Three things make it so:
+
+- each sample has its own generator seeded by its row seed (diffusers draws the latents of a
+  list of generators one sample at a time, so a neighbour cannot shift a sample's noise);
+- the pipeline always runs at the same batch shape, ``generation.batch_size``: a short batch is
+  padded with copies of its last row (fresh generators, outputs discarded), so every call picks
+  the same kernels;
+- two CPU kernels whose result for one sample depends on where it sits in the batch are
+  avoided (``make_batch_invariant``). The linear layers that see one vector per sample (the time
+  embedding and every ResNet block's ``time_emb_proj``: a matrix of 2 x batch rows) multiply
+  each row on its own (``RowInvariantLinear``): a plain small GEMM computes different rows with
+  different micro-kernels. And GroupNorm gets contiguous inputs: the VAE's attention hands its
+  decoder channels-last tensors, whose GroupNorm kernel splits the sums over batch x pixels
+  between threads, so a sample's sums depended on its position (and on the thread count).
+  Either one made the same sample at another position come out one grey level apart in a few
+  pixels.
+
+What remains: the bytes are the same on every worker with the same CPU kind, library versions and
+torch thread count. A different thread count changes how oneDNN blocks some convolutions (measured:
+the 1x1 ``proj_in`` convolutions, by 1e-7), which shifts a few pixels by one grey level; workers of
+one pool should run with the same ``execution.torch_threads``. The two kernel fixes apply on CPU
+only; batch invariance on GPUs has not been verified.
+
+Speed: the ControlNet's driver encoder (a stack of convolutions at full resolution) reads the same
+driver at every denoising step, so its output is computed at the first step of a batch and reused
+(``DriverEncodingCache``); prompt embeddings are computed once per prompt.
+
+Quality control: each sample gets ``qc_mask_contrast`` (how much darker the defect is than the
+ring around it) and, when ``generation.adherence_scorer`` names one, ``qc_adherence``; failing
+samples are flagged (``qc_passed`` false) or dropped, per ``generation.qc_action``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,16 +52,21 @@ import torch
 
 from indusfactory import storage
 from indusfactory.config import FactoryConfig
+from indusfactory.errors import ConfigError
 from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.models import configure_torch, load_generation_pipeline, select_device, select_dtype
 from indusfactory.export import existing_shard, write_shard
-from indusfactory.plan import SourceImages, materialise, read_plan
+from indusfactory.plan import SampleInputs, SourceImages, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
 
 log = logging.getLogger(__name__)
 _PIPELINE_CACHE: dict[tuple, object] = {}
 _SOURCES_CACHE: dict[str, SourceImages] = {}
+
+AdherenceScorer = Callable[[list[np.ndarray], list[np.ndarray]], list[float]]
+"""Scores how well each generated image (uint8 HxWx3) shows the defect in its mask (bool HxW); higher is better."""
+_SCORERS: dict[str, AdherenceScorer] = {}
 
 
 @dataclass
@@ -41,8 +80,109 @@ class GenerationContext:
     condition: ModelRecord
 
 
+@dataclass(frozen=True)
+class GenerationProgress:
+    """``samples`` more plan rows are done, out of ``planned`` in the whole plan.
+
+    ``generated`` is False for the rows of a shard already on storage (reused, not generated);
+    a generated shard first reports 0 samples when it starts.
+    """
+
+    samples: int
+    planned: int
+    generated: bool
+
+
+ProgressListener = Callable[[GenerationProgress], None]
+_LISTENERS: list[ProgressListener] = []
+_LISTENERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def progress_listener(listener: ProgressListener) -> Iterator[None]:
+    """Call ``listener`` for every batch generated (and every shard reused) in this process meanwhile."""
+    with _LISTENERS_LOCK:
+        _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        with _LISTENERS_LOCK:
+            _LISTENERS.remove(listener)
+
+
+def _report(event: GenerationProgress) -> None:
+    with _LISTENERS_LOCK:
+        listeners = list(_LISTENERS)
+    for listener in listeners:
+        listener(event)
+
+
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``$INDUSFACTORY_WORKER_NAME`` (set per GPU worker, e.g. ``node3-gpu1``) or ``host:pid``, with the GPU."""
+    name = os.environ.get("INDUSFACTORY_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{name}/cuda:{gpus}" if gpus and torch.cuda.is_available() else name
+
+
+class RowInvariantLinear(torch.nn.Linear):
+    """A ``Linear`` whose 2-D inputs (one vector per sample) are multiplied row by row on CPU, in one
+    batched matmul: each row's result is what a batch of one gives, whatever its position and the
+    batch size. Other inputs (tokens of attention layers) and other devices use the plain ``Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.device.type != "cpu":
+            return super().forward(x)
+        rows = x.shape[0]
+        weight = self.weight.t().unsqueeze(0).expand(rows, -1, -1)
+        if self.bias is None:
+            return torch.bmm(x.unsqueeze(1), weight).squeeze(1)
+        return torch.baddbmm(self.bias.view(1, 1, -1).expand(rows, 1, -1), x.unsqueeze(1), weight).squeeze(1)
+
+
+def _contiguous_input_on_cpu(module: torch.nn.Module, args: tuple) -> tuple | None:
+    if args[0].device.type != "cpu":
+        return None  # CUDA's GroupNorm reduces each (sample, group) in one block: nothing to fix
+    return (args[0].contiguous(), *args[1:])
+
+
+def make_batch_invariant(model: torch.nn.Module) -> None:
+    """Make each sample's result independent of its batch neighbours and position (same weights and
+    state dict): every plain ``nn.Linear`` becomes a ``RowInvariantLinear`` and every ``GroupNorm``
+    reads a contiguous input on CPU (its channels-last CPU kernel splits sums across samples)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = RowInvariantLinear
+        elif isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_pre_hook(_contiguous_input_on_cpu)
+
+
+class DriverEncodingCache:
+    """Reuses the ControlNet's driver encoding across the denoising steps of one pipeline call.
+
+    The pipeline passes the same driver tensor at every step; the encoder's output for it is kept
+    until ``clear()`` (called around every pipeline call, so a new tensor at a reused address can
+    never hit a stale entry). Installed on the encoder instance: the state dict is unchanged.
+    """
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder = encoder
+        self.compute = encoder.forward
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+        encoder.forward = self
+
+    def __call__(self, conditioning: torch.Tensor) -> torch.Tensor:
+        key = (conditioning.data_ptr(), tuple(conditioning.shape), conditioning.dtype, conditioning.device)
+        if key != self.key:
+            self.key, self.value = None, self.compute(conditioning)
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
+_PIPELINE_LOCK = threading.Lock()
 
 
 def get_pipeline(ctx: GenerationContext):
@@ -57,6 +197,9 @@ def get_pipeline(ctx: GenerationContext):
                 storage.local_copy_for_read(ctx.condition.uri) as condition_dir:
             pipe = load_generation_pipeline(ctx.config.base_model, concept_dir, condition_dir,
                                             ctx.config.generation.scheduler)
+        for model in (pipe.unet, pipe.controlnet, pipe.vae):
+            make_batch_invariant(model)
+        pipe.driver_cache = DriverEncodingCache(pipe.controlnet.controlnet_cond_embedding)
         _PIPELINE_CACHE[key] = pipe.to(device=device, dtype=dtype)
     return _PIPELINE_CACHE[key]
 
@@ -66,6 +209,9 @@ def get_sources(ctx: GenerationContext) -> SourceImages:
         _SOURCES_CACHE.clear()
         _SOURCES_CACHE[ctx.catalog_uri] = SourceImages(ctx.catalog_uri, ctx.categories)
     return _SOURCES_CACHE[ctx.catalog_uri]
+
+
+# --- quality control -----------------------------------------------------------------------------
 
 
 def mask_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
@@ -80,6 +226,68 @@ def mask_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
     return float((ring_mean - gray[mask].mean()) / max(ring_mean, 1.0))
 
 
+def register_adherence_scorer(name: str) -> Callable[[AdherenceScorer], AdherenceScorer]:
+    """Decorator: make ``fn`` available as ``generation.adherence_scorer: <name>`` (e.g. a learned segmentor)."""
+
+    def register(fn: AdherenceScorer) -> AdherenceScorer:
+        _SCORERS[name] = fn
+        return fn
+
+    return register
+
+
+@register_adherence_scorer("dark_iou")
+def dark_iou(images: list[np.ndarray], masks: list[np.ndarray], ring: int = 3) -> list[float]:
+    """IoU of each mask with the pixels near it that are darker than the median of the ring around it."""
+    from scipy.ndimage import binary_dilation
+
+    scores = []
+    for image, mask in zip(images, masks):
+        near = binary_dilation(mask, iterations=ring)
+        if not mask.any() or not (near & ~mask).any():
+            scores.append(0.0)
+            continue
+        gray = image.astype(np.float64).mean(axis=2)
+        dark = near & (gray < np.median(gray[near & ~mask]))
+        scores.append(float((dark & mask).sum() / (dark | mask).sum()))
+    return scores
+
+
+def adherence_scorer(name: str | None) -> AdherenceScorer | None:
+    """The scorer a config names: a registered name or ``package.module:function``; None for no scorer."""
+    if name is None:
+        return None
+    if name in _SCORERS:
+        return _SCORERS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"generation.adherence_scorer {name!r} cannot be imported: {exc}") from exc
+    raise ConfigError(f"generation.adherence_scorer {name!r} is not registered (known: {sorted(_SCORERS)}) "
+                      "and is not a 'package.module:function' path")
+
+
+def qc_verdict(ctx: GenerationContext, contrast: float, adherence: float | None) -> bool:
+    """Whether a sample passes QC: defect dark enough and, when a threshold is set, adherent enough."""
+    gen = ctx.config.generation
+    if contrast < gen.min_mask_contrast:
+        return False
+    return gen.min_adherence is None or (adherence is not None and adherence >= gen.min_adherence)
+
+
+def apply_qc_action(rows: list[dict], action: str) -> tuple[list[dict], int]:
+    """The rows to write and how many were dropped: 'flag' keeps every row, 'drop' the passing ones."""
+    if action == "flag":
+        return rows, 0
+    kept = [row for row in rows if row["qc_passed"]]
+    return kept, len(rows) - len(kept)
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def _prompt_embeds(pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
     embeds = {}
@@ -90,44 +298,84 @@ def _prompt_embeds(pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
     return embeds
 
 
-def generate_rows(ctx: GenerationContext, rows: list[dict]) -> list[dict]:
-    """Generate every plan row and return dataset rows (see ``schema.DATASET_SCHEMA``)."""
+def padded(items: list, size: int) -> list:
+    """``items`` followed by copies of its last item up to ``size`` (a fixed batch shape)."""
+    return items + [items[-1]] * (size - len(items))
+
+
+def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], rows: list[dict],
+                 inputs: list[SampleInputs]) -> np.ndarray:
+    """uint8 images of up to ``batch_size`` rows, always sampled at the full batch shape."""
+    gen = ctx.config.generation
+    resolution = ctx.config.base_model.resolution
+    full_rows = padded(rows, gen.batch_size)
+    drivers = padded([i.driver for i in inputs], gen.batch_size)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    cache = getattr(pipe, "driver_cache", None)
+    with _PIPELINE_LOCK:  # one pipeline per process: its scheduler and the driver cache are per call
+        if cache:
+            cache.clear()
+        try:
+            result = pipe(
+                prompt_embeds=torch.cat([embeds[r["prompt"]] for r in full_rows]),
+                negative_prompt_embeds=embeds[""].expand(len(full_rows), -1, -1),
+                image=to_condition_tensor(drivers).to(device, dtype),
+                height=resolution, width=resolution, num_inference_steps=gen.steps,
+                guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
+                # one generator per row, padding included: a shared one would shift the real rows' noise
+                generator=[torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows],
+                output_type="np",
+            )
+        finally:
+            if cache:
+                cache.clear()
+    return from_model_output(result.images[: len(rows)])
+
+
+def generate_rows(ctx: GenerationContext, rows: list[dict],
+                  on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """Generate every plan row and return dataset rows (see ``schema.DATASET_SCHEMA``), QC included.
+
+    ``on_batch(n)`` is called after each batch of ``n`` rows.
+    """
     configure_torch(ctx.config.execution)
     gen = ctx.config.generation
     pipe = get_pipeline(ctx)
     sources = get_sources(ctx)
-    device = pipe.unet.device
-    embeds = _prompt_embeds(pipe, [r["prompt"] for r in rows], device)
-    resolution = ctx.config.base_model.resolution
+    scorer = adherence_scorer(gen.adherence_scorer)
+    embeds = _prompt_embeds(pipe, [r["prompt"] for r in rows], pipe.unet.device)
     out: list[dict] = []
     worker = worker_name()
     for start in range(0, len(rows), gen.batch_size):
         batch = rows[start : start + gen.batch_size]
         inputs = [materialise(r, sources, ctx.config) for r in batch]
-        result = pipe(
-            prompt_embeds=torch.cat([embeds[r["prompt"]] for r in batch]),
-            negative_prompt_embeds=embeds[""].expand(len(batch), -1, -1),
-            image=to_condition_tensor([i.driver for i in inputs]).to(device, pipe.unet.dtype),
-            height=resolution, width=resolution, num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale,
-            controlnet_conditioning_scale=gen.conditioning_scale,
-            generator=[torch.Generator(device="cpu").manual_seed(r["seed"]) for r in batch],
-            output_type="np",
-        )
-        images = from_model_output(result.images)
-        for row, sample, image in zip(batch, inputs, images):
-            out.append(_dataset_row(ctx, row, sample, image, worker))
+        images = sample_batch(ctx, pipe, embeds, batch, inputs)
+        unions = [_union(sample, image.shape[:2]) for sample, image in zip(inputs, images)]
+        scores = scorer(list(images), unions) if scorer else [None] * len(batch)
+        for row, sample, image, union, score in zip(batch, inputs, images, unions, scores):
+            out.append(_dataset_row(ctx, row, sample, image, union, score, worker))
+        if on_batch:
+            on_batch(len(batch))
     return out
 
 
-def _dataset_row(ctx: GenerationContext, row: dict, sample, image: np.ndarray, worker: str) -> dict:
-    instances, union = [], np.zeros(image.shape[:2], dtype=bool)
+def _union(sample: SampleInputs, shape: tuple[int, int]) -> np.ndarray:
+    union = np.zeros(shape, dtype=bool)
+    for _, mask in sample.instances:
+        union |= mask
+    return union
+
+
+def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image: np.ndarray, union: np.ndarray,
+                 adherence: float | None, worker: str) -> dict:
+    instances = []
     for inst, mask in sample.instances:
         rle = mask_to_rle(mask)
         bbox, area = rle_bbox_area(rle)
         instances.append({"category_id": inst["category_id"], "category": inst["category"], "rle": rle,
                           "bbox": bbox, "area": area, "mask_source": inst["mask_source"]})
-        union |= mask
     contrast = mask_contrast(image, union)
+    adherence = None if adherence is None else float(adherence)
     return {
         "sample_id": row["sample_id"], "sample_index": row["sample_index"],
         "image": {"bytes": encode_png(image), "path": f"{row['sample_id']}.png"},
@@ -135,18 +383,27 @@ def _dataset_row(ctx: GenerationContext, row: dict, sample, image: np.ndarray, w
         "driver": {"bytes": encode_png((sample.driver * 255).round().astype(np.uint8)),
                    "path": f"{row['sample_id']}_driver.png"},
         "prompt": row["prompt"], "seed": row["seed"], "driver_image_id": row["driver_image_id"],
-        "qc_mask_contrast": contrast, "qc_passed": contrast >= ctx.config.generation.min_mask_contrast,
+        "qc_mask_contrast": contrast, "qc_adherence": adherence,
+        "qc_passed": qc_verdict(ctx, contrast, adherence),
         "base_model": ctx.config.base_model.pretrained, "concept_fingerprint": ctx.concept.fingerprint,
         "condition_fingerprint": ctx.condition.fingerprint, "code_version": CODE_VERSION, "worker": worker,
     }
 
 
 def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, shard: int) -> ShardRecord:
-    """Generate and write one shard of the plan; a shard already on storage is returned as is."""
+    """Generate and write one shard of the plan; a shard already on storage is returned as is.
+
+    Progress goes to the listeners of ``progress_listener`` (per batch, and once for a reused shard).
+    """
     split = ctx.config.export.split
     done = existing_shard(dataset_uri, split, shard, plan.shards)
     if done:
+        _report(GenerationProgress(done.planned, plan.samples, generated=False))
         return done
     started = time.perf_counter()
-    rows = generate_rows(ctx, read_plan(plan, shard))
-    return write_shard(dataset_uri, split, shard, plan.shards, rows, ctx.categories, time.perf_counter() - started)
+    _report(GenerationProgress(0, plan.samples, generated=True))
+    rows = generate_rows(ctx, read_plan(plan, shard),
+                         on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True)))
+    kept, dropped = apply_qc_action(rows, ctx.config.generation.qc_action)
+    return write_shard(dataset_uri, split, shard, plan.shards, kept, ctx.categories, time.perf_counter() - started,
+                       dropped=dropped, worker=worker_name())

@@ -31,6 +31,9 @@ from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionC
 from indusfactory.errors import ModelLoadError
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def embedded_model_path() -> Path:
@@ -52,6 +55,20 @@ def resolve_base_model(pretrained: str) -> str:
     if missing:
         raise ModelLoadError(f"base model {path} is missing the component folder(s) {', '.join(missing)}")
     return str(path.resolve())
+
+
+def refuse_pickle_weights(folder: str | Path, components: tuple[str, ...] = WEIGHT_COMPONENTS) -> None:
+    """Refuse a local model whose weights exist only as pickles (.bin/.ckpt/.pt/.pth): loading a
+    pickle can run code. Set ``base_model.allow_pickle_weights`` to load them (with weights_only)."""
+    for component in components:
+        part = Path(folder) / component
+        if not part.is_dir() or any(part.glob("*.safetensors")):
+            continue
+        pickles = sorted(f.name for f in part.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(f"{part} holds only pickle weights ({', '.join(pickles)}); indusfactory loads "
+                                 "safetensors only. Convert them, or set base_model.allow_pickle_weights: true "
+                                 "for a source you trust")
 
 
 def base_model_fingerprint(config: BaseModelConfig) -> dict:
@@ -123,11 +140,20 @@ def _load(what: str, model_id: str, fn):
         raise ModelLoadError(f"could not load the {what} of base model {model_id}: {exc}") from exc
 
 
+def _use_safetensors(config: BaseModelConfig, model_id: str) -> bool | None:
+    """True (safetensors only) unless pickles are allowed; local pickle-only folders are refused by name."""
+    if config.allow_pickle_weights:
+        return None
+    if Path(model_id).is_dir():
+        refuse_pickle_weights(model_id)
+    return True
+
+
 def load_base_components(config: BaseModelConfig) -> BaseComponents:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from safetensors."""
     model_id = resolve_base_model(config.pretrained)
     kw = {"revision": config.revision} if config.revision else {}
-    safe = {"use_safetensors": True, **kw}
+    safe = {"use_safetensors": _use_safetensors(config, model_id), **kw}
     return BaseComponents(
         model_id=model_id,
         tokenizer=_load("tokenizer", model_id, lambda: CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)),
@@ -141,18 +167,52 @@ def load_base_components(config: BaseModelConfig) -> BaseComponents:
 
 
 def load_concept_pipeline(config: BaseModelConfig, concept_dir: str) -> StableDiffusionPipeline:
-    """The base pipeline with the concept LoRA fused into its UNet (the paper's concept model)."""
+    """The base pipeline with the concept in it (the paper's concept model).
+
+    A LoRA concept (``pytorch_lora_weights.safetensors``) is fused into the UNet (and text
+    encoder when it was trained); a fully fine-tuned concept replaces them (``unet/``,
+    ``text_encoder/`` subfolders).
+    """
     model_id = resolve_base_model(config.pretrained)
     kw = {"revision": config.revision} if config.revision else {}
+    folder = Path(concept_dir)
+    replaced = {}
+    if (folder / "unet").is_dir():
+        replaced["unet"] = _load("fine-tuned UNet", str(folder), lambda: UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", use_safetensors=True))
+    if (folder / "text_encoder").is_dir():
+        replaced["text_encoder"] = _load("fine-tuned text encoder", str(folder), lambda: CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=True))
     pipe = _load("pipeline", model_id, lambda: StableDiffusionPipeline.from_pretrained(
-        model_id, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kw))
+        model_id, safety_checker=None, requires_safety_checker=False,
+        use_safetensors=_use_safetensors(config, model_id), **replaced, **kw))
+    if replaced:
+        return pipe
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise ModelLoadError(f"concept {concept_dir} holds neither {LORA_WEIGHTS} nor a unet/ folder")
     try:
-        pipe.load_lora_weights(concept_dir, weight_name="pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(concept_dir, weight_name=LORA_WEIGHTS)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"concept LoRA {concept_dir} does not fit base model {model_id}: {exc}") from exc
+    _check_every_lora_layer_applied(pipe, folder / LORA_WEIGHTS, model_id)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     return pipe
+
+
+def _check_every_lora_layer_applied(pipe: StableDiffusionPipeline, weights: Path, model_id: str) -> None:
+    """diffusers skips LoRA keys that name no module of the model; a LoRA made for another
+    architecture would load as (almost) nothing, so compare the layers in the file with those applied."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = list(handle.keys())
+    for prefix, module in (("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder)):
+        in_file = sum(1 for k in keys if k.startswith(prefix) and ("lora_A" in k or "lora.down" in k))
+        applied = sum(1 for n, _ in module.named_parameters() if "lora_A" in n)
+        if in_file and applied < in_file:
+            raise ModelLoadError(f"concept LoRA {weights} has {in_file} {prefix.rstrip('.')} layers but only {applied} "
+                                 f"match base model {model_id}: it was made for another architecture")
 
 
 def scheduler_for(name: str, config: dict):

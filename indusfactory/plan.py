@@ -159,11 +159,27 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
 
 
 def read_plan(plan: PlanRecord, shard: int | None = None) -> list[dict]:
-    """The plan rows (of one shard when ``shard`` is given)."""
+    """The plan rows (of one shard when ``shard`` is given; a shard outside the plan or without rows is an error)."""
+    if shard is not None and not 0 <= shard < plan.shards:
+        raise BadInputError(f"shard {shard} is outside plan {plan.uri} (shards 0..{plan.shards - 1})")
     fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
     with fs.open(path, "rb") as handle:
         table = pq.read_table(handle, filters=[("shard", "=", shard)] if shard is not None else None)
+    if shard is not None and table.num_rows == 0:
+        raise BadInputError(f"shard {shard} of plan {plan.uri} has no rows: the plan file is damaged")
     return table.to_pylist()
+
+
+def check_references(rows: list[dict], sources: "SourceImages") -> None:
+    """Every image and bank mask the rows name exists in the catalog (checked before any model loads)."""
+    for row in rows:
+        if not sources.has_image(row["driver_image_id"]):
+            raise BadInputError(f"plan row {row['sample_id']} references image {row['driver_image_id']}, "
+                                "which is not in the catalog")
+        for inst in row["instances"]:
+            if inst["mask_source"] != MASK_SOURCE_PROCEDURAL and not sources.has_mask(inst["mask_source_id"]):
+                raise BadInputError(f"plan row {row['sample_id']} references mask {inst['mask_source_id']}, "
+                                    "which is not in the catalog")
 
 
 @dataclass
@@ -189,6 +205,14 @@ class SourceImages:
                 raise BadInputError(f"plan references image {image_id}, which is not in the catalog")
             self._images[key] = fit_square(decode_image(self._rows[image_id]["image"]["bytes"]), resolution)
         return self._images[key]
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self._rows
+
+    def has_mask(self, source_id: str) -> bool:
+        image_id, _, annotation_id = source_id.rpartition(":")
+        return annotation_id.isdigit() and any(
+            inst["annotation_id"] == int(annotation_id) for inst in self._rows.get(image_id, {}).get("instances", []))
 
     def file_name(self, image_id: str) -> str:
         return self._rows[image_id]["file_name"]

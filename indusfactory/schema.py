@@ -113,6 +113,8 @@ DATASET_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("driver_image_id", pa.string()),
         ("qc_mask_contrast", pa.float64()),
+        # score of the configured adherence scorer (generation.adherence_scorer); null when none is set
+        ("qc_adherence", pa.float64()),
         ("qc_passed", pa.bool_()),
         ("base_model", pa.string()),
         ("concept_fingerprint", pa.string()),
@@ -146,6 +148,7 @@ HF_FEATURES = {
     "seed": {"dtype": "int64", "_type": "Value"},
     "driver_image_id": {"dtype": "string", "_type": "Value"},
     "qc_mask_contrast": {"dtype": "float64", "_type": "Value"},
+    "qc_adherence": {"dtype": "float64", "_type": "Value"},
     "qc_passed": {"dtype": "bool", "_type": "Value"},
     "base_model": {"dtype": "string", "_type": "Value"},
     "concept_fingerprint": {"dtype": "string", "_type": "Value"},
@@ -282,6 +285,11 @@ class ModelRecord(Record):
     base_model: str
     steps: int
     seconds: float
+    method: str = "lora"
+    """Concept: 'lora' or 'full'; condition: 'controlnet'."""
+    final_loss: float | None = None
+    validation: list[str] = []
+    """Validation grids, relative to ``uri`` (e.g. ``validation/step-000150.png``)."""
     reused: bool = False
 
 
@@ -299,10 +307,38 @@ class ShardRecord(Record):
     uri: str
     coco_uri: str
     rows: int
+    """Samples written (planned - dropped)."""
     flagged: int
+    """Written samples that failed QC (qc_passed false)."""
     sha256: str
     seconds: float
     worker: str
+    dropped: int = 0
+    """Samples that failed QC and were left out (generation.qc_action 'drop')."""
+    reused: bool = False
+
+    @property
+    def planned(self) -> int:
+        """Plan rows of the shard: every one is either written or dropped."""
+        return self.rows + self.dropped
+
+
+EVALUATION_FILE = "evaluation.json"
+"""Written inside a dataset version next to ``manifest.json`` by the evaluate-dataset stage."""
+
+
+class EvaluationRecord(Record):
+    """What evaluate-dataset measured (the full result is in ``evaluation.json``)."""
+
+    uri: str
+    fingerprint: str
+    dataset_uri: str
+    table: list[dict[str, Any]]
+    """Rows like the paper's Tables 1 and 2: regime, real fraction, mIoU, mDice, HD95, mask/box AP."""
+    adherence: dict[str, Any]
+    fidelity: dict[str, Any]
+    plots: list[str]
+    seconds: float
     reused: bool = False
 
 

@@ -1,7 +1,10 @@
 """The factory root: one URI (local path or ``s3://bucket/prefix``) opened with fsspec everywhere.
 
-Writes are atomic: bytes go to a temporary name next to the target and are moved into place,
-so a reader never sees half a file and a crash leaves only a ``.tmp-`` file that readers skip.
+Writes are atomic. On a local (or any file-like) filesystem, bytes go to a temporary name next to
+the target and are moved into place, so a reader never sees half a file and a crash leaves only a
+``.tmp-`` file that readers skip (``remove_temporaries`` clears them). On an object store (S3, GCS,
+Azure) an object becomes visible only when its upload completes, so one PUT is already atomic:
+no temporary object, no copy and no delete (three requests saved per file).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from fsspec.core import url_to_fs
 from indusfactory.errors import BadInputError
 
 TMP_PREFIX = ".tmp-"
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+"""Protocols whose uploads are atomic: an object appears whole or not at all."""
 
 
 def is_remote(uri: str) -> bool:
@@ -66,15 +71,51 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return any(p in OBJECT_STORES for p in protocols)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` through a temporary sibling moved into place."""
+    """Write ``data`` to ``uri`` atomically: one PUT on an object store, else a temporary sibling moved
+    into place."""
     fs, path = filesystem(uri)
+    if is_object_store(fs):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
     with fs.open(tmp, "wb") as handle:
         handle.write(data)
     fs.mv(tmp, path)
+
+
+def write_many_atomic(files: dict[str, bytes]) -> None:
+    """Write several files, each atomically; on an object store as one concurrent batch of PUTs."""
+    if not files:
+        return
+    fs, _ = filesystem(next(iter(files)))
+    if is_object_store(fs):
+        paths = {filesystem(uri)[1]: data for uri, data in files.items()}
+        fs.pipe(paths)
+        return
+    for uri, data in files.items():
+        write_bytes_atomic(uri, data)
+
+
+def remove_temporaries(uri: str) -> list[str]:
+    """Delete the ``.tmp-`` files a crashed writer left anywhere under ``uri``; returns their paths.
+
+    Only call it when no writer can still be working under ``uri`` (e.g. once every shard is done).
+    """
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    stale = [p for p in fs.find(path) if posixpath.basename(p).startswith(TMP_PREFIX)]
+    for p in stale:
+        fs.rm_file(p)
+    return stale
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:

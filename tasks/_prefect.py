@@ -1,18 +1,28 @@
 """What every indusfactory task shares: cache keys that trust only outputs still on storage,
-a retry condition that does not retry bad input, and run-logger progress."""
+a retry condition that does not retry bad input, run-logger progress, and what a flow run needs
+to run like production (``factory_run``): Prefect results and cache records under the factory
+root, library logs in the run's logs, secrets scrubbed from logs and errors, and storage locks."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
-from prefect.context import TaskRunContext
+from prefect import Task, get_run_logger
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 
-from indusfactory import storage
+from indusfactory import redact, storage
+from indusfactory.config import FactoryConfig
 from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
+from indusfactory.locking import StorageLock, default_owner, lock_uri
 
 RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
@@ -62,3 +72,206 @@ TASK_DEFAULTS: dict[str, Any] = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_unless_bad_input,
 }
+
+
+# -- results and cache records under the factory root ----------------------------------------------
+
+RESULTS_DIR = "prefect-results"
+
+
+def results_uri_for(config: FactoryConfig) -> str:
+    """``<factory_root>/prefect-results``: where Prefect keeps the task results and cache records of a config."""
+    return storage.join(storage.normalise_uri(config.factory_root), RESULTS_DIR)
+
+
+def result_storage_for(config: FactoryConfig) -> Path | str:
+    """Prefect ``result_storage`` for ``results_uri_for(config)``.
+
+    A local root is a path (Prefect makes a ``LocalFileSystem`` of it). A remote root (``s3://``)
+    is a ``RemoteFileSystem`` block, which Prefect requires to be saved on the server: it is saved
+    as ``remote-file-system/indusfactory-results-<hash of the URI>`` (no credentials in it; fsspec
+    takes them from the environment of the process that runs the task).
+    """
+    uri = results_uri_for(config)
+    if not storage.is_remote(uri):
+        return Path(uri)
+    from prefect.filesystems import RemoteFileSystem
+
+    name = "indusfactory-results-" + hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    RemoteFileSystem(basepath=uri).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def on_factory(task: Task, result_storage: Path | str) -> Task:
+    """``task`` writing its results and cache records to ``result_storage``, its errors scrubbed of secrets.
+
+    A task without a storage-backed cache key (its default cache key holds the run id, so it can
+    never be a cache hit in another run) keeps its result in memory rather than leaving a new file
+    under the factory root on every run.
+    """
+    if task.cache_key_fn is None:
+        bound = task.with_options(persist_result=False, cache_policy=NO_CACHE)
+    else:
+        bound = task.with_options(result_storage=result_storage)
+        bound.fn = recording_cache(bound.cache_key_fn, bound.fn)
+    bound.fn = scrubbing_errors(bound.fn)
+    return bound
+
+
+def recording_cache(cache_key_fn: Callable, fn: Callable) -> Callable:
+    """``fn`` that writes the cache record the *next* run will look up as soon as its output is complete.
+
+    A ``cache_when_present`` key only exists once the stage's marker is on storage, so the run that
+    builds the output has no key (Prefect computes it before the task runs) and would leave the
+    record to the next run, which would then run the task once more (only to find the output) and
+    write under the factory root. Written here, the next run is a plain cache hit, on any machine,
+    and writes nothing. The record says ``reused``: that is what a cache hit is.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        context = TaskRunContext.get()
+        if context is None or context.result_store is None:
+            return result
+        try:
+            key = cache_key_fn(context, context.parameters)
+            if key and key != context.task_run.cache_key:
+                fields = getattr(type(result), "model_fields", {})
+                cached = result.model_copy(update={"reused": True}) if "reused" in fields else result
+                context.result_store.write(obj=cached, key=key)
+        except Exception as exc:  # noqa: BLE001 - a missing cache record only costs a rerun that reuses
+            run_logger().warning("cache record of %s not written (%s: %s); the next run finds the output instead",
+                                 context.task.name, type(exc).__name__, redact.scrub(str(exc)))
+        return result
+
+    return wrapper
+
+
+def scrubbing_errors(fn: Callable) -> Callable:
+    """``fn`` whose exceptions leave with every known secret scrubbed from their messages (same type)."""
+    if getattr(fn, "__scrubs_errors__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            replacement = _scrubbed(exc)
+            if replacement is exc:
+                raise
+            raise replacement from None
+
+    wrapper.__scrubs_errors__ = True
+    return wrapper
+
+
+def _scrubbed(exc: BaseException) -> BaseException:
+    """``exc`` scrubbed in place; a type whose ``__str__`` still shows a secret is replaced by a plain one."""
+    redact.scrub_exception(exc)
+    if not redact.still_leaks(exc):
+        return exc
+    kind = BadInputError if isinstance(exc, BadInputError) else RuntimeError
+    return kind(f"{type(exc).__name__}: {redact.scrub(str(exc))}")
+
+
+# -- logs ------------------------------------------------------------------------------------------
+
+LIBRARY_LOGGERS: dict[str, int] = {"indusfactory": logging.INFO, "diffusers": logging.WARNING,
+                                   "transformers": logging.WARNING, "peft": logging.WARNING,
+                                   "accelerate": logging.WARNING, "huggingface_hub": logging.WARNING}
+"""Library loggers whose records go to the Prefect run they happen in (like ``PREFECT_LOGGING_EXTRA_LOGGERS``)."""
+
+
+class RunLogHandler(APILogHandler):
+    """Prefect's API log handler for library loggers: sends records made inside a flow or task run to that
+    run's logs, and quietly drops the others (the library also runs outside Prefect: CLI, tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "flow_run_id", None) is None and not (FlowRunContext.get() or TaskRunContext.get()):
+            return
+        super().emit(record)
+
+
+def route_library_logs() -> None:
+    """Attach a :class:`RunLogHandler` to each library logger (once) and set its level if none was set.
+
+    Loggers the user already routes with ``PREFECT_LOGGING_EXTRA_LOGGERS`` keep Prefect's own handler.
+    """
+    for name, level in LIBRARY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            logger.addHandler(RunLogHandler())
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+
+
+def install_log_redaction() -> int:
+    """A :class:`indusfactory.redact.RedactingFilter` on every handler of this process (Prefect's API and
+    console handlers included); run again after logging is reconfigured. Returns how many were added."""
+    return redact.install_filter(redact.all_handlers())
+
+
+def prepare_logging() -> None:
+    route_library_logs()
+    install_log_redaction()
+
+
+prepare_logging()
+
+
+# -- one flow run ----------------------------------------------------------------------------------
+
+
+def refuse_uri_credentials(config: FactoryConfig) -> None:
+    """A config never carries credentials: it is copied into manifests, model cards and Prefect parameters."""
+    dump = config.model_dump(mode="json")
+    keys = redact.uri_credentials(dump)
+    if keys:
+        redact.register_uri_credentials(dump)
+        raise BadInputError(f"{', '.join(keys)}: credentials in a URI (user:password@ before the host) are refused; "
+                            "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                            "HF_TOKEN) or a Prefect block, never the config")
+
+
+@contextmanager
+def factory_run(config: FactoryConfig) -> Iterator[Callable[[Task], Task]]:
+    """The frame of every indusfactory flow: ``with factory_run(config) as run: run(ingest_task)(config)``.
+
+    ``run(task)`` is ``task`` with its results and cache records under ``<factory_root>/prefect-results``
+    (so a cache hit holds across workers and machines) and its errors scrubbed of secrets. Library
+    logs go to the run's logs, every log handler scrubs secrets, a config carrying credentials in a
+    URI is refused, and an error leaving the flow is scrubbed too.
+    """
+    try:
+        prepare_logging()
+        refuse_uri_credentials(config)
+        result_storage = result_storage_for(config)
+        yield lambda task: on_factory(task, result_storage)
+    except Exception as exc:
+        replacement = _scrubbed(exc)
+        if replacement is exc:
+            raise
+        raise replacement from None
+
+
+# -- locks -----------------------------------------------------------------------------------------
+
+
+def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLock:
+    """The lock of one stage's output (``<factory_root>/locks/<stage>-<output folder>.lock``), owned by this
+    worker and flow run, with the config's stale timeout; waits are logged to the run."""
+    owner = default_owner()
+    flow_run = FlowRunContext.get()
+    if flow_run is not None and flow_run.flow_run is not None:
+        owner += f", flow run {flow_run.flow_run.name!r}"
+    name = f"{stage}-{storage_basename(output_uri)}"
+    return StorageLock(lock_uri(config.factory_root, name), owner=owner,
+                       stale_after=config.execution.lock_stale_seconds,
+                       wait_timeout=config.execution.lock_wait_seconds, logger=run_logger())
+
+
+def storage_basename(uri: str) -> str:
+    """The last part of a local path or URI (``models/concept/<fp>`` -> ``<fp>``)."""
+    return uri.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

@@ -40,8 +40,10 @@ def generate_shard_task(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
     if record.reused:
         run_logger().info("shard %d/%d already written by %s: not regenerated", shard + 1, plan.shards, record.worker)
     else:
-        run_logger().info("shard %d/%d: %d images in %.1f s (%.2f img/s), %d flagged by QC", shard + 1, plan.shards,
-                          record.rows, record.seconds, record.rows / max(record.seconds, 1e-9), record.flagged)
+        run_logger().info("shard %d/%d: %d images in %.1f s (%.2f images/s); QC (%s): %d flagged, %d dropped",
+                          shard + 1, plan.shards, record.planned, record.seconds,
+                          record.planned / max(record.seconds, 1e-9), config.generation.qc_action, record.flagged,
+                          record.dropped)
     return record
 
 

@@ -11,7 +11,8 @@ from indusfactory.condition import RECORD_FILE as CONDITION_RECORD
 from indusfactory.condition import condition_uri_for, train_condition
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import CatalogRecord, ModelRecord
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, training_progress
+from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock, training_progress
+from tasks.report import validation_artifact
 
 
 def _report(record: ModelRecord) -> ModelRecord:
@@ -20,6 +21,7 @@ def _report(record: ModelRecord) -> ModelRecord:
     else:
         run_logger().info("%s model %s trained in %.1f s -> %s", record.kind, record.fingerprint, record.seconds,
                           record.uri)
+        validation_artifact(record)
     return record
 
 
@@ -27,9 +29,12 @@ def _report(record: ModelRecord) -> ModelRecord:
       cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
       **TASK_DEFAULTS)
 def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRecord:
-    """DreamBooth LoRA of the defective concept (cached by data, config and code version)."""
+    """DreamBooth LoRA of the defective concept (cached by data, config and code version).
+
+    Under a storage lock: a second run of the same config waits, then finds the model and reuses it."""
     uri = concept_uri_for(config, catalog)
-    return _report(train_concept(config, catalog, uri, progress=training_progress("learn-concept")))
+    with stage_lock(config, "learn-concept", uri):
+        return _report(train_concept(config, catalog, uri, progress=training_progress("learn-concept")))
 
 
 @task(name="learn-condition",
@@ -37,6 +42,10 @@ def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRe
           lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)),
       **TASK_DEFAULTS)
 def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelRecord:
-    """The conditioning network on topological drivers (cached by data, concept, config and code version)."""
+    """The conditioning network on topological drivers (cached by data, concept, config and code version).
+
+    Under a storage lock, like ``learn-concept``."""
     uri = condition_uri_for(config, catalog, concept)
-    return _report(train_condition(config, catalog, concept, uri, progress=training_progress("learn-condition")))
+    with stage_lock(config, "learn-condition", uri):
+        return _report(train_condition(config, catalog, concept, uri,
+                                       progress=training_progress("learn-condition")))

@@ -39,6 +39,7 @@ def tiny_config(sample: Path, factory_root: Path, model: Path | str, **overrides
         "condition": {"steps": 2, "batch_size": 2},
         "plan": {"augmentations_per_image": 1, "images_per_driver": 3, "max_defect_free_images": 2},
         "generation": {"steps": 2, "shard_size": 4, "batch_size": 3},
+        "evaluation": {"enabled": False, "steps": 6, "finetune_steps": 3, "batch_size": 4},
     }
     for section, values in overrides.items():
         if isinstance(values, dict):
@@ -112,3 +113,29 @@ def s3_bucket(s3_endpoint, request):
     fs.mkdir(name)
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture
+def prepare_generation():
+    """A function: config -> everything generation needs (catalog, 2-step models, plan, dataset URI), made
+    with the library functions the tasks call, under the config's factory root."""
+    from types import SimpleNamespace
+
+    def prepare(config) -> SimpleNamespace:
+        from indusfactory.concept import concept_uri_for, train_concept
+        from indusfactory.condition import condition_uri_for, train_condition
+        from indusfactory.export import dataset_uri_for
+        from indusfactory.generate import GenerationContext
+        from indusfactory.ingest import catalog_uri_for, ingest
+        from indusfactory.plan import build_plan, plan_uri_for
+
+        catalog = ingest(config.source, catalog_uri_for(config))
+        concept = train_concept(config, catalog, concept_uri_for(config, catalog))
+        condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
+        plan = build_plan(config, catalog, plan_uri_for(config, catalog))
+        ctx = GenerationContext(config=config, catalog_uri=catalog.uri, categories=catalog.categories,
+                                concept=concept, condition=condition)
+        return SimpleNamespace(config=config, catalog=catalog, concept=concept, condition=condition, plan=plan,
+                               ctx=ctx, dataset_uri=dataset_uri_for(config, plan, concept, condition))
+
+    return prepare

@@ -71,6 +71,9 @@ def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_conf
         artifacts = client.read_artifacts()
     kinds = {a.type for a in artifacts}
     assert {"markdown", "table", "progress"} <= kinds
+    validation = {a.key: a for a in artifacts if a.key in ("concept-validation", "condition-validation")}
+    assert set(validation) == {"concept-validation", "condition-validation"}, "each training shows its grids"
+    assert all("data:image/png;base64," in a.data for a in validation.values())
     progress = [a for a in artifacts if a.type == "progress"]
     assert any(a.data == 100.0 and "6 / 6 samples" in (a.description or "") for a in progress)
 

@@ -31,6 +31,11 @@ def test_yaml_round_trip(tmp_path):
         ({"base_model": {"resolution": 100}}, "divisible by 8"),
         ({"plan": {"images_per_driver": 16}}, "plan.images_per_driver"),
         ({"concept": {"steps": "many"}}, "concept.steps"),
+        ({"export": {"version": "../../etc"}}, "export.version"),
+        ({"export": {"dataset_name": "/abs/path"}}, "export.dataset_name"),
+        ({"evaluation": {"real_fractions": [0.0, 1.5]}}, "evaluation.real_fractions"),
+        ({"execution": {"fan_out": "everywhere"}}, "execution.fan_out"),
+        ({"execution": {"shard_deployment": "no-slash"}}, "execution.shard_deployment"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, data, needle):

@@ -14,6 +14,7 @@ from indusfactory.plan import (
     SourceImages,
     build_plan,
     build_plan_rows,
+    check_references,
     materialise,
     plan_uri_for,
     read_plan,
@@ -149,3 +150,28 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     (tmp_path / "empty-roi").mkdir()
     with pytest.raises(BadInputError, match="region-of-interest file"):
         build_plan_rows(missing, read_catalog(catalog.uri).to_pylist(), sources)
+
+
+def test_plan_references_that_do_not_exist_are_named(make_config, catalog, tmp_path):
+    config = make_config()
+    plan = build_plan(config, catalog, str(tmp_path / "plan"))
+    with pytest.raises(BadInputError, match=f"shard {plan.shards} is outside plan"):
+        read_plan(plan, shard=plan.shards)
+    sources = SourceImages(catalog.uri, catalog.categories)
+    rows = read_plan(plan, shard=0)
+    check_references(rows, sources)  # a sound plan passes
+    bad_image = [{**rows[0], "driver_image_id": "no-such-image"}]
+    with pytest.raises(BadInputError, match=f"plan row {rows[0]['sample_id']} references image no-such-image"):
+        check_references(bad_image, sources)
+    bank = next(r for r in read_plan(plan) if r["instances"][0]["mask_source"] != "procedural")
+    bad_mask = [{**bank, "instances": [{**bank["instances"][0], "mask_source_id": "ghost:99"}]}]
+    with pytest.raises(BadInputError, match="references mask ghost:99"):
+        check_references(bad_mask, sources)
+    # A damaged plan file whose shard has lost its rows.
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "plan" / PLAN_FILE
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pq.read_table(path).column("shard").to_numpy() != 0), path)
+    with pytest.raises(BadInputError, match="shard 0 of plan .* has no rows"):
+        read_plan(plan, shard=0)

@@ -80,3 +80,62 @@ def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
     assert base_model_fingerprint(BaseModelConfig(pretrained=str(other))) != before
     assert base_model_fingerprint(BaseModelConfig(pretrained="org/model", revision="v2")) == {
         "hub_id": "org/model", "revision": "v2"}
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, tiny_model_path):
+    from diffusers import UNet2DConditionModel
+
+    folder = _copy(tiny_model_path, tmp_path / "pickled")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    with pytest.raises(ModelLoadError, match=r"unet holds only pickle weights \(diffusion_pytorch_model.bin\)"):
+        load_base_components(BaseModelConfig(pretrained=str(folder)))
+    allowed = load_base_components(BaseModelConfig(pretrained=str(folder), allow_pickle_weights=True))
+    assert torch.equal(next(allowed.unet.parameters()), next(unet.parameters()))
+
+
+def test_truncated_safetensors_are_named(tmp_path, tiny_model_path):
+    folder = _copy(tiny_model_path, tmp_path / "truncated")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="could not load the VAE.*vae/diffusion_pytorch_model.safetensors"):
+        load_base_components(BaseModelConfig(pretrained=str(folder)))
+
+
+def test_lora_for_another_architecture_is_refused(tmp_path, tiny_model_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from indusfactory.models import load_concept_pipeline
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    config = BaseModelConfig(pretrained=str(tiny_model_path))
+    fitting = tmp_path / "fitting"
+    StableDiffusionPipeline.save_lora_weights(fitting, unet_lora_layers=layers, safe_serialization=True)
+    assert load_concept_pipeline(config, str(fitting)) is not None
+    # Another UNet layout (other block names): diffusers would skip these keys silently.
+    foreign = tmp_path / "foreign"
+    StableDiffusionPipeline.save_lora_weights(
+        foreign, unet_lora_layers={k.replace("down_blocks", "encoder_stages"): v for k, v in layers.items()},
+        safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="made for another architecture"):
+        load_concept_pipeline(config, str(foreign))
+    # Same names, other shapes (another width).
+    resized = tmp_path / "resized"
+    StableDiffusionPipeline.save_lora_weights(
+        resized, unet_lora_layers={k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ("lora_A" in k or "lora.down" in k) else v
+                                   for k, v in layers.items()}, safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="does not fit base model"):
+        load_concept_pipeline(config, str(resized))

@@ -1,0 +1,349 @@
+"""Benchmark of the generation stage: factory images/s versus a plain diffusers loop, and cache reruns.
+
+Not a test. Side by side in one run, with the same weights, resolution, batch size, sampler
+(20 DPM-Solver++ steps, guidance 7.5) and conditioning scale:
+
+- factory: ``generate_shard`` for every shard of a plan, then ``publish_dataset``; that is
+  drivers and masks rebuilt from the plan, sampling, QC, PNG encoding, parquet + COCO + images
+  written, manifest last;
+- plain loop: ``StableDiffusionControlNetPipeline(prompt=[...], image=[PIL drivers], ...)`` per
+  batch, prompts as strings every call, images returned as PIL and not saved (what a user of
+  diffusers writes; the drivers are made beforehand and not timed).
+
+Also the cache rerun ratio: the generation stage run again on the finished dataset, and (``--flow``)
+the whole ``generate-dataset`` flow run twice on an unchanged config through a temporary Prefect API.
+
+The models: the tiny SD 1.x pipeline shipped with the package (pretrained) or, with
+``--sd15-architecture``, a pipeline with Stable Diffusion 1.5's architecture (random weights, built
+from diffusers/transformers configs, no download); a random concept LoRA (peft, rank 8) and a
+conditioning network made with ``ControlNetModel.from_unet``. Random weights time the same as
+trained ones. Writes ``benchmarks/results/generate[_<device>_<arch>].json``.
+
+    python benchmarks/bench_generate.py                     # CPU, tiny model, 64 px, 64 samples
+    python benchmarks/bench_generate.py --device cuda --resolution 512 --sd15-architecture \\
+        --precision bf16 --batch-size 16 --samples 256 [--channels-last] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """Where the numbers come from."""
+    import diffusers
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def write_sd15_architecture(folder: Path) -> Path:
+    """A pipeline folder with Stable Diffusion 1.5's architecture and random weights (fp16 on disk)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from indusfactory.tiny_model import MAX_PROMPT_TOKENS, build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=MAX_PROMPT_TOKENS, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512,
+                        scaling_factor=0.18215)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_random_concept(base: str, folder: Path, rank: int = 8) -> None:
+    """A concept LoRA in diffusers format (what ``train_concept`` writes), randomly initialised."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=lora, safe_serialization=True)
+
+
+def write_random_condition(base: str, folder: Path) -> None:
+    """A conditioning network made from the base UNet (what ``train_condition`` starts from)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from indusfactory.condition import conditioning_channels_for
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(factor)) \
+        .save_pretrained(folder, safe_serialization=True)
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    config: object
+    catalog: object
+    plan: object
+    concept: object
+    condition: object
+    rows: list[dict]
+
+
+def make_config(root: Path, base: str, sample: Path, args, factory: Path | None = None, **generation):
+    from indusfactory.config import parse_config
+
+    return parse_config({
+        "factory_root": str(factory or root / "factory"),
+        "source": {"coco_annotations": str(sample / "defective" / "annotations.json"),
+                   "images_dir": str(sample / "defective" / "images"), "defect_free_dir": str(sample / "defect_free")},
+        "base_model": {"pretrained": base, "resolution": args.resolution},
+        "concept": {"steps": 20, "batch_size": 4}, "condition": {"steps": 20, "batch_size": 4},
+        "plan": {"augmentations_per_image": args.augmentations, "images_per_driver": args.per_driver,
+                 "max_defect_free_images": args.drivers},
+        "generation": {"steps": args.steps, "guidance_scale": 7.5, "scheduler": "dpmsolver++",
+                       "batch_size": args.batch_size, "shard_size": args.shard_size,
+                       "conditioning_scale": args.conditioning_scale, **generation},
+        "execution": {"device": args.device, "precision": args.precision},
+    })
+
+
+def prepare(root: Path, args) -> Setup:
+    """Base model, random concept and condition, sample data, catalog and plan under ``root``."""
+    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.models import resolve_base_model
+    from indusfactory.plan import build_plan, plan_uri_for, read_plan
+    from indusfactory.sample_data import write_sample_data
+    from indusfactory.schema import ModelRecord
+
+    base = str(write_sd15_architecture(root / "sd15-arch")) if args.sd15_architecture else \
+        resolve_base_model("embedded:tiny-sd")
+    write_random_concept(base, root / "concept")
+    write_random_condition(base, root / "condition")
+    sample = write_sample_data(root / "sample", n_defective=12, n_defect_free=args.drivers,
+                               size=max(64, args.resolution)).root
+    config = make_config(root, base, sample, args)
+    catalog = ingest(config.source, catalog_uri_for(config))
+    plan = build_plan(config, catalog, plan_uri_for(config, catalog))
+    records = [ModelRecord(kind=kind, uri=str(root / kind), fingerprint=f"bench-{kind}", base_model=base, steps=0,
+                           seconds=0.0) for kind in ("concept", "condition")]
+    return Setup(config=config, catalog=catalog, plan=plan, concept=records[0], condition=records[1],
+                 rows=read_plan(plan))
+
+
+def speed_up(pipe, args) -> None:
+    """The optional GPU speed-ups, applied the same way to both pipelines."""
+    if args.channels_last:
+        for model in (pipe.unet, pipe.controlnet, pipe.vae):
+            model.to(memory_format=torch.channels_last)
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet)
+        pipe.controlnet = torch.compile(pipe.controlnet)
+
+
+def _sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the two contestants -------------------------------------------------------------------------
+
+
+def factory_pass(setup: Setup, dataset_uri: str) -> tuple[float, list]:
+    """Seconds to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
+    from indusfactory.export import publish_dataset
+    from indusfactory.generate import GenerationContext, generate_shard
+
+    ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
+                            concept=setup.concept, condition=setup.condition)
+    started = time.perf_counter()
+    shards = [generate_shard(ctx, setup.plan, dataset_uri, i) for i in range(setup.plan.shards)]
+    publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset_uri, shards)
+    return time.perf_counter() - started, shards
+
+
+def plain_pipeline(setup: Setup, args):
+    """The same models in a plain ``StableDiffusionControlNetPipeline`` (nothing of ours applied)."""
+    from indusfactory.models import load_generation_pipeline, select_device, select_dtype
+
+    pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, "dpmsolver++")
+    device = select_device(setup.config.execution)
+    pipe = pipe.to(device=device, dtype=select_dtype(setup.config.execution, device))
+    speed_up(pipe, args)
+    return pipe
+
+
+def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
+    """(prompts, PIL drivers, seed) per batch: the inputs a diffusers user would have ready."""
+    from PIL import Image
+
+    from indusfactory.plan import SourceImages, materialise
+
+    sources = SourceImages(setup.catalog.uri, setup.catalog.categories)
+    size = setup.config.generation.batch_size
+    batches = []
+    for start in range(0, len(setup.rows), size):
+        rows = setup.rows[start : start + size]
+        drivers = [Image.fromarray((materialise(r, sources, setup.config).driver * 255).round().astype(np.uint8))
+                   for r in rows]
+        batches.append(([r["prompt"] for r in rows], drivers, rows[0]["seed"]))
+    return batches
+
+
+def plain_pass(pipe, batches, setup: Setup, args) -> float:
+    """Seconds for the plain loop over every batch."""
+    gen = setup.config.generation
+    resolution = setup.config.base_model.resolution
+    started = time.perf_counter()
+    for prompts, drivers, seed in batches:
+        pipe(prompt=prompts, image=drivers, height=resolution, width=resolution, num_inference_steps=gen.steps,
+             guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
+             generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+    _sync(args)
+    return time.perf_counter() - started
+
+
+def bench_throughput(root: Path, setup: Setup, args) -> dict:
+    """Factory versus plain loop, interleaved ``args.repeats`` times; plus the generation-stage rerun."""
+    from indusfactory.generate import GenerationContext, generate_rows, get_pipeline
+
+    ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
+                            concept=setup.concept, condition=setup.condition)
+    speed_up(get_pipeline(ctx), args)
+    generate_rows(ctx, setup.rows[: setup.config.generation.batch_size])  # warm-up: load, compile, caches
+    pipe, batches = plain_pipeline(setup, args), plain_batches(setup)
+    plain_pass(pipe, batches[:1], setup, args)  # warm-up
+    samples = len(setup.rows)
+    factory, plain, rerun = [], [], None
+    for repeat in range(args.repeats):
+        uri = str(root / "factory" / "datasets" / "bench" / f"run-{repeat}")
+        seconds, shards = factory_pass(setup, uri)
+        factory.append(seconds)
+        if repeat == 0:
+            rerun, again = factory_pass(setup, uri)
+            assert all(s.reused for s in again), "the rerun regenerated a shard"
+        plain.append(plain_pass(pipe, batches, setup, args))
+        print(f"repeat {repeat}: factory {samples / factory[-1]:.2f} images/s, plain loop "
+              f"{samples / plain[-1]:.2f} images/s")
+    best_factory, best_plain = samples / min(factory), samples / min(plain)
+    print(f"factory / plain loop = {best_factory / best_plain:.3f} (best of {args.repeats}); generation-stage "
+          f"rerun {rerun:.2f} s = {rerun / factory[0]:.4f} of the first run")
+    return {"samples": samples, "factory_seconds": [round(s, 3) for s in factory],
+            "plain_loop_seconds": [round(s, 3) for s in plain], "factory_images_per_s": round(best_factory, 3),
+            "plain_loop_images_per_s": round(best_plain, 3), "ratio_factory_over_plain": round(best_factory / best_plain, 3),
+            "generation_stage_rerun": {"first_seconds": round(factory[0], 3), "rerun_seconds": round(rerun, 3),
+                                       "ratio": round(rerun / factory[0], 4)}}
+
+
+def bench_flow_rerun(root: Path, setup: Setup, args) -> dict:
+    """The whole ``generate-dataset`` flow twice on an unchanged config (temporary Prefect API)."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.generate_dataset import generate_dataset
+
+    sample = Path(setup.config.source.images_dir).parents[1]
+    config = make_config(root, setup.config.base_model.pretrained, sample, args, factory=root / "flow-factory")
+
+    @flow
+    def warm_up() -> None:
+        """Start the temporary API before timing."""
+
+    with prefect_test_harness(server_startup_timeout=120):
+        warm_up()
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            record = generate_dataset(config=config)
+            times.append(time.perf_counter() - started)
+    assert record.reused, "the second flow run did not reuse the published dataset"
+    print(f"flow: first run {times[0]:.1f} s (ingest, 2 x 20 training steps, {record.samples} images, publish), "
+          f"rerun {times[1]:.1f} s = {times[1] / times[0]:.4f}")
+    return {"first_seconds": round(times[0], 2), "rerun_seconds": round(times[1], 2),
+            "ratio": round(times[1] / times[0], 4), "samples": record.samples,
+            "training_steps": {"concept": config.concept.steps, "condition": config.condition.steps}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--sd15-architecture", action="store_true", help="SD 1.5's architecture, random weights")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--conditioning-scale", type=float, default=1.0)
+    parser.add_argument("--drivers", type=int, default=4, help="defect-free images")
+    parser.add_argument("--augmentations", type=int, default=2, help="augmentations per defect-free image")
+    parser.add_argument("--per-driver", type=int, default=8, help="images per driver (samples = product of the 3)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--flow", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the whole flow twice (cache rerun ratio)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    arch = "sd15-architecture" if args.sd15_architecture else "tiny-sd"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        setup = prepare(root, args)
+        print(f"prepared {arch} at {args.resolution} px, {len(setup.rows)} samples in {setup.plan.shards} shards "
+              f"in {time.perf_counter() - started:.1f} s")
+        throughput = bench_throughput(root, setup, args)
+        flow = bench_flow_rerun(root, setup, args) if args.flow else None
+    result = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "settings": {"device": args.device, "precision": args.precision, "model": arch,
+                           "resolution": args.resolution, "steps": args.steps, "scheduler": "dpmsolver++",
+                           "guidance_scale": 7.5, "conditioning_scale": args.conditioning_scale,
+                           "batch_size": args.batch_size, "shard_size": args.shard_size,
+                           "channels_last": args.channels_last, "compile": args.compile},
+              "throughput": throughput, "flow_rerun": flow}
+    default = "generate.json" if args.device == "cpu" and not args.sd15_architecture else \
+        f"generate_{args.device}_{arch}.json"
+    out = args.out or RESULTS / default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

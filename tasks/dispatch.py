@@ -1,0 +1,77 @@
+"""Work-pool fan-out: a ``generate-dataset`` run dispatches groups of shards as runs of the
+``generate-shards`` deployment, waits for all of them and fails loudly when one fails (a child
+run's failure does not propagate to its parent by itself in Prefect)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextvars import copy_context
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.deployments import run_deployment
+
+from indusfactory.config import FactoryConfig
+from indusfactory.export import existing_shard
+from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
+from tasks._prefect import run_logger
+from tasks.report import progress_description
+
+
+class ShardRunsFailed(RuntimeError):
+    """One or more child ``generate-shards`` runs did not complete."""
+
+
+def shard_groups(total: int, per_run: int) -> list[list[int]]:
+    """Shard indices in groups of ``per_run`` (the last group may be smaller)."""
+    return [list(range(start, min(start + per_run, total))) for start in range(0, total, per_run)]
+
+
+def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
+                        condition: ModelRecord, dataset_uri: str) -> list[ShardRecord]:
+    """Run every missing shard on the work pool; return the records of all shards, read from storage."""
+    split, size, logger = config.export.split, config.generation.shard_size, run_logger()
+    missing = [i for i in range(plan.shards) if existing_shard(dataset_uri, split, i, plan.shards) is None]
+    groups = shard_groups(len(missing), config.execution.shards_per_run)
+    groups = [[missing[i] for i in group] for group in groups]
+    logger.info("%d of %d shards to generate, dispatched as %d runs of %s", len(missing), plan.shards, len(groups),
+                config.execution.shard_deployment)
+    common = {"config": config, "catalog": catalog, "plan": plan, "concept": concept, "condition": condition,
+              "dataset_uri": dataset_uri}
+    artifact = create_progress_artifact(0.0, description=progress_description(
+        plan.samples - _planned(plan, missing, size), plan.samples, 0, 0.0, plan.samples - _planned(plan, missing, size), 0))
+    started, failures, generated = time.perf_counter(), [], 0
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        # Each thread runs in a copy of this flow run's context, so the children are linked as its subflows.
+        futures = {pool.submit(copy_context().run, _run_group, config.execution.shard_deployment, common, group): group
+                   for group in groups}
+        for future in as_completed(futures):
+            group, (name, state) = futures[future], future.result()
+            if not state.is_completed():
+                failures.append(f"{name} (shards {group}): {state.type.value} {state.message or ''}".strip())
+                logger.error("child run %s for shards %s ended %s", name, group, state.type.value)
+                continue
+            generated += _planned(plan, group, size)
+            done = plan.samples - _planned(plan, missing, size) + generated
+            update_progress_artifact(artifact, 100.0 * done / max(plan.samples, 1), description=progress_description(
+                done, plan.samples, generated, time.perf_counter() - started, done - generated, 0))
+    if failures:
+        raise ShardRunsFailed(f"{len(failures)} of {len(groups)} generate-shards runs failed: " + "; ".join(failures)
+                              + ". Rerun generate-dataset: finished shards are kept, only the missing ones run again.")
+    records = [existing_shard(dataset_uri, split, i, plan.shards) for i in range(plan.shards)]
+    absent = [i for i, r in enumerate(records) if r is None]
+    if absent:
+        raise ShardRunsFailed(f"child runs completed but shards {absent} are not on storage under {dataset_uri}")
+    return [r.model_copy(update={"reused": r.index not in missing}) for r in records]
+
+
+def _planned(plan: PlanRecord, shards: list[int], shard_size: int) -> int:
+    """Plan rows in the given shards (every shard holds ``shard_size`` rows but the last)."""
+    return sum(min(shard_size, plan.samples - i * shard_size) for i in shards)
+
+
+def _run_group(deployment: str, common: dict, group: list[int]):
+    """Start one child run and wait for it to finish; returns (run name, final state)."""
+    run = run_deployment(deployment, parameters={**common, "shards": group}, timeout=None,
+                         tags=["indusfactory", "generate-shards"])
+    return run.name, run.state

@@ -1,0 +1,40 @@
+"""Prefect task around the evaluation stage (``indusfactory.evaluate``) and what it shows in the UI."""
+
+from __future__ import annotations
+
+import base64
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from indusfactory import storage
+from indusfactory.config import FactoryConfig
+from indusfactory.evaluate import RECORD_FILE, evaluate_dataset, evaluation_fingerprint
+from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
+from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+
+
+def _marker(p: dict) -> str:
+    fp = evaluation_fingerprint(p["config"], p["catalog"], p["dataset"])
+    return storage.join(p["dataset"].uri, "evaluation", fp, RECORD_FILE)
+
+
+@task(name="evaluate-dataset", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
+def evaluate_dataset_task(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> EvaluationRecord:
+    """Downstream segmentation (real / synthetic / synthetic + real), adherence and fidelity of a dataset."""
+    record = evaluate_dataset(config, catalog, dataset)
+    logger = run_logger()
+    logger.info("evaluation of %s/%s %s: %s", dataset.name, dataset.version,
+                "reused" if record.reused else f"computed in {record.seconds:.0f} s", record.uri)
+    for row in record.table:
+        logger.info("%s at %s real: mIoU %s, mask AP %s", row["regime"], row["real fraction"], row["miou"],
+                    row["mask_ap"])
+    key = "".join(ch if ch.isalnum() else "-" for ch in dataset.name.lower())
+    create_table_artifact(record.table, key=f"{key}-evaluation-table",
+                          description="downstream segmentation, laid out like the paper's Tables 1 and 2")
+    table = storage.read_bytes(storage.join(record.uri, "table.md")).decode("utf-8")
+    images = [f"![{name}](data:image/png;base64,{base64.b64encode(storage.read_bytes(storage.join(record.uri, name))).decode()})"
+              for name in record.plots]
+    create_markdown_artifact("\n\n".join([table, *images, f"Files: `{record.uri}`"]), key=f"{key}-evaluation",
+                             description="evaluation of the published dataset")
+    return record

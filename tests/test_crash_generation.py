@@ -1,0 +1,142 @@
+"""A generation worker killed with SIGKILL in the middle of a shard, then a rerun through the Prefect flow:
+the dataset holds exactly the planned samples, each once, no temporary file is left and the shards
+finished before the kill are neither regenerated nor rewritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    from indusfactory import storage
+    from indusfactory.config import FactoryConfig
+    from indusfactory.generate import GenerationContext, generate_shard
+    from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord
+
+    args = json.load(open(sys.argv[1]))
+    if args["hang_moving"]:
+        # Storage that hangs while moving this file into place: the kill lands mid-write, for sure.
+        real_filesystem = storage.filesystem
+
+        class Hanging:
+            def __init__(self, fs):
+                self.fs = fs
+
+            def __getattr__(self, name):
+                return getattr(self.fs, name)
+
+            def mv(self, source, target, **kwargs):
+                if target.endswith(args["hang_moving"]):
+                    time.sleep(3600)
+                return self.fs.mv(source, target, **kwargs)
+
+        def filesystem(uri):
+            fs, path = real_filesystem(uri)
+            return Hanging(fs), path
+
+        storage.filesystem = filesystem
+    catalog = CatalogRecord.model_validate(args["catalog"])
+    plan = PlanRecord.model_validate(args["plan"])
+    ctx = GenerationContext(config=FactoryConfig.model_validate(args["config"]), catalog_uri=catalog.uri,
+                            categories=catalog.categories, concept=ModelRecord.model_validate(args["concept"]),
+                            condition=ModelRecord.model_validate(args["condition"]))
+    for shard in range(plan.shards):
+        generate_shard(ctx, plan, args["dataset_uri"], shard)
+""")
+
+
+def _start_worker(setup, tmp_path: Path, hang_moving: str | None) -> subprocess.Popen:
+    args = tmp_path / "worker.json"
+    args.write_text(json.dumps({
+        "config": setup.config.model_dump(mode="json"), "catalog": setup.catalog.model_dump(mode="json"),
+        "plan": setup.plan.model_dump(mode="json"), "concept": setup.concept.model_dump(mode="json"),
+        "condition": setup.condition.model_dump(mode="json"), "dataset_uri": setup.dataset_uri,
+        "hang_moving": hang_moving}))
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"worker ended before the kill (rc {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("worker never reached the kill point")
+        time.sleep(0.005)
+
+
+def _snapshot(paths: list[Path]) -> dict[str, tuple[int, str]]:
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths}
+
+
+@pytest.mark.parametrize("kill_point", ["while-generating", "while-writing"])
+def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generation, tmp_path, kill_point):
+    from pycocotools.coco import COCO
+
+    from flows.generate_dataset import generate_dataset
+    from indusfactory.export import shard_name
+    from indusfactory.plan import read_plan
+
+    config = make_config(generation={"steps": 8, "batch_size": 2, "shard_size": 2})
+    setup = prepare_generation(config)
+    plan_rows = read_plan(setup.plan)
+    assert setup.plan.shards == 3 and len(plan_rows) == 6
+    root = Path(setup.dataset_uri)
+    names = [shard_name("train", i, 3) for i in range(3)]
+    parquet = [root / "data" / f"{name}.parquet" for name in names]
+
+    hang = f"{names[1]}.parquet" if kill_point == "while-writing" else None
+    proc = _start_worker(setup, tmp_path, hang)
+    if kill_point == "while-generating":
+        _wait_for(proc, parquet[0].exists)  # shard 0 complete: shard 1 is being generated now
+    else:
+        _wait_for(proc, lambda: any((root / "data").glob(f".tmp-*{names[1]}.parquet")))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+    # The kill interrupted the run: shard 0 done, shards 1 and 2 not.
+    assert [p.exists() for p in parquet] == [True, False, False]
+    if kill_point == "while-writing":
+        # Shard 1 had written its images and COCO file; its parquet is a temporary file.
+        assert list((root / "data").glob(".tmp-*"))
+        assert all((root / "images" / f"{r['sample_id']}.png").exists() for r in plan_rows if r["shard"] == 1)
+    shard0 = [parquet[0], root / "annotations" / "shards" / f"{names[0]}.json"]
+    shard0 += [root / "images" / f"{r['sample_id']}.png" for r in plan_rows if r["shard"] == 0]
+    before = _snapshot(shard0)
+
+    record = generate_dataset(config=config)
+    assert record.uri == setup.dataset_uri
+
+    # Exactly the planned samples, each once, in the shards, the COCO file and the images folder.
+    planned = sorted(r["sample_id"] for r in plan_rows)
+    df = pd.read_parquet(root / "data")
+    assert sorted(df["sample_id"]) == planned
+    coco = COCO(str(root / "annotations" / "instances_train.json"))
+    assert sorted(img["sample_id"] for img in coco.dataset["images"]) == planned
+    assert sorted(coco.getImgIds()) == sorted(r["sample_index"] for r in plan_rows)
+    assert sorted(p.stem for p in (root / "images").iterdir()) == planned
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == manifest["counts"]["planned"] == 6
+
+    # No temporary file anywhere under the factory root.
+    assert not [p for p in Path(config.factory_root).rglob("*") if p.name.startswith(".tmp-")]
+
+    # Shard 0 was not regenerated: same bytes, same mtimes, written by the killed worker.
+    assert _snapshot(shard0) == before
+    workers = [s["worker"] for s in manifest["shards"]]
+    assert workers[0].endswith(f":{proc.pid}") and workers[1].endswith(f":{os.getpid()}")
