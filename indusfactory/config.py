@@ -283,7 +283,8 @@ class GenerationConfig(Section):
     )
     adherence_scorer: str | None = Field(
         None, description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
-        "indusfactory.generate.register_adherence_scorer (built in: 'dark_iou') or 'package.module:function'.",
+        "indusfactory.generate.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
+        "segmentor an evaluation saved in evaluation/<fp>/segmentor) or 'package.module:function'.",
     )
     min_adherence: float | None = Field(
         None, description="Samples whose adherence score is below this fail QC (needs adherence_scorer)."

@@ -10,6 +10,7 @@ synthetic and real images. Everything lands in ``evaluation.json`` next to the m
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import math
@@ -305,6 +306,7 @@ def published_dataset(dataset_uri: str) -> DatasetRecord:
                          shards=manifest["counts"]["shards"], reused=True)
 
 
+@functools.lru_cache(maxsize=2)
 def segmentor_adherence_scorer(folder: str):
     """An adherence scorer for generation QC from a segmentor an evaluation saved: IoU of its defect
     pixels with each sample's mask (the same score as the evaluation's adherence)."""

@@ -57,7 +57,7 @@ from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.models import configure_torch, load_generation_pipeline, select_device, select_dtype
 from indusfactory.export import existing_shard, write_shard
-from indusfactory.plan import SampleInputs, SourceImages, materialise, read_plan
+from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,10 @@ def adherence_scorer(name: str | None) -> AdherenceScorer | None:
         return None
     if name in _SCORERS:
         return _SCORERS[name]
+    if name.startswith("segformer:"):  # the real-data segmentor an evaluation saved (evaluation/<fp>/segmentor)
+        from indusfactory.evaluate import segmentor_adherence_scorer
+
+        return segmentor_adherence_scorer(name[len("segformer:"):])
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
@@ -304,12 +308,13 @@ def padded(items: list, size: int) -> list:
 
 
 def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], rows: list[dict],
-                 inputs: list[SampleInputs]) -> np.ndarray:
-    """uint8 images of up to ``batch_size`` rows, always sampled at the full batch shape."""
+                 inputs: list[SampleInputs], shape: int | None = None) -> np.ndarray:
+    """uint8 images of up to ``shape`` rows (default ``batch_size``), always sampled at that batch shape."""
     gen = ctx.config.generation
     resolution = ctx.config.base_model.resolution
-    full_rows = padded(rows, gen.batch_size)
-    drivers = padded([i.driver for i in inputs], gen.batch_size)
+    shape = shape or gen.batch_size
+    full_rows = padded(rows, shape)
+    drivers = padded([i.driver for i in inputs], shape)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     cache = getattr(pipe, "driver_cache", None)
     with _PIPELINE_LOCK:  # one pipeline per process: its scheduler and the driver cache are per call
@@ -332,6 +337,34 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
     return from_model_output(result.images[: len(rows)])
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                       and "out of memory" in str(exc).lower())
+
+
+def sample_splitting_on_oom(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], rows: list[dict],
+                            inputs: list[SampleInputs], shape: int) -> tuple[np.ndarray, int]:
+    """``sample_batch`` at batch shape ``shape``; out of memory halves the shape and retries the rows in
+    smaller batches. Returns the images and the shape that fitted (kept for the rest of the shard)."""
+    try:
+        return sample_batch(ctx, pipe, embeds, rows, inputs, shape), shape
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc) or shape == 1:
+            raise
+    smaller = shape // 2
+    log.warning("out of memory sampling %d rows at batch size %d: splitting into batches of %d", len(rows), shape,
+                smaller)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    images, start = [], 0
+    while start < len(rows):
+        part, smaller = sample_splitting_on_oom(ctx, pipe, embeds, rows[start : start + smaller],
+                                                inputs[start : start + smaller], smaller)
+        images.append(part)
+        start += len(part)
+    return np.concatenate(images), smaller
+
+
 def generate_rows(ctx: GenerationContext, rows: list[dict],
                   on_batch: Callable[[int], None] | None = None) -> list[dict]:
     """Generate every plan row and return dataset rows (see ``schema.DATASET_SCHEMA``), QC included.
@@ -340,16 +373,18 @@ def generate_rows(ctx: GenerationContext, rows: list[dict],
     """
     configure_torch(ctx.config.execution)
     gen = ctx.config.generation
-    pipe = get_pipeline(ctx)
     sources = get_sources(ctx)
+    check_references(rows, sources)  # a damaged plan fails here, before a model loads
     scorer = adherence_scorer(gen.adherence_scorer)
+    pipe = get_pipeline(ctx)
     embeds = _prompt_embeds(pipe, [r["prompt"] for r in rows], pipe.unet.device)
     out: list[dict] = []
     worker = worker_name()
+    shape = gen.batch_size
     for start in range(0, len(rows), gen.batch_size):
         batch = rows[start : start + gen.batch_size]
         inputs = [materialise(r, sources, ctx.config) for r in batch]
-        images = sample_batch(ctx, pipe, embeds, batch, inputs)
+        images, shape = sample_splitting_on_oom(ctx, pipe, embeds, batch, inputs, shape)
         unions = [_union(sample, image.shape[:2]) for sample, image in zip(inputs, images)]
         scores = scorer(list(images), unions) if scorer else [None] * len(batch)
         for row, sample, image, union, score in zip(batch, inputs, images, unions, scores):

@@ -111,3 +111,16 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     assert {"demo-cracks-evaluation-table", "demo-cracks-evaluation"} <= keys
     again = evaluate_dataset(config=config)
     assert again.reused and again.table == record.table
+
+    # The real-data segmentor the evaluation saved drives generation QC: same scores as the evaluation's.
+    import pandas as pd
+
+    from indusfactory.generate import adherence_scorer
+    from indusfactory.schema import decode_image, rle_to_mask
+
+    scorer = adherence_scorer(f"segformer:{record.uri}/segmentor")
+    samples = pd.read_parquet(root / "data").sort_values("sample_id")
+    masks = [np.logical_or.reduce([rle_to_mask(i["rle"]) for i in insts]) for insts in samples["instances"]]
+    scores = scorer([decode_image(img["bytes"]) for img in samples["image"]], masks)
+    saved = pd.read_parquet(Path(record.uri) / "adherence.parquet").set_index("sample_id")["adherence_iou"]
+    assert scores == pytest.approx(saved.loc[samples["sample_id"]].tolist())

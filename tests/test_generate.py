@@ -308,3 +308,40 @@ def test_cli_shows_generation_progress(prefect_api, make_config, tmp_path):
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
     assert re.search(r"generate: 100%\|.*\| 6/6 samples \[[0-9:]+, [0-9.]+ images/s\]", result.output), result.output
+
+
+def test_out_of_memory_splits_the_batch(make_config, prepare_generation, monkeypatch, caplog):
+    """An out-of-memory error at a batch size (simulated: the pipeline refuses more than 2 rows) halves
+    the batch; the shard completes with every sample, the same bytes, and the event is logged."""
+    import logging
+
+    import torch
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from indusfactory.generate import generate_rows
+    from indusfactory.plan import read_plan
+
+    setup = prepare_generation(make_config(generation={"steps": 2, "batch_size": 4, "shard_size": 5}))
+    rows = read_plan(setup.plan, shard=0)
+    expected = _png_hashes(generate_rows(setup.ctx, rows))
+    real_call, shapes = StableDiffusionControlNetPipeline.__call__, []
+
+    def limited(self, *args, **kwargs):
+        shapes.append(len(kwargs["prompt_embeds"]))
+        if shapes[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__", limited)
+    with caplog.at_level(logging.WARNING, logger="indusfactory.generate"):
+        split = _png_hashes(generate_rows(setup.ctx, rows))
+    assert split == expected, "every sample, with the bytes it has at the full batch size"
+    assert shapes[0] == 4 and set(shapes[1:]) == {2}, "after the first failure the shard keeps the size that fits"
+    assert "out of memory sampling 4 rows at batch size 4: splitting into batches of 2" in caplog.text
+
+    def never(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__", never)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate_rows(setup.ctx, rows[:1])
