@@ -53,18 +53,21 @@ WORKER = textwrap.dedent("""
     ctx = GenerationContext(config=FactoryConfig.model_validate(args["config"]), catalog_uri=catalog.uri,
                             categories=catalog.categories, concept=ModelRecord.model_validate(args["concept"]),
                             condition=ModelRecord.model_validate(args["condition"]))
-    for shard in range(plan.shards):
-        generate_shard(ctx, plan, args["dataset_uri"], shard)
+    records = [generate_shard(ctx, plan, args["dataset_uri"], shard) for shard in range(plan.shards)]
+    if args.get("publish"):
+        from indusfactory.export import publish_dataset
+
+        publish_dataset(ctx.config, catalog, plan, ctx.concept, ctx.condition, args["dataset_uri"], records)
 """)
 
 
-def _start_worker(setup, tmp_path: Path, hang_moving: str | None) -> subprocess.Popen:
+def _start_worker(setup, tmp_path: Path, hang_moving: str | None, publish: bool = False) -> subprocess.Popen:
     args = tmp_path / "worker.json"
     args.write_text(json.dumps({
         "config": setup.config.model_dump(mode="json"), "catalog": setup.catalog.model_dump(mode="json"),
         "plan": setup.plan.model_dump(mode="json"), "concept": setup.concept.model_dump(mode="json"),
         "condition": setup.condition.model_dump(mode="json"), "dataset_uri": setup.dataset_uri,
-        "hang_moving": hang_moving}))
+        "hang_moving": hang_moving, "publish": publish}))
     return subprocess.Popen([sys.executable, "-c", WORKER, str(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -140,3 +143,30 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     assert _snapshot(shard0) == before
     workers = [s["worker"] for s in manifest["shards"]]
     assert workers[0].endswith(f":{proc.pid}") and workers[1].endswith(f":{os.getpid()}")
+
+
+def test_sigkill_mid_finalisation_then_rerun(prefect_api, make_config, prepare_generation, tmp_path):
+    """Killed while the merged COCO file is moved into place: no manifest exists yet (it is written
+    last), so no reader sees a version naming a missing shard; the rerun publishes it whole."""
+    from flows.generate_dataset import generate_dataset
+
+    config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2})
+    setup = prepare_generation(config)
+    root = Path(setup.dataset_uri)
+    proc = _start_worker(setup, tmp_path, "instances_train.json", publish=True)
+    _wait_for(proc, lambda: any((root / "annotations").glob(".tmp-*instances_train.json")))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (root / "manifest.json").exists() and not (root.parent / "latest").exists()
+    shards = sorted((root / "data").glob("*.parquet"))
+    before = _snapshot(shards)
+
+    record = generate_dataset(config=config)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert record.samples == manifest["counts"]["samples"] == 6
+    for entry in manifest["shards"]:
+        path = root / entry["path"]
+        assert path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    assert _snapshot(shards) == before, "the shards were not regenerated"
+    assert (root.parent / "latest").read_text().strip() == record.version
+    assert not [p for p in Path(config.factory_root).rglob("*") if p.name.startswith(".tmp-")]
