@@ -13,6 +13,10 @@ Not a test. Side by side in one run, with the same weights, resolution, batch si
 Also the cache rerun ratio: the generation stage run again on the finished dataset, and (``--flow``)
 the whole ``generate-dataset`` flow run twice on an unchanged config through a temporary Prefect API.
 
+Each pass records wall time and the CPU time of the process. On a machine shared with other work,
+run with ``--threads 1`` and compare CPU times: one torch thread has no OpenMP waits, so its CPU
+time is the work done, whatever else the machine runs; wall times then vary with the load.
+
 The models: the tiny SD 1.x pipeline shipped with the package (pretrained) or, with
 ``--sd15-architecture``, a pipeline with Stable Diffusion 1.5's architecture (random weights, built
 from diffusers/transformers configs, no download); a random concept LoRA (peft, rank 8) and a
@@ -140,7 +144,7 @@ def make_config(root: Path, base: str, sample: Path, args, factory: Path | None 
         "generation": {"steps": args.steps, "guidance_scale": 7.5, "scheduler": "dpmsolver++",
                        "batch_size": args.batch_size, "shard_size": args.shard_size,
                        "conditioning_scale": args.conditioning_scale, **generation},
-        "execution": {"device": args.device, "precision": args.precision},
+        "execution": {"device": args.device, "precision": args.precision, "torch_threads": args.threads},
     })
 
 
@@ -185,17 +189,28 @@ def _sync(args) -> None:
 # --- the two contestants -------------------------------------------------------------------------
 
 
-def factory_pass(setup: Setup, dataset_uri: str) -> tuple[float, list]:
-    """Seconds to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
+class Clock:
+    """Wall and process CPU seconds of a block."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
+    """Time to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
     from indusfactory.export import publish_dataset
     from indusfactory.generate import GenerationContext, generate_shard
 
     ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
                             concept=setup.concept, condition=setup.condition)
-    started = time.perf_counter()
-    shards = [generate_shard(ctx, setup.plan, dataset_uri, i) for i in range(setup.plan.shards)]
-    publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset_uri, shards)
-    return time.perf_counter() - started, shards
+    with Clock() as clock:
+        shards = [generate_shard(ctx, setup.plan, dataset_uri, i) for i in range(setup.plan.shards)]
+        publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset_uri, shards)
+    return clock, shards
 
 
 def plain_pipeline(setup: Setup, args):
@@ -226,17 +241,17 @@ def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
     return batches
 
 
-def plain_pass(pipe, batches, setup: Setup, args) -> float:
-    """Seconds for the plain loop over every batch."""
+def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
+    """Time of the plain loop over every batch."""
     gen = setup.config.generation
     resolution = setup.config.base_model.resolution
-    started = time.perf_counter()
-    for prompts, drivers, seed in batches:
-        pipe(prompt=prompts, image=drivers, height=resolution, width=resolution, num_inference_steps=gen.steps,
-             guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
-             generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
-    _sync(args)
-    return time.perf_counter() - started
+    with Clock() as clock:
+        for prompts, drivers, seed in batches:
+            pipe(prompt=prompts, image=drivers, height=resolution, width=resolution, num_inference_steps=gen.steps,
+                 guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
+                 generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+        _sync(args)
+    return clock
 
 
 def bench_throughput(root: Path, setup: Setup, args) -> dict:
@@ -253,22 +268,30 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
     factory, plain, rerun = [], [], None
     for repeat in range(args.repeats):
         uri = str(root / "factory" / "datasets" / "bench" / f"run-{repeat}")
-        seconds, shards = factory_pass(setup, uri)
-        factory.append(seconds)
+        clock, shards = factory_pass(setup, uri)
+        factory.append(clock)
         if repeat == 0:
             rerun, again = factory_pass(setup, uri)
             assert all(s.reused for s in again), "the rerun regenerated a shard"
         plain.append(plain_pass(pipe, batches, setup, args))
-        print(f"repeat {repeat}: factory {samples / factory[-1]:.2f} images/s, plain loop "
-              f"{samples / plain[-1]:.2f} images/s")
-    best_factory, best_plain = samples / min(factory), samples / min(plain)
-    print(f"factory / plain loop = {best_factory / best_plain:.3f} (best of {args.repeats}); generation-stage "
-          f"rerun {rerun:.2f} s = {rerun / factory[0]:.4f} of the first run")
-    return {"samples": samples, "factory_seconds": [round(s, 3) for s in factory],
-            "plain_loop_seconds": [round(s, 3) for s in plain], "factory_images_per_s": round(best_factory, 3),
-            "plain_loop_images_per_s": round(best_plain, 3), "ratio_factory_over_plain": round(best_factory / best_plain, 3),
-            "generation_stage_rerun": {"first_seconds": round(factory[0], 3), "rerun_seconds": round(rerun, 3),
-                                       "ratio": round(rerun / factory[0], 4)}}
+        print(f"repeat {repeat}: factory {samples / factory[-1].wall:.2f} images/s (CPU {factory[-1].cpu:.1f} s), "
+              f"plain loop {samples / plain[-1].wall:.2f} images/s (CPU {plain[-1].cpu:.1f} s)")
+    result = {"samples": samples, "factory_wall_seconds": [round(c.wall, 3) for c in factory],
+              "factory_cpu_seconds": [round(c.cpu, 3) for c in factory],
+              "plain_loop_wall_seconds": [round(c.wall, 3) for c in plain],
+              "plain_loop_cpu_seconds": [round(c.cpu, 3) for c in plain]}
+    for kind in ("wall", "cpu"):
+        best_factory = samples / min(getattr(c, kind) for c in factory)
+        best_plain = samples / min(getattr(c, kind) for c in plain)
+        result[f"factory_images_per_{kind}_s"] = round(best_factory, 3)
+        result[f"plain_loop_images_per_{kind}_s"] = round(best_plain, 3)
+        result[f"ratio_factory_over_plain_{kind}"] = round(best_factory / best_plain, 3)
+        print(f"factory / plain loop, {kind} time: {best_factory / best_plain:.3f} (best of {args.repeats})")
+    result["generation_stage_rerun"] = {"first_seconds": round(factory[0].wall, 3),
+                                        "rerun_seconds": round(rerun.wall, 4),
+                                        "ratio": round(rerun.wall / factory[0].wall, 5)}
+    print(f"generation-stage rerun {rerun.wall:.3f} s = {rerun.wall / factory[0].wall:.5f} of the first run")
+    return result
 
 
 def bench_flow_rerun(root: Path, setup: Setup, args) -> dict:
@@ -316,10 +339,13 @@ def main() -> None:
     parser.add_argument("--augmentations", type=int, default=2, help="augmentations per defect-free image")
     parser.add_argument("--per-driver", type=int, default=8, help="images per driver (samples = product of the 3)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads (execution.torch_threads); 1 on a shared machine")
     parser.add_argument("--flow", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the whole flow twice (cache rerun ratio)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     arch = "sd15-architecture" if args.sd15_architecture else "tiny-sd"
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,7 +361,8 @@ def main() -> None:
                            "resolution": args.resolution, "steps": args.steps, "scheduler": "dpmsolver++",
                            "guidance_scale": 7.5, "conditioning_scale": args.conditioning_scale,
                            "batch_size": args.batch_size, "shard_size": args.shard_size,
-                           "channels_last": args.channels_last, "compile": args.compile},
+                           "channels_last": args.channels_last, "compile": args.compile,
+                           "torch_threads": torch.get_num_threads()},
               "throughput": throughput, "flow_rerun": flow}
     default = "generate.json" if args.device == "cpu" and not args.sd15_architecture else \
         f"generate_{args.device}_{arch}.json"
