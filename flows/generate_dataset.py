@@ -7,7 +7,7 @@ Shards run in this flow (``execution.fan_out: local``) or as runs of the ``gener
 deployment on a GPU work pool (``execution.fan_out: work_pool``).
 """
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from indusfactory.config import FactoryConfig
@@ -16,10 +16,10 @@ from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run
 from tasks.dispatch import dispatch_shard_runs
 from tasks.evaluate import evaluate_dataset_task
-from tasks.generate import build_plan_task, generate_shard_task, publish_dataset_task
+from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
-from tasks.report import collect_shards, summarise_run
+from tasks.report import summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -33,10 +33,8 @@ def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
         if config.execution.fan_out == "work_pool":
             shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
         else:
-            futures = run(generate_shard_task).map(unmapped(config), unmapped(catalog), unmapped(plan),
-                                                   unmapped(concept), unmapped(condition), unmapped(dataset_uri),
-                                                   range(plan.shards))
-            shards = collect_shards(futures, plan.samples)
+            shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
+                                             range(plan.shards))
         dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
         summarise_run(catalog, concept, condition, plan, shards, dataset)
         if config.evaluation.enabled:

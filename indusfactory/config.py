@@ -8,10 +8,11 @@ Production differs by configuration only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from indusfactory.errors import ConfigError
 
@@ -313,6 +314,11 @@ class ExecutionConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    devices: list[Annotated[str, StringConstraints(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] | None = Field(
+        None, min_length=1, description="Devices the local fan-out generates on, one shard at a time each (e.g. "
+        "['cuda:0', 'cuda:1']; 'cpu' twice runs two CPU shards at once); training uses the first. Default: every "
+        "visible GPU for device auto/cuda, else the CPU."
+    )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
     fan_out: Literal["local", "work_pool"] = Field(
         "local", description="'local': shards run inside the flow, one at a time per device; 'work_pool': the flow "

@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +55,8 @@ from indusfactory.config import FactoryConfig
 from indusfactory.errors import ConfigError
 from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
-from indusfactory.models import configure_torch, load_generation_pipeline, select_device, select_dtype
+from indusfactory.devices import DeviceSlot, device_pool
+from indusfactory.models import configure_torch, load_generation_pipeline, select_dtype
 from indusfactory.export import existing_shard, write_shard
 from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
@@ -182,26 +183,35 @@ class DriverEncodingCache:
         self.key = self.value = None
 
 
-_PIPELINE_LOCK = threading.Lock()
+_PIPELINE_CACHE_LOCK = threading.Lock()
 
 
-def get_pipeline(ctx: GenerationContext):
-    """The generation pipeline, loaded once per process for a given pair of models."""
-    device = select_device(ctx.config.execution)
-    dtype = select_dtype(ctx.config.execution, device)
-    key = (ctx.config.base_model.model_dump_json(), ctx.concept.uri, ctx.condition.uri,
-           ctx.config.generation.scheduler, str(device), str(dtype))
-    if key not in _PIPELINE_CACHE:
-        _PIPELINE_CACHE.clear()
-        with storage.local_copy_for_read(ctx.concept.uri) as concept_dir, \
-                storage.local_copy_for_read(ctx.condition.uri) as condition_dir:
-            pipe = load_generation_pipeline(ctx.config.base_model, concept_dir, condition_dir,
-                                            ctx.config.generation.scheduler)
-        for model in (pipe.unet, pipe.controlnet, pipe.vae):
-            make_batch_invariant(model)
-        pipe.driver_cache = DriverEncodingCache(pipe.controlnet.controlnet_cond_embedding)
-        _PIPELINE_CACHE[key] = pipe.to(device=device, dtype=dtype)
-    return _PIPELINE_CACHE[key]
+def get_pipeline(ctx: GenerationContext, slot: DeviceSlot | None = None):
+    """The generation pipeline of a device slot (default: the first), loaded once per process for a
+    given pair of models.
+
+    Pipelines of other models are dropped; each slot keeps its own copy (one per GPU), with a lock
+    so that only one batch at a time uses it (its scheduler and driver cache are per call).
+    """
+    slot = slot or device_pool(ctx.config.execution).slots[0]
+    dtype = select_dtype(ctx.config.execution, slot.device)
+    models = (ctx.config.base_model.model_dump_json(), ctx.concept.uri, ctx.condition.uri,
+              ctx.config.generation.scheduler, str(dtype))
+    key = (models, slot.name)
+    with _PIPELINE_CACHE_LOCK:
+        for stale in [k for k in _PIPELINE_CACHE if k[0] != models]:
+            del _PIPELINE_CACHE[stale]
+        if key not in _PIPELINE_CACHE:
+            with storage.local_copy_for_read(ctx.concept.uri) as concept_dir, \
+                    storage.local_copy_for_read(ctx.condition.uri) as condition_dir:
+                pipe = load_generation_pipeline(ctx.config.base_model, concept_dir, condition_dir,
+                                                ctx.config.generation.scheduler)
+            for model in (pipe.unet, pipe.controlnet, pipe.vae):
+                make_batch_invariant(model)
+            pipe.driver_cache = DriverEncodingCache(pipe.controlnet.controlnet_cond_embedding)
+            pipe.sampling_lock = threading.Lock()
+            _PIPELINE_CACHE[key] = pipe.to(device=slot.device, dtype=dtype)
+        return _PIPELINE_CACHE[key]
 
 
 def get_sources(ctx: GenerationContext) -> SourceImages:
@@ -317,7 +327,7 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
     drivers = padded([i.driver for i in inputs], shape)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     cache = getattr(pipe, "driver_cache", None)
-    with _PIPELINE_LOCK:  # one pipeline per process: its scheduler and the driver cache are per call
+    with getattr(pipe, "sampling_lock", nullcontext()):  # its scheduler and the driver cache are per call
         if cache:
             cache.clear()
         try:
@@ -369,17 +379,25 @@ def generate_rows(ctx: GenerationContext, rows: list[dict],
                   on_batch: Callable[[int], None] | None = None) -> list[dict]:
     """Generate every plan row and return dataset rows (see ``schema.DATASET_SCHEMA``), QC included.
 
+    The rows are sampled on a device slot leased for the whole call (two callers never share a GPU).
     ``on_batch(n)`` is called after each batch of ``n`` rows.
     """
     configure_torch(ctx.config.execution)
-    gen = ctx.config.generation
     sources = get_sources(ctx)
     check_references(rows, sources)  # a damaged plan fails here, before a model loads
+    pool = device_pool(ctx.config.execution)
+    with pool.lease() as slot:
+        worker = worker_name() + (f"/{slot.name}" if len(pool.slots) > 1 else "")
+        return _generate_on(ctx, rows, slot, sources, worker, on_batch)
+
+
+def _generate_on(ctx: GenerationContext, rows: list[dict], slot: DeviceSlot, sources: SourceImages, worker: str,
+                 on_batch: Callable[[int], None] | None) -> list[dict]:
+    gen = ctx.config.generation
     scorer = adherence_scorer(gen.adherence_scorer)
-    pipe = get_pipeline(ctx)
+    pipe = get_pipeline(ctx, slot)
     embeds = _prompt_embeds(pipe, [r["prompt"] for r in rows], pipe.unet.device)
     out: list[dict] = []
-    worker = worker_name()
     shape = gen.batch_size
     for start in range(0, len(rows), gen.batch_size):
         batch = rows[start : start + gen.batch_size]
@@ -440,5 +458,6 @@ def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, s
     rows = generate_rows(ctx, read_plan(plan, shard),
                          on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True)))
     kept, dropped = apply_qc_action(rows, ctx.config.generation.qc_action)
+    worker = rows[0]["worker"] if rows else worker_name()
     return write_shard(dataset_uri, split, shard, plan.shards, kept, ctx.categories, time.perf_counter() - started,
-                       dropped=dropped, worker=worker_name())
+                       dropped=dropped, worker=worker)

@@ -94,6 +94,11 @@ def _folder_digest(folder: str) -> str:
 
 
 def select_device(execution: ExecutionConfig) -> torch.device:
+    """The training device: the first of ``execution.devices`` if set, else ``execution.device``."""
+    if execution.devices:
+        from indusfactory.devices import generation_devices
+
+        return generation_devices(execution)[0]
     if execution.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if execution.device == "cuda" and not torch.cuda.is_available():

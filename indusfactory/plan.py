@@ -170,6 +170,11 @@ def read_plan(plan: PlanRecord, shard: int | None = None) -> list[dict]:
     return table.to_pylist()
 
 
+def rows_in_shards(plan: PlanRecord, shards: list[int], shard_size: int) -> int:
+    """Plan rows in the given shards (every shard holds ``shard_size`` rows but the last)."""
+    return sum(min(shard_size, plan.samples - i * shard_size) for i in shards)
+
+
 def check_references(rows: list[dict], sources: "SourceImages") -> None:
     """Every image and bank mask the rows name exists in the catalog (checked before any model loads)."""
     for row in rows:

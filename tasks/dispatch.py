@@ -13,6 +13,7 @@ from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
 from indusfactory.export import existing_shard
+from indusfactory.plan import rows_in_shards
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import progress_description
@@ -39,7 +40,7 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
     common = {"config": config, "catalog": catalog, "plan": plan, "concept": concept, "condition": condition,
               "dataset_uri": dataset_uri}
     artifact = create_progress_artifact(0.0, description=progress_description(
-        plan.samples - _planned(plan, missing, size), plan.samples, 0, 0.0, plan.samples - _planned(plan, missing, size), 0))
+        plan.samples - rows_in_shards(plan, missing, size), plan.samples, 0, 0.0, plan.samples - rows_in_shards(plan, missing, size), 0))
     started, failures, generated = time.perf_counter(), [], 0
     with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
         # Each thread runs in a copy of this flow run's context, so the children are linked as its subflows.
@@ -51,8 +52,8 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
                 failures.append(f"{name} (shards {group}): {state.type.value} {state.message or ''}".strip())
                 logger.error("child run %s for shards %s ended %s", name, group, state.type.value)
                 continue
-            generated += _planned(plan, group, size)
-            done = plan.samples - _planned(plan, missing, size) + generated
+            generated += rows_in_shards(plan, group, size)
+            done = plan.samples - rows_in_shards(plan, missing, size) + generated
             update_progress_artifact(artifact, 100.0 * done / max(plan.samples, 1), description=progress_description(
                 done, plan.samples, generated, time.perf_counter() - started, done - generated, 0))
     if failures:
@@ -63,11 +64,6 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
     if absent:
         raise ShardRunsFailed(f"child runs completed but shards {absent} are not on storage under {dataset_uri}")
     return [r.model_copy(update={"reused": r.index not in missing}) for r in records]
-
-
-def _planned(plan: PlanRecord, shards: list[int], shard_size: int) -> int:
-    """Plan rows in the given shards (every shard holds ``shard_size`` rows but the last)."""
-    return sum(min(shard_size, plan.samples - i * shard_size) for i in shards)
 
 
 def _run_group(deployment: str, common: dict, group: list[int]):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from prefect import task
+from collections.abc import Callable, Iterable
+
+from prefect import Task, task, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from indusfactory import storage
 from indusfactory.config import FactoryConfig
+from indusfactory.devices import device_pool
 from indusfactory.export import publish_dataset, shard_uri
 from indusfactory.generate import GenerationContext, generate_shard
 from indusfactory.plan import RECORD_FILE as PLAN_RECORD
-from indusfactory.plan import build_plan, plan_uri_for
+from indusfactory.plan import build_plan, plan_uri_for, rows_in_shards
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+from tasks.report import collect_shards
 
 
 @task(name="build-plan",
@@ -45,6 +50,21 @@ def generate_shard_task(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
                           record.planned / max(record.seconds, 1e-9), config.generation.qc_action, record.flagged,
                           record.dropped)
     return record
+
+
+def generate_shards_locally(run: Callable[[Task], Task], config: FactoryConfig, catalog: CatalogRecord,
+                            plan: PlanRecord, concept: ModelRecord, condition: ModelRecord, dataset_uri: str,
+                            shards: Iterable[int]) -> list[ShardRecord]:
+    """Run ``generate-shard`` for ``shards`` in this flow, as many at once as there are device slots
+    (``execution.devices``; each shard leases one for its sampling), with a progress artifact."""
+    slots = len(device_pool(config.execution).slots)
+    shards = list(shards)
+    with ThreadPoolTaskRunner(max_workers=slots) as runner:
+        futures = runner.map(run(generate_shard_task), {
+            "config": unmapped(config), "catalog": unmapped(catalog), "plan": unmapped(plan),
+            "concept": unmapped(concept), "condition": unmapped(condition), "dataset_uri": unmapped(dataset_uri),
+            "shard": shards})
+        return collect_shards(futures, rows_in_shards(plan, shards, config.generation.shard_size))
 
 
 @task(name="publish-dataset", **TASK_DEFAULTS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_short_batches_run_at_the_full_batch_shape(make_config, prepare_generati
             return self.pipe(**kwargs)
 
     spy = Spy(generate.get_pipeline(setup.ctx))
-    monkeypatch.setattr(generate, "get_pipeline", lambda ctx: spy)
+    monkeypatch.setattr(generate, "get_pipeline", lambda ctx, slot=None: spy)
     alone = generate.generate_rows(setup.ctx, [row])
     assert len(alone) == 1
     generators = calls[0]["generator"]
@@ -345,3 +346,110 @@ def test_out_of_memory_splits_the_batch(make_config, prepare_generation, monkeyp
     monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__", never)
     with pytest.raises(torch.OutOfMemoryError):
         generate_rows(setup.ctx, rows[:1])
+
+
+def test_local_fan_out_runs_one_shard_per_device_slot_at_once(prefect_api, make_config, prepare_generation,
+                                                              monkeypatch, tmp_path):
+    """``execution.devices`` with two slots: two shards sample at once, never two in one slot, and every
+    image is byte for byte what one slot makes."""
+    import dataclasses
+    import threading
+    from contextlib import contextmanager
+
+    from flows.generate_shards import generate_shards
+    from indusfactory import devices
+    from indusfactory.generate import generate_shard
+
+    config = make_config(generation={"steps": 2, "shard_size": 2}, execution={"devices": ["cpu", "cpu"]})
+    setup = prepare_generation(config)
+    assert setup.plan.shards == 3
+    holders: dict[str, int] = {}
+    peak = {"slots": 0, "leases": 0}
+    both_busy = threading.Barrier(2, timeout=60)
+    lock, lease = threading.Lock(), devices.DevicePool.lease
+
+    def recording_lease(pool):
+        with lease(pool) as slot:
+            with lock:
+                holders[slot.name] = holders.get(slot.name, 0) + 1
+                assert holders[slot.name] == 1, f"two shards in {slot.name}"
+                peak["slots"] = max(peak["slots"], sum(holders.values()))
+                peak["leases"] += 1
+                first_two = peak["leases"] <= 2
+            if first_two:
+                both_busy.wait()  # the first two shards really overlap (the 2-core machine may be slow)
+            try:
+                yield slot
+            finally:
+                with lock:
+                    holders[slot.name] -= 1
+
+    monkeypatch.setattr(devices.DevicePool, "lease", contextmanager(recording_lease))
+    records = generate_shards(config=config, catalog=setup.catalog, plan=setup.plan, concept=setup.concept,
+                              condition=setup.condition, dataset_uri=setup.dataset_uri, shards=[0, 1, 2])
+    assert [r.index for r in records] == [0, 1, 2] and peak["slots"] == 2
+    rows = pd.concat(pd.read_parquet(r.uri) for r in records)
+    assert set(rows["worker"].str.rsplit("/", n=1).str[-1]) == {"cpu#0", "cpu#1"}
+
+    one_slot = config.model_copy(update={"execution": config.execution.model_copy(update={"devices": None})})
+    alone_uri = str(tmp_path / "one-slot")
+    alone = [generate_shard(dataclasses.replace(setup.ctx, config=one_slot), setup.plan, alone_uri, i)
+             for i in range(3)]
+    alone_rows = pd.concat(pd.read_parquet(r.uri) for r in alone)
+    assert (rows.set_index("sample_id")["image"].map(lambda im: im["bytes"]).sort_index().tolist()
+            == alone_rows.set_index("sample_id")["image"].map(lambda im: im["bytes"]).sort_index().tolist())
+
+
+def test_devices_are_checked_and_default_to_the_cpu_without_a_gpu(make_config):
+    import torch
+
+    from indusfactory.devices import generation_devices
+    from indusfactory.errors import ModelLoadError
+
+    assert generation_devices(make_config().execution) == [torch.device("cpu")]
+    assert generation_devices(make_config(execution={"devices": ["cpu", "cpu"]}).execution) == [torch.device("cpu")] * 2
+    with pytest.raises(ConfigError, match="execution.devices.0"):
+        make_config(execution={"devices": ["gpu0"]})
+    with pytest.raises(ConfigError, match="execution.devices"):
+        make_config(execution={"devices": []})
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="cuda:1 is a GPU but no CUDA device is available"):
+            generation_devices(make_config(execution={"devices": ["cuda:1"]}).execution)
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from indusfactory.devices import exclusive_host_lock
+    with exclusive_host_lock(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_gpu_host_lock_keeps_other_processes_out_until_its_holder_dies(tmp_path, monkeypatch):
+    """Two processes on one host never hold one GPU's lock at once; a killed holder frees it (no stale lock)."""
+    import threading
+
+    from indusfactory.devices import LOCK_DIR_ENV, exclusive_host_lock
+
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, "GPU-1234"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, LOCK_DIR_ENV: str(tmp_path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        acquired = threading.Event()
+
+        def take():
+            with exclusive_host_lock("GPU-1234"):
+                acquired.set()
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        assert not acquired.wait(1.0), "took a GPU another process holds"
+        with exclusive_host_lock("GPU-5678"):  # another GPU is free meanwhile
+            pass
+        holder.kill()
+        assert acquired.wait(30), "the lock of a killed holder was not freed"
+    finally:
+        holder.kill()
+        holder.wait()
