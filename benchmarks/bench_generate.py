@@ -316,10 +316,12 @@ def bench_flow_rerun(root: Path, setup: Setup, args) -> dict:
             record = generate_dataset(config=config)
             times.append(time.perf_counter() - started)
     assert record.reused, "the second flow run did not reuse the published dataset"
-    print(f"flow: first run {times[0]:.1f} s (ingest, 2 x 20 training steps, {record.samples} images, publish), "
+    print(f"flow: first run {times[0]:.1f} s (ingest, 2 x 20 training steps, {record.samples} images, publish"
+          f"{', evaluate' if config.evaluation.enabled else ''}), "
           f"rerun {times[1]:.1f} s = {times[1] / times[0]:.4f}")
     return {"first_seconds": round(times[0], 2), "rerun_seconds": round(times[1], 2),
             "ratio": round(times[1] / times[0], 4), "samples": record.samples,
+            "evaluation": config.evaluation.enabled,
             "training_steps": {"concept": config.concept.steps, "condition": config.condition.steps}}
 
 

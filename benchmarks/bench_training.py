@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -258,6 +259,17 @@ def bench_sd15(device: str, precision: str, batch: int, steps: int, gradient_che
             "precision": precision, "gradient_checkpointing": gradient_checkpointing, "stages": results}
 
 
+def median_stages(runs: list[dict]) -> dict:
+    """Per stage, the median of each figure over the runs (the speed-up of the medians)."""
+    stages = {}
+    for name in runs[0]:
+        row = {key: round(statistics.median(r[name][key] for r in runs), 4)
+               for key in ("ours_s_per_step", "reference_s_per_step", "ours_wall_s_incl_setup")}
+        row["speedup"] = round(row["reference_s_per_step"] / row["ours_s_per_step"], 2)
+        stages[name] = row
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -268,13 +280,19 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (--sd15)")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU runs, each in a fresh factory; medians reported")
     args = parser.parse_args()
     if args.sd15:
         result = bench_sd15(args.device, args.precision, args.batch, args.steps, args.gradient_checkpointing,
                             args.warmup)
         out = RESULTS / f"training_sd15_{args.device}.json"
     else:
-        result = bench_cpu_tiny(args.steps, args.batch, args.defective)
+        runs = [bench_cpu_tiny(args.steps, args.batch, args.defective) for _ in range(args.repeats)]
+        result = {**runs[0], "repeats": args.repeats, "stages": median_stages([r["stages"] for r in runs])}
+        result["speedups_per_run"] = {stage: [r["stages"][stage]["speedup"] for r in runs] for stage in runs[0]["stages"]}
+        for name, row in result["stages"].items():
+            print(f"median of {args.repeats}: {name:9s} ours {row['ours_s_per_step'] * 1000:7.1f} ms/step   "
+                  f"reference {row['reference_s_per_step'] * 1000:7.1f} ms/step   speed-up x{row['speedup']}")
         out = RESULTS / "training.json"
     result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d")
