@@ -15,6 +15,8 @@ import typer
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "indusfactory")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# An offline factory: a temporary Prefect API must not try to phone home (it logs an error without a network).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(help="indusfactory: synthetic self-annotated industrial defect datasets.", no_args_is_help=True)
 
