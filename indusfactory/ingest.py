@@ -852,7 +852,8 @@ def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
 
 
 def source_listing(source: SourceConfig) -> dict:
-    """What the ingest cache key depends on: the COCO file's hash and every file's name and size."""
+    """What the ingest cache key depends on: the COCO file's hash and every file's name, size and version
+    (modification time, or ETag on object stores), so a file rewritten in place is ingested again."""
     if source.format == "coco":
         labelled = (("coco_annotations", source.coco_annotations), ("images_dir", source.images_dir))
     else:
@@ -867,9 +868,7 @@ def source_listing(source: SourceConfig) -> dict:
     if source.format == "mask_folder":
         folders.append(("masks", source.masks_dir or ""))
     for label_, uri in folders:
-        fs, path = storage.filesystem(uri)
-        listing[label_] = sorted((printable(posixpath.relpath(p, path)), int(info.get("size") or 0))
-                                 for p, info in fs.find(path, detail=True).items())
+        listing[label_] = [(printable(name), size, version) for name, size, version in storage.folder_listing(uri)]
     return listing
 
 

@@ -54,9 +54,11 @@ MIN_INSIDE_ROI = 0.95
 
 
 def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    return fingerprint("plan", catalog.content_fingerprint, config.plan, config.generation.shard_size,
-                       config.concept.token, config.condition.prompt_template, config.base_model.resolution,
-                       storage.normalise_uri(config.factory_root))
+    parts = [catalog.content_fingerprint, config.plan, config.generation.shard_size, config.concept.token,
+             config.condition.prompt_template, config.base_model.resolution, storage.normalise_uri(config.factory_root)]
+    if config.plan.roi_dir:  # the ROI files' contents decide the placements, not only their folder's name
+        parts.append(storage.folder_listing(config.plan.roi_dir))
+    return fingerprint("plan", *parts)
 
 
 def _rng(*parts: object) -> np.random.Generator:

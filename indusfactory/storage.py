@@ -126,6 +126,28 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
+"""fsspec ``info`` keys that change when a file is rewritten: object stores' ETag first, else a time."""
+
+
+def file_version(info: dict) -> str:
+    """What changes when a file is rewritten in place, even at the same size (ETag or modification time)."""
+    for key in VERSION_KEYS:
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def folder_listing(uri: str) -> list[tuple[str, int, str]]:
+    """Every file under ``uri`` as (relative path, size, version): a cheap fingerprint of its contents.
+
+    A file rewritten in place changes its version, so a cache keyed by the listing is not trusted
+    for it; a file merely copied elsewhere changes it too (the work is then redone, not skipped)."""
+    fs, path = filesystem(uri)
+    return sorted((posixpath.relpath(p, path), int(info.get("size") or 0), file_version(info))
+                  for p, info in fs.find(path, detail=True).items())
+
+
 @contextmanager
 def local_copy_for_write(uri: str) -> Iterator[str]:
     """Yield a local folder to write a directory tree into; it is uploaded to ``uri`` on success.

@@ -175,6 +175,29 @@ def test_rerun_reuses_the_catalog(sample_root, tmp_path):
     assert not first.reused and second.reused and second.content_fingerprint == first.content_fingerprint
 
 
+def test_an_image_rewritten_in_place_at_the_same_size_is_ingested_again(sample_root, tmp_path):
+    """Same name, same byte count, other pixels: a new catalog (new content fingerprint), not the old one."""
+    from indusfactory.ingest import ingest_fingerprint
+
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    image = sorted((root / "defective" / "images").iterdir())[0]
+    pixels = np.asarray(Image.open(image).convert("RGB")).copy()
+    Image.fromarray(pixels).save(image, format="PNG", compress_level=0)  # stored: the size depends on the shape
+    source = _source(root)
+    first = ingest(source, str(tmp_path / "factory" / ingest_fingerprint(source, str(tmp_path))))
+    size, mtime = image.stat().st_size, image.stat().st_mtime_ns
+    pixels[:8, :8] = 255 - pixels[:8, :8]
+    Image.fromarray(pixels).save(image, format="PNG", compress_level=0)
+    os.utime(image, ns=(mtime + 2_000_000_000, mtime + 2_000_000_000))  # a coarse clock still moves
+    assert image.stat().st_size == size
+    second = ingest(source, str(tmp_path / "factory" / ingest_fingerprint(source, str(tmp_path))))
+    assert second.uri != first.uri and not second.reused
+    assert second.content_fingerprint != first.content_fingerprint
+    # Untouched files: the same catalog again.
+    assert ingest(source, str(tmp_path / "factory" / ingest_fingerprint(source, str(tmp_path)))).reused
+
+
 def test_nothing_usable_is_a_clear_error(sample_root, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(sample_root, root)

@@ -1,4 +1,5 @@
 import json
+import os
 
 from indusfactory.augment import apply_augmentation
 
@@ -146,6 +147,17 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     for row in build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources):
         for _, mask in materialise(row, sources, config).instances:
             assert mask.any() and not mask[:, :16].any(), "a mask left the allowed right half"
+    # A ROI file redrawn in place is a new plan (its contents decide the placements).
+    from indusfactory.plan import plan_fingerprint
+
+    before = plan_fingerprint(config, catalog)
+    roi_file = sorted(roi_dir.iterdir())[0]
+    mtime = roi_file.stat().st_mtime_ns
+    allowed = np.zeros((64, 64), dtype=np.uint8)
+    allowed[:, :32] = 255
+    Image.fromarray(allowed).save(roi_file)
+    os.utime(roi_file, ns=(mtime + 2_000_000_000, mtime + 2_000_000_000))
+    assert plan_fingerprint(config, catalog) != before
     missing = make_config(source=source, plan={"roi_dir": str(tmp_path / "empty-roi")})
     (tmp_path / "empty-roi").mkdir()
     with pytest.raises(BadInputError, match="region-of-interest file"):
