@@ -24,8 +24,11 @@ conditioning network made with ``ControlNetModel.from_unet``. Random weights tim
 trained ones. Writes ``benchmarks/results/generate[_<device>_<arch>].json``.
 
     python benchmarks/bench_generate.py                     # CPU, tiny model, 64 px, 64 samples
+    # the issue's GPU comparison: ours (bf16, speed-ups) versus the pipeline as diffusers gives it (fp32),
+    # with the fraction of the GPU's bf16 FLOP limit (about 46 TFLOP per image at 512 px, 20 steps)
     python benchmarks/bench_generate.py --device cuda --resolution 512 --sd15-architecture \\
-        --precision bf16 --batch-size 16 --samples 256 [--channels-last] [--compile]
+        --precision bf16 --batch-size 16 --shard-size 64 --per-driver 8 --augmentations 8 --no-flow \\
+        --plain-defaults [--channels-last] [--compile [--compile-mode reduce-overhead]]
 """
 
 from __future__ import annotations
@@ -177,8 +180,32 @@ def speed_up(pipe, args) -> None:
         for model in (pipe.unet, pipe.controlnet, pipe.vae):
             model.to(memory_format=torch.channels_last)
     if args.compile:
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.controlnet = torch.compile(pipe.controlnet)
+        # mode "reduce-overhead" captures CUDA graphs; "max-autotune" also searches kernels
+        pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+        pipe.controlnet = torch.compile(pipe.controlnet, mode=args.compile_mode)
+
+
+# Cost of one image in the issue's accounting, at 512x512: per step, the UNet (0.80 TFLOP) and the
+# conditioning network (0.28 TFLOP), twice with classifier-free guidance; plus the VAE decode.
+UNET_TFLOP_512, CONTROLNET_TFLOP_512, VAE_DECODE_TFLOP_512 = 0.80, 0.28, 2.5
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+"""Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by GPU name."""
+
+
+def tflop_per_image(resolution: int, steps: int, guidance_scale: float) -> float:
+    """The issue's estimate (about 46 TFLOP at 512 px, 20 steps, guidance), scaled by pixel count."""
+    passes = 2 if guidance_scale > 1 else 1
+    scale = (resolution / 512) ** 2
+    return scale * (steps * passes * (UNET_TFLOP_512 + CONTROLNET_TFLOP_512) + VAE_DECODE_TFLOP_512)
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
 def _sync(args) -> None:
@@ -214,11 +241,17 @@ def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
 
 
 def plain_pipeline(setup: Setup, args):
-    """The same models in a plain ``StableDiffusionControlNetPipeline`` (nothing of ours applied)."""
+    """The same models in a plain ``StableDiffusionControlNetPipeline`` (nothing of ours applied).
+
+    ``--plain-defaults``: as a diffusers user gets it, fp32 and no speed-up (the issue's baseline);
+    otherwise in our precision with the same speed-ups as ours (a like-for-like loop).
+    """
     from indusfactory.models import load_generation_pipeline, select_device, select_dtype
 
     pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, "dpmsolver++")
     device = select_device(setup.config.execution)
+    if args.plain_defaults:
+        return pipe.to(device=device, dtype=torch.float32)
     pipe = pipe.to(device=device, dtype=select_dtype(setup.config.execution, device))
     speed_up(pipe, args)
     return pipe
@@ -291,6 +324,18 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
                                         "rerun_seconds": round(rerun.wall, 4),
                                         "ratio": round(rerun.wall / factory[0].wall, 5)}
     print(f"generation-stage rerun {rerun.wall:.3f} s = {rerun.wall / factory[0].wall:.5f} of the first run")
+    if not args.sd15_architecture:  # the FLOP accounting is SD 1.5's; the tiny model's is much smaller
+        return result
+    gen = setup.config.generation
+    per_image = tflop_per_image(setup.config.base_model.resolution, gen.steps, gen.guidance_scale)
+    peak = peak_tflops(args)
+    result["tflop_per_image_estimate"] = round(per_image, 2)
+    result["achieved_tflops"] = round(result["factory_images_per_wall_s"] * per_image, 1)
+    if peak:
+        result["peak_bf16_tflops"] = peak
+        result["fraction_of_bf16_limit"] = round(result["achieved_tflops"] / peak, 3)
+        print(f"factory: {result['achieved_tflops']} TFLOP/s of {peak} (bf16 limit) = "
+              f"{result['fraction_of_bf16_limit']:.1%}, at {per_image:.1f} TFLOP per image")
     return result
 
 
@@ -333,6 +378,11 @@ def main() -> None:
     parser.add_argument("--sd15-architecture", action="store_true", help="SD 1.5's architecture, random weights")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    parser.add_argument("--compile-mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode ('reduce-overhead' uses CUDA graphs)")
+    parser.add_argument("--plain-defaults", action="store_true",
+                        help="the plain loop as diffusers gives it: fp32, no speed-ups (the issue's GPU baseline)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known by name)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=32)
@@ -364,6 +414,7 @@ def main() -> None:
                            "guidance_scale": 7.5, "conditioning_scale": args.conditioning_scale,
                            "batch_size": args.batch_size, "shard_size": args.shard_size,
                            "channels_last": args.channels_last, "compile": args.compile,
+                           "compile_mode": args.compile_mode, "plain_defaults": args.plain_defaults,
                            "torch_threads": torch.get_num_threads()},
               "throughput": throughput, "flow_rerun": flow}
     default = "generate.json" if args.device == "cpu" and not args.sd15_architecture else \
