@@ -28,6 +28,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionConfig
+from indusfactory.devices import generation_devices
 from indusfactory.errors import ModelLoadError
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -94,16 +95,8 @@ def _folder_digest(folder: str) -> str:
 
 
 def select_device(execution: ExecutionConfig) -> torch.device:
-    """The training device: the first of ``execution.devices`` if set, else ``execution.device``."""
-    if execution.devices:
-        from indusfactory.devices import generation_devices
-
-        return generation_devices(execution)[0]
-    if execution.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if execution.device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("execution.device is 'cuda' but no CUDA device is available")
-    return torch.device(execution.device)
+    """The training device: the first of the devices ``execution`` names (see ``generation_devices``)."""
+    return generation_devices(execution)[0]
 
 
 def select_dtype(execution: ExecutionConfig, device: torch.device) -> torch.dtype:

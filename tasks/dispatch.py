@@ -4,11 +4,9 @@ run's failure does not propagate to its parent by itself in Prefect)."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextvars import copy_context
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
@@ -16,7 +14,7 @@ from indusfactory.export import existing_shard
 from indusfactory.plan import rows_in_shards
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
-from tasks.report import progress_description
+from tasks.report import ShardProgress
 
 
 class ShardRunsFailed(RuntimeError):
@@ -39,9 +37,8 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
                 config.execution.shard_deployment)
     common = {"config": config, "catalog": catalog, "plan": plan, "concept": concept, "condition": condition,
               "dataset_uri": dataset_uri}
-    artifact = create_progress_artifact(0.0, description=progress_description(
-        plan.samples - rows_in_shards(plan, missing, size), plan.samples, 0, 0.0, plan.samples - rows_in_shards(plan, missing, size), 0))
-    started, failures, generated = time.perf_counter(), [], 0
+    progress = ShardProgress(plan.samples, already_done=plan.samples - rows_in_shards(plan, missing, size))
+    failures: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
         # Each thread runs in a copy of this flow run's context, so the children are linked as its subflows.
         futures = {pool.submit(copy_context().run, _run_group, config.execution.shard_deployment, common, group): group
@@ -52,10 +49,7 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
                 failures.append(f"{name} (shards {group}): {state.type.value} {state.message or ''}".strip())
                 logger.error("child run %s for shards %s ended %s", name, group, state.type.value)
                 continue
-            generated += rows_in_shards(plan, group, size)
-            done = plan.samples - rows_in_shards(plan, missing, size) + generated
-            update_progress_artifact(artifact, 100.0 * done / max(plan.samples, 1), description=progress_description(
-                done, plan.samples, generated, time.perf_counter() - started, done - generated, 0))
+            progress.add(rows_in_shards(plan, group, size), reused=False)
     if failures:
         raise ShardRunsFailed(f"{len(failures)} of {len(groups)} generate-shards runs failed: " + "; ".join(failures)
                               + ". Rerun generate-dataset: finished shards are kept, only the missing ones run again.")

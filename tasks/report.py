@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import time
+
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.futures import as_completed
 
 from indusfactory import storage
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
@@ -65,28 +69,42 @@ def progress_description(done: int, total: int, generated: int, seconds: float, 
             f"{dropped} dropped by QC")
 
 
+class ShardProgress:
+    """The run's progress artifact (and a log line per update): samples done / total, images/s."""
+
+    def __init__(self, total: int, already_done: int = 0):
+        self.total, self.started = total, time.perf_counter()
+        self.done = self.reused = already_done
+        self.generated = self.dropped = 0
+        self.artifact = create_progress_artifact(self._percent(), description=self.description())
+
+    def _percent(self) -> float:
+        return 100.0 * self.done / max(self.total, 1)
+
+    def description(self) -> str:
+        return progress_description(self.done, self.total, self.generated, time.perf_counter() - self.started,
+                                    self.reused, self.dropped)
+
+    def add(self, samples: int, reused: bool, dropped: int = 0) -> None:
+        """``samples`` more plan rows are done (``reused``: found on storage, not generated)."""
+        self.done += samples
+        if reused:
+            self.reused += samples
+        else:
+            self.generated += samples
+        self.dropped += dropped
+        description = self.description()
+        update_progress_artifact(self.artifact, self._percent(), description=description)
+        run_logger().info("progress: %s", description)
+
+
 def collect_shards(futures, total_samples: int) -> list[ShardRecord]:
     """Wait for the shard futures, updating a progress artifact (samples done / total, images/s)."""
-    import time
-
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.futures import as_completed
-
-    started = time.perf_counter()
-    artifact = create_progress_artifact(0.0, description=progress_description(0, total_samples, 0, 0.0, 0, 0))
-    done = generated = reused = dropped = 0
-    records = []
+    progress, records = ShardProgress(total_samples), []
     for future in as_completed(futures):
         record = future.result()
         records.append(record)
-        done += record.planned
-        reused += record.planned if record.reused else 0
-        generated += 0 if record.reused else record.planned
-        dropped += record.dropped
-        description = progress_description(done, total_samples, generated, time.perf_counter() - started, reused,
-                                           dropped)
-        update_progress_artifact(artifact, 100.0 * done / max(total_samples, 1), description=description)
-        run_logger().info("progress: %s", description)
+        progress.add(record.planned, record.reused, record.dropped)
     return sorted(records, key=lambda r: r.index)
 
 
