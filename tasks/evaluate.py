@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -12,6 +10,7 @@ from indusfactory.config import FactoryConfig
 from indusfactory.evaluate import RECORD_FILE, evaluate_dataset, evaluation_fingerprint
 from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+from tasks.report import image_markdown
 
 
 def _marker(p: dict) -> str:
@@ -33,8 +32,7 @@ def evaluate_dataset_task(config: FactoryConfig, catalog: CatalogRecord, dataset
     create_table_artifact(record.table, key=f"{key}-evaluation-table",
                           description="downstream segmentation, laid out like the paper's Tables 1 and 2")
     table = storage.read_bytes(storage.join(record.uri, "table.md")).decode("utf-8")
-    images = [f"![{name}](data:image/png;base64,{base64.b64encode(storage.read_bytes(storage.join(record.uri, name))).decode()})"
-              for name in record.plots]
+    images = [image_markdown(storage.join(record.uri, name), name) for name in record.plots]
     create_markdown_artifact("\n\n".join([table, *images, f"Files: `{record.uri}`"]), key=f"{key}-evaluation",
                              description="evaluation of the published dataset")
     return record

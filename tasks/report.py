@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -111,10 +112,8 @@ def collect_shards(futures, total_samples: int) -> list[ShardRecord]:
 MAX_INLINE_IMAGE_BYTES = 1 << 20
 
 
-def _image_markdown(uri: str, name: str) -> str:
+def image_markdown(uri: str, name: str) -> str:
     """An image inlined as a data URI (small PNGs) so the UI shows it wherever the factory root is."""
-    import base64
-
     data = storage.read_bytes(uri)
     if len(data) > MAX_INLINE_IMAGE_BYTES:
         return f"- `{name}`: `{uri}`"
@@ -130,7 +129,7 @@ def validation_artifact(record: ModelRecord) -> str | None:
     lines = [f"# Validation of {record.kind} `{record.fingerprint}`", "", f"{what}; final loss "
              f"{record.final_loss}, {record.steps} steps, {'reused' if record.reused else 'trained'}.", ""]
     for name in reversed(record.validation):
-        lines += [f"## {name}", "", _image_markdown(storage.join(record.uri, name), name), ""]
+        lines += [f"## {name}", "", image_markdown(storage.join(record.uri, name), name), ""]
     markdown = "\n".join(lines)
     create_markdown_artifact(markdown, key=f"{record.kind}-validation",
                              description=f"validation images of the {record.kind} model")
