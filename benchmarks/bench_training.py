@@ -109,7 +109,8 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
     from indusfactory.models import load_concept_pipeline
 
     c = config.condition
-    images, drivers, prompts = training_examples(config, catalog)
+    examples = training_examples(config, catalog)
+    images, drivers, prompts = examples.images, examples.drivers, examples.prompts
     pixels_uint8 = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     conditions = to_condition_tensor(drivers)
     with storage.local_copy_for_read(concept.uri) as folder:

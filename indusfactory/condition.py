@@ -12,12 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import (
-    ControlNetModel,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionControlNetPipeline,
-)
+from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
 
 from indusfactory import storage
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
@@ -26,7 +21,8 @@ from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
 from indusfactory.imaging import fit_square, from_model_output, image_grid, to_condition_tensor, to_model_tensor
 from indusfactory.ingest import read_catalog
-from indusfactory.models import BaseComponents, configure_torch, load_concept_pipeline
+from indusfactory.controllability import probe_cases, sample_probe
+from indusfactory.models import BaseComponents, configure_torch, load_concept_pipeline, scheduler_for
 from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
 from indusfactory.training import (
     Progress,
@@ -36,6 +32,7 @@ from indusfactory.training import (
     diffusion_loss,
     encode_latents,
     encode_prompts,
+    latent_mask_weights,
     model_card,
     noisy_inputs,
     prepare_frozen,
@@ -98,13 +95,30 @@ def annotated_examples(config: FactoryConfig, catalog: CatalogRecord, split: str
     return out
 
 
-def training_examples(config: FactoryConfig, catalog: CatalogRecord) -> tuple[list, list, list[str]]:
-    """(images, drivers, prompts) of the defective train split, each also mirrored."""
+def dihedral_views(array: np.ndarray, augmentation: str) -> list[np.ndarray]:
+    """``array`` under the training augmentation: itself ('none'), + its mirror ('flip'), or the 8
+    rotations and mirrors of the square ('dihedral'). Drivers, images and masks get the same views."""
+    if augmentation == "none":
+        return [array]
+    if augmentation == "flip":
+        return [array, array[:, ::-1]]
+    return [np.rot90(a, k) for a in (array, array[:, ::-1]) for k in range(4)]
+
+
+def training_examples(config: FactoryConfig, catalog: CatalogRecord) -> ConditionExamples:
+    """The defective train split with drivers, masks and prompts, under ``condition.augmentation``."""
     ex = annotated_examples(config, catalog, "train")
     if not ex.images:
         raise BadInputError(f"catalog {catalog.uri} has no annotated defective image in its train split")
-    mirror = [a[:, ::-1] for a in ex.images], [d[:, ::-1] for d in ex.drivers]
-    return ex.images + mirror[0], ex.drivers + mirror[1], ex.prompts + ex.prompts
+    views = config.condition.augmentation
+    out = ConditionExamples([], [], [], [])
+    for image, driver, mask, prompt in zip(ex.images, ex.drivers, ex.masks, ex.prompts):
+        for parts in zip(dihedral_views(image, views), dihedral_views(driver, views), dihedral_views(mask, views)):
+            out.images.append(np.ascontiguousarray(parts[0]))
+            out.drivers.append(np.ascontiguousarray(parts[1]))
+            out.masks.append(np.ascontiguousarray(parts[2]))
+            out.prompts.append(prompt)
+    return out
 
 
 def validation_examples(config: FactoryConfig, catalog: CatalogRecord, count: int) -> ConditionExamples:
@@ -113,6 +127,55 @@ def validation_examples(config: FactoryConfig, catalog: CatalogRecord, count: in
     if not ex.images:
         ex = annotated_examples(config, catalog, "train")
     return ConditionExamples(ex.images[:count], ex.drivers[:count], ex.masks[:count], ex.prompts[:count])
+
+
+def probe_masks(config: FactoryConfig, catalog: CatalogRecord) -> tuple[list[tuple[int, str, np.ndarray]], str]:
+    """Every instance mask of the validation split (the train split when it has none), with where they came from."""
+    for split in ("val", "train"):
+        masks = []
+        to_class = category_index(catalog.categories)
+        for row in read_catalog(catalog.uri).to_pylist():
+            if row["defective"] and row["split"] == split:
+                masks += [(to_class[i["category_id"]], i["category"],
+                           fit_square(rle_to_mask(i["rle"]), config.base_model.resolution)) for i in row["instances"]]
+        if masks:
+            return masks, split
+    return [], "none"
+
+
+def defect_free_images(config: FactoryConfig, catalog: CatalogRecord, limit: int) -> list[np.ndarray]:
+    """Up to ``limit`` defect-free catalog images at training resolution (the condition never trains on them)."""
+    rows = [r for r in read_catalog(catalog.uri).to_pylist() if not r["defective"]][:limit]
+    return [fit_square(decode_image(r["image"]["bytes"]), config.base_model.resolution) for r in rows]
+
+
+def control_pipeline(base: BaseComponents, controlnet: ControlNetModel, scheduler: str):
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=controlnet, scheduler=scheduler_for(scheduler, base.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def held_out_adherence(base: BaseComponents, controlnet: ControlNetModel, config: FactoryConfig,
+                       catalog: CatalogRecord, runtime: TrainingRuntime) -> dict:
+    """Probe the trained network on defect-free images with validation masks; the summary as a dict."""
+    count = config.condition.validation_probe_samples
+    masks, split = probe_masks(config, catalog)
+    images = defect_free_images(config, catalog, count)
+    if not count or not masks or not images:
+        return {}
+    controlnet.eval()
+    with runtime.autocast():
+        result = sample_probe(control_pipeline(base, controlnet, config.generation.scheduler), config,
+                              probe_cases(images, masks, count, seed=config.condition.seed),
+                              lambda names: condition_prompt(config, names))
+    controlnet.train()
+    summary = {**result.summary.as_dict(), "mask_split": split}
+    log.info("held-out adherence of the conditioning network (%s masks): %s", split, result.summary.headline())
+    return summary
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
@@ -130,11 +193,7 @@ def condition_validation(base: BaseComponents, controlnet: ControlNetModel, conf
     def on_step(step: int) -> None:
         if not validation_due(c, step) or not examples.images:
             return
-        pipe = StableDiffusionControlNetPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            controlnet=controlnet, scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = control_pipeline(base, controlnet, "dpmsolver++")
         controlnet.eval()
         resolution = config.base_model.resolution
         with runtime.autocast():
@@ -162,7 +221,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
     configure_torch(config.execution)
     c = config.condition
     runtime = TrainingRuntime.for_stage(config.execution, c)
-    images, drivers, prompts = training_examples(config, catalog)
+    examples = training_examples(config, catalog)
+    images, drivers, prompts = examples.images, examples.drivers, examples.prompts
     with storage.local_copy_for_read(concept.uri) as concept_dir:
         pipe = load_concept_pipeline(config.base_model, concept_dir)
     base = BaseComponents(model_id=config.base_model.pretrained, tokenizer=pipe.tokenizer,
@@ -171,6 +231,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
     prepare_frozen(base, runtime)
     latents = encode_latents(base, to_model_tensor(images))
     conditions = to_condition_tensor(drivers)
+    mask_weights = latent_mask_weights(torch.from_numpy(np.stack(examples.masks))[:, None], base.vae_scale_factor,
+                                       c.mask_loss_weight)
     unique_prompts = sorted(set(prompts)) + [""]
     embeds = encode_prompts(base, unique_prompts)
     prompt_index = torch.tensor([unique_prompts.index(p) for p in prompts])
@@ -193,7 +255,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
                                controlnet_cond=conditions[index].to(runtime.device), return_dict=False)
         prediction = base.unet(noisy, timesteps, hidden, down_block_additional_residuals=down,
                                mid_block_additional_residual=mid).sample
-        return diffusion_loss(prediction, target, timesteps, base.noise_scheduler, c.snr_gamma)
+        return diffusion_loss(prediction, target, timesteps, base.noise_scheduler, c.snr_gamma,
+                              weights=mask_weights[index] if c.mask_loss_weight else None)
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
     checkpoint_uri = checkpoint_uri_for(output_uri)
@@ -201,12 +264,14 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
                                    runtime, checkpoint_uri)
     losses, seconds = run_training(params, c, len(images), step, "learn-condition", progress,
                                    checkpoint_uri=checkpoint_uri, runtime=runtime, on_step=on_step)
+    adherence = held_out_adherence(base, controlnet, config, catalog, runtime)
     fp = os.path.basename(output_uri.rstrip("/"))
     with storage.local_copy_for_write(output_uri) as folder:
         controlnet.save_pretrained(folder, safe_serialization=True)
         validation = copy_validation_images(checkpoint_uri, folder)
         record = ModelRecord(kind="condition", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
                              steps=c.steps, seconds=round(seconds, 2), method="controlnet", validation=validation,
+                             adherence=adherence,
                              final_loss=round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5))
         card = model_card(f"indusfactory conditioning network `{fp}`",
                           "ControlNet-style conditioning network on topological drivers, trained on top of "
@@ -214,7 +279,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
                           "in a `StableDiffusionControlNetPipeline` with the concept model. Validation grids: "
                           "driver | generated | mask overlay.",
                           config.base_model.pretrained, c.model_dump(mode="json"), catalog.content_fingerprint,
-                          losses, seconds, extra=f"- example prompt: `{prompts[0]}`", validation=validation)
+                          losses, seconds, extra="\n".join([f"- example prompt: `{prompts[0]}`",
+                                                             *probe_card_lines(adherence)]), validation=validation)
         write_model_metadata(folder, card, {"condition": c.model_dump(mode="json"),
                                             "driver": config.driver.model_dump(mode="json"),
                                             "concept_fingerprint": concept.fingerprint,
@@ -223,6 +289,18 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
     remove_checkpoint(checkpoint_uri)
     log.info("conditioning network trained in %.1f s, written to %s", seconds, output_uri)
     return record
+
+
+def probe_card_lines(adherence: dict) -> list[str]:
+    if not adherence:
+        return ["- held-out adherence: not measured (no probe samples, masks or defect-free images)"]
+    line = (f"- held-out adherence ({adherence['samples']} samples, defect-free images with {adherence['mask_split']}"
+            f"-split masks): **{adherence['verdict']}**, median label AUC {adherence['median_auc']:.3f} vs chance "
+            f"{adherence['chance_auc']:.3f}, {adherence['fraction_darker']:.0%} darker inside the mask")
+    if adherence["verdict"] != "follows labels":
+        line += ("\n\n> **Warning**: this network does not put defects where the masks say; datasets made with it "
+                 "will have labels that do not match their images.")
+    return [line]
 
 
 def condition_uri_for(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:

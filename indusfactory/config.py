@@ -170,7 +170,8 @@ class TrainingConfig(Section):
     validation_inference_steps: int = Field(20, gt=0, description="Sampling steps of the validation images.")
 
 
-TRAINING_ONLY_FIELDS = {"checkpoint_every", "validation_images", "validation_every", "validation_inference_steps"}
+TRAINING_ONLY_FIELDS = {"checkpoint_every", "validation_images", "validation_every", "validation_inference_steps",
+                        "validation_probe_samples"}
 """Settings that do not change the trained weights, so not part of a model's fingerprint."""
 
 
@@ -215,6 +216,21 @@ class ConditionConfig(TrainingConfig):
     learning_rate: float = Field(3e-4, gt=0)
     empty_prompt_probability: float = Field(
         0.0, ge=0, le=1, description="Share of examples trained with the empty prompt (ControlNet uses 0.5)."
+    )
+    mask_loss_weight: float = Field(
+        4.0, ge=0, description="Extra weight of the diffusion loss on latent pixels a defect mask touches (1 + this "
+        "there, 1 elsewhere; 0: plain loss). A defect covers a few percent of an image, so without it the loss is "
+        "spent on the texture and the network learns late where the mask says the defect goes (as in "
+        "AnomalyDiffusion and DefectFill).",
+    )
+    validation_probe_samples: int = Field(
+        16, ge=0, le=512, description="After training, samples generated from defect-free images with validation-split "
+        "masks (never trained on) to measure whether defects land where the masks say; the verdict goes into the "
+        "model card and the run summary (0: no probe).",
+    )
+    augmentation: Literal["none", "flip", "dihedral"] = Field(
+        "dihedral", description="Views of each defective training image (with its driver and mask): 'flip' adds "
+        "its mirror, 'dihedral' its 8 rotations and mirrors (surfaces have no up), 'none' the image only.",
     )
 
 
@@ -289,6 +305,23 @@ class GenerationConfig(Section):
     )
     min_adherence: float | None = Field(
         None, description="Samples whose adherence score is below this fail QC (needs adherence_scorer)."
+    )
+    min_label_auc: float | None = Field(
+        None, ge=0, le=1,
+        description="Samples whose label AUC (how often a pixel inside the label is darker than one in the ring "
+        "around it; 0.5 is no relation) is below this fail QC. None: no per-sample threshold.",
+    )
+    refuse_near_chance: bool = Field(
+        False,
+        description="Refuse to publish a dataset whose samples do not follow their labels (median label AUC less "
+        "than adherence_margin above the chance level): the run fails before the manifest is written, naming the "
+        "figures. False: such a dataset is published and marked 'near chance' in its manifest, card and summary.",
+    )
+    adherence_margin: float = Field(
+        0.1, ge=0, le=0.5,
+        description="A set of samples follows its labels when its median label AUC (a label pixel darker than "
+        "the ring around it) is at least this far above the chance level (the same images with other samples' "
+        "masks); otherwise it is marked 'near chance'.",
     )
 
     @model_validator(mode="after")

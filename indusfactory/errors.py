@@ -15,3 +15,7 @@ class ConfigError(BadInputError):
 
 class ModelLoadError(BadInputError):
     """A base or trained model is missing, incomplete or of the wrong kind."""
+
+
+class NearChanceError(BadInputError):
+    """The generated samples do not follow their labels and the config refuses to publish such a dataset."""

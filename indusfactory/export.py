@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indusfactory import storage
-from indusfactory.errors import IndusfactoryError
+from indusfactory.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
+from indusfactory.errors import IndusfactoryError, NearChanceError
 from indusfactory.config import FactoryConfig
 from indusfactory.fingerprint import CODE_VERSION, fingerprint
 from indusfactory.imaging import image_grid
@@ -81,11 +82,12 @@ def coco_of_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list[dict], categories: list[dict],
-                seconds: float, dropped: int = 0, worker: str = "") -> ShardRecord:
+                seconds: float, dropped: int = 0, worker: str = "", adherence: dict | None = None) -> ShardRecord:
     """Write images, the shard's COCO file and, last, its parquet (the shard's completion marker).
 
     ``rows`` are the samples kept; ``dropped`` more were planned and left out by QC (recorded in the
-    parquet metadata, so a reused shard reports them too).
+    parquet metadata, so a reused shard reports them too), as are the adherence totals of every
+    generated sample (``adherence.shard_totals``).
     """
     storage.write_many_atomic({storage.join(dataset_uri, "images", row["image"]["path"]): row["image"]["bytes"]
                                for row in rows})
@@ -93,7 +95,7 @@ def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list
     coco_uri = shard_coco_uri(dataset_uri, split, index, total)
     storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, shard_name(split, index, total)))
     schema = with_metadata(DATASET_SCHEMA, categories, huggingface=True)
-    counts = json.dumps({"planned": len(rows) + dropped, "dropped": dropped}).encode()
+    counts = json.dumps({"planned": len(rows) + dropped, "dropped": dropped, "adherence": adherence or {}}).encode()
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata({**schema.metadata, SHARD_METADATA: counts}))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -103,7 +105,7 @@ def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=coco_uri, rows=len(rows),
                        flagged=sum(not r["qc_passed"] for r in rows), dropped=dropped,
                        sha256=storage.sha256_bytes(data), seconds=round(seconds, 3),
-                       worker=worker or (rows[0]["worker"] if rows else ""))
+                       worker=worker or (rows[0]["worker"] if rows else ""), adherence=adherence or {})
 
 
 def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord | None:
@@ -116,7 +118,7 @@ def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> Shar
     counts = json.loads((table.schema.metadata or {}).get(SHARD_METADATA, b"{}"))
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=shard_coco_uri(dataset_uri, split, index, total),
                        rows=table.num_rows, flagged=int((~np.asarray(table["qc_passed"])).sum()),
-                       dropped=int(counts.get("dropped", 0)),
+                       dropped=int(counts.get("dropped", 0)), adherence=counts.get("adherence", {}),
                        sha256=storage.sha256_bytes(data), seconds=0.0,
                        worker=table["worker"][0].as_py() if table.num_rows else "", reused=True)
 
@@ -135,13 +137,39 @@ def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
         f"{counts['dropped']} of {counts['planned']} planned dropped by QC)",
         f"- categories: {', '.join(c['name'] for c in manifest['categories'])}",
         f"- base model: `{manifest['lineage']['base_model']}`; concept `{manifest['lineage']['concept_fingerprint']}`;"
-        f" condition `{manifest['lineage']['condition_fingerprint']}`", "",
+        f" condition `{manifest['lineage']['condition_fingerprint']}`",
+        *adherence_lines(manifest.get("adherence")), "",
         "## Load it", "", "```python", "import pandas as pd",
         'df = pd.read_parquet("{root}/data/")', "from datasets import load_dataset",
         'ds = load_dataset("{root}")', "from pycocotools.coco import COCO",
         f'coco = COCO("{{root}}/annotations/instances_{split}.json")', "```", "",
         "Masks are COCO RLE (`instances[].rle`, decode with `pycocotools.mask.decode`).", "",
     ]).replace("{root}", f"<path to {name}/{version}>")
+
+
+def adherence_verdict(shards: list[ShardRecord], generation: dict, dataset_uri: str) -> AdherenceSummary:
+    """Whether the dataset's samples follow their labels; with ``refuse_near_chance``, an error if not."""
+    summary = summarise_totals([s.adherence for s in shards], margin=generation.get("adherence_margin", 0.1))
+    if not summary.follows_labels and generation.get("refuse_near_chance"):
+        raise NearChanceError(f"not publishing {dataset_uri}: its samples do not follow their labels ("
+                              f"{summary.headline()}; needs {summary.margin} above chance). The conditioning "
+                              "network did not learn where the defects go: train it longer (condition.steps), "
+                              "check its validation adherence in the model card, or set "
+                              "generation.refuse_near_chance false to publish it marked 'near chance'.")
+    return summary
+
+
+def adherence_lines(adherence: dict | None) -> list[str]:
+    """The card's statement of whether the labels follow the images (a warning when they do not)."""
+    if not adherence:
+        return []
+    line = (f"- labels: **{adherence['verdict']}**: median label AUC {adherence['median_auc']:.3f} against "
+            f"{adherence['chance_auc']:.3f} by chance (the same images with other samples' masks); "
+            f"{adherence['fraction_darker']:.0%} of {adherence['samples']} samples darker inside their label")
+    if adherence["verdict"] == NEAR_CHANCE:
+        return [line, "", "> **Warning**: the defects in these images are not where the labels say. Do not train "
+                "on this dataset; retrain the conditioning network (see its model card's validation adherence)."]
+    return [line]
 
 
 def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shards: list[ShardRecord],
@@ -151,7 +179,8 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
     if is_published(dataset_uri):
         manifest = storage.read_json(manifest_uri)
         return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
-                             samples=manifest["counts"]["samples"], shards=manifest["counts"]["shards"], reused=True)
+                             samples=manifest["counts"]["samples"], shards=manifest["counts"]["shards"],
+                             adherence=manifest.get("adherence", {}), reused=True)
     shards = sorted(shards, key=lambda s: s.index)
     expected = shards[0].total if shards else 0
     if [s.index for s in shards] != list(range(expected)):
@@ -159,6 +188,7 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
     for shard in shards:
         if storage.sha256_bytes(storage.read_bytes(shard.uri)) != shard.sha256:
             raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} changed after it was written")
+    summary = adherence_verdict(shards, config.get("generation", {}), dataset_uri)
     storage.remove_temporaries(dataset_uri)  # left by a crashed attempt; every shard is complete now
     images, annotations = [], []
     for shard in shards:
@@ -174,7 +204,8 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
                    "planned": sum(s.planned for s in shards), "dropped": sum(s.dropped for s in shards),
                    "flagged": sum(s.flagged for s in shards), "annotations": len(annotations)},
         "qc": {key: config.get("generation", {}).get(key) for key in
-               ("qc_action", "min_mask_contrast", "adherence_scorer", "min_adherence")},
+               ("qc_action", "min_mask_contrast", "min_label_auc", "adherence_scorer", "min_adherence")},
+        "adherence": summary.as_dict(),
         "shards": [{"path": shard.uri[len(dataset_uri) + 1:], "rows": shard.rows, "dropped": shard.dropped,
                     "flagged": shard.flagged, "sha256": shard.sha256, "worker": shard.worker} for shard in shards],
         "categories": categories, "lineage": lineage, "config": config,
@@ -187,7 +218,7 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
     storage.write_json_atomic(manifest_uri, manifest)
     storage.write_bytes_atomic(storage.join(dataset_uri.rsplit("/", 1)[0], "latest"), f"{version}\n".encode())
     return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
-                         samples=manifest["counts"]["samples"], shards=len(shards))
+                         samples=manifest["counts"]["samples"], shards=len(shards), adherence=summary.as_dict())
 
 
 def preview_rows(shards: list[ShardRecord], count: int) -> list[dict]:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from indusfactory import storage
+from indusfactory.adherence import label_auc, shard_totals
 from indusfactory.config import FactoryConfig
 from indusfactory.errors import ConfigError
 from indusfactory.fingerprint import CODE_VERSION
@@ -283,10 +284,13 @@ def adherence_scorer(name: str | None) -> AdherenceScorer | None:
                       "and is not a 'package.module:function' path")
 
 
-def qc_verdict(ctx: GenerationContext, contrast: float, adherence: float | None) -> bool:
-    """Whether a sample passes QC: defect dark enough and, when a threshold is set, adherent enough."""
+def qc_verdict(ctx: GenerationContext, contrast: float, adherence: float | None, label_auc: float = 1.0) -> bool:
+    """Whether a sample passes QC: defect dark enough, darker than its ring often enough (label AUC) and,
+    when a threshold is set, adherent enough by the configured scorer."""
     gen = ctx.config.generation
     if contrast < gen.min_mask_contrast:
+        return False
+    if gen.min_label_auc is not None and label_auc < gen.min_label_auc:
         return False
     return gen.min_adherence is None or (adherence is not None and adherence >= gen.min_adherence)
 
@@ -398,6 +402,7 @@ def _generate_on(ctx: GenerationContext, rows: list[dict], slot: DeviceSlot, sou
     pipe = get_pipeline(ctx, slot)
     embeds = _prompt_embeds(pipe, [r["prompt"] for r in rows], pipe.unet.device)
     out: list[dict] = []
+    chance = ChancePairing()
     shape = gen.batch_size
     for start in range(0, len(rows), gen.batch_size):
         batch = rows[start : start + gen.batch_size]
@@ -406,10 +411,32 @@ def _generate_on(ctx: GenerationContext, rows: list[dict], slot: DeviceSlot, sou
         unions = [_union(sample, image.shape[:2]) for sample, image in zip(inputs, images)]
         scores = scorer(list(images), unions) if scorer else [None] * len(batch)
         for row, sample, image, union, score in zip(batch, inputs, images, unions, scores):
-            out.append(_dataset_row(ctx, row, sample, image, union, score, worker))
+            out.append(_dataset_row(ctx, row, sample, image, union, score, worker, chance.next(image, union)))
         if on_batch:
             on_batch(len(batch))
+    if len(out) > 1:
+        out[0]["qc_chance_auc"] = chance.close()
     return out
+
+
+class ChancePairing:
+    """The chance level of a shard: each sample's image scored with the previous sample's mask (the first
+    with the last one's), so it depends on the shard's rows only, never on how they were batched."""
+
+    def __init__(self) -> None:
+        self.first_image: np.ndarray | None = None
+        self.last_mask: np.ndarray | None = None
+
+    def next(self, image: np.ndarray, mask: np.ndarray) -> float | None:
+        score = None if self.last_mask is None else label_auc(image, self.last_mask)
+        if self.first_image is None:
+            self.first_image = image
+        self.last_mask = mask
+        return score
+
+    def close(self) -> float | None:
+        """The first sample's chance score (needs the last sample's mask)."""
+        return None if self.first_image is None else label_auc(self.first_image, self.last_mask)
 
 
 def _union(sample: SampleInputs, shape: tuple[int, int]) -> np.ndarray:
@@ -420,7 +447,7 @@ def _union(sample: SampleInputs, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image: np.ndarray, union: np.ndarray,
-                 adherence: float | None, worker: str) -> dict:
+                 adherence: float | None, worker: str, chance_auc: float | None = None) -> dict:
     instances = []
     for inst, mask in sample.instances:
         rle = mask_to_rle(mask)
@@ -428,6 +455,7 @@ def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image:
         instances.append({"category_id": inst["category_id"], "category": inst["category"], "rle": rle,
                           "bbox": bbox, "area": area, "mask_source": inst["mask_source"]})
     contrast = mask_contrast(image, union)
+    auc = label_auc(image, union)
     adherence = None if adherence is None else float(adherence)
     return {
         "sample_id": row["sample_id"], "sample_index": row["sample_index"],
@@ -436,8 +464,8 @@ def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image:
         "driver": {"bytes": encode_png((sample.driver * 255).round().astype(np.uint8)),
                    "path": f"{row['sample_id']}_driver.png"},
         "prompt": row["prompt"], "seed": row["seed"], "driver_image_id": row["driver_image_id"],
-        "qc_mask_contrast": contrast, "qc_adherence": adherence,
-        "qc_passed": qc_verdict(ctx, contrast, adherence),
+        "qc_mask_contrast": contrast, "qc_adherence": adherence, "qc_label_auc": auc, "qc_chance_auc": chance_auc,
+        "qc_passed": qc_verdict(ctx, contrast, adherence, auc),
         "base_model": ctx.config.base_model.pretrained, "concept_fingerprint": ctx.concept.fingerprint,
         "condition_fingerprint": ctx.condition.fingerprint, "code_version": CODE_VERSION, "worker": worker,
     }
@@ -459,5 +487,8 @@ def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, s
                          on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True)))
     kept, dropped = apply_qc_action(rows, ctx.config.generation.qc_action)
     worker = rows[0]["worker"] if rows else worker_name()
+    totals = shard_totals([r["qc_label_auc"] for r in rows],
+                          [r["qc_chance_auc"] for r in rows if r["qc_chance_auc"] is not None],
+                          [r["qc_mask_contrast"] for r in rows])
     return write_shard(dataset_uri, split, shard, plan.shards, kept, ctx.categories, time.perf_counter() - started,
-                       dropped=dropped, worker=worker)
+                       dropped=dropped, worker=worker, adherence=totals)

@@ -7,8 +7,12 @@ import torch
 from PIL import Image
 
 
+MASK_COVERAGE = 0.25
+"""A downscaled mask pixel is set when at least this share of the source pixels under it is set."""
+
+
 def fit_square(array: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
-    """Centre-crop to a square and resize to ``resolution`` (bicubic, or nearest for masks)."""
+    """Centre-crop to a square and resize to ``resolution`` (bicubic; bool masks see ``resize_mask``)."""
     height, width = array.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
@@ -16,10 +20,23 @@ def fit_square(array: np.ndarray, resolution: int, nearest: bool = False) -> np.
     if side == resolution:
         return crop.copy()
     if array.dtype == bool:
-        image = Image.fromarray(crop.astype(np.uint8) * 255)
-        return np.asarray(image.resize((resolution, resolution), Image.NEAREST)) > 127
+        return resize_mask(crop, resolution)
     resample = Image.NEAREST if nearest else Image.BICUBIC
     return np.asarray(Image.fromarray(crop).resize((resolution, resolution), resample))
+
+
+def resize_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """A square bool mask at ``resolution``: by area coverage when shrinking, so a thin crack stays one
+    connected line (nearest-neighbour sampling breaks it into fragments), by nearest when enlarging.
+    A non-empty mask never comes out empty (its best-covered pixel is kept)."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    if resolution >= mask.shape[0]:
+        return np.asarray(image.resize((resolution, resolution), Image.NEAREST)) > 127
+    coverage = np.asarray(image.resize((resolution, resolution), Image.BOX), dtype=np.float32) / 255.0
+    out = coverage >= MASK_COVERAGE
+    if mask.any() and not out.any():
+        out.flat[int(np.argmax(coverage))] = True
+    return out
 
 
 def to_model_tensor(images: list[np.ndarray]) -> torch.Tensor:

@@ -115,6 +115,10 @@ DATASET_SCHEMA = pa.schema(
         ("qc_mask_contrast", pa.float64()),
         # score of the configured adherence scorer (generation.adherence_scorer); null when none is set
         ("qc_adherence", pa.float64()),
+        # P(a label pixel is darker than a ring pixel) of the sample's own mask (indusfactory.adherence)
+        ("qc_label_auc", pa.float64()),
+        # the same with the previous sample's mask in the shard: the chance level (null in a one-sample shard)
+        ("qc_chance_auc", pa.float64()),
         ("qc_passed", pa.bool_()),
         ("base_model", pa.string()),
         ("concept_fingerprint", pa.string()),
@@ -149,6 +153,8 @@ HF_FEATURES = {
     "driver_image_id": {"dtype": "string", "_type": "Value"},
     "qc_mask_contrast": {"dtype": "float64", "_type": "Value"},
     "qc_adherence": {"dtype": "float64", "_type": "Value"},
+    "qc_label_auc": {"dtype": "float64", "_type": "Value"},
+    "qc_chance_auc": {"dtype": "float64", "_type": "Value"},
     "qc_passed": {"dtype": "bool", "_type": "Value"},
     "base_model": {"dtype": "string", "_type": "Value"},
     "concept_fingerprint": {"dtype": "string", "_type": "Value"},
@@ -290,6 +296,8 @@ class ModelRecord(Record):
     final_loss: float | None = None
     validation: list[str] = []
     """Validation grids, relative to ``uri`` (e.g. ``validation/step-000150.png``)."""
+    adherence: dict[str, Any] = {}
+    """Condition: the held-out probe (``adherence.AdherenceSummary.as_dict`` plus where its masks came from)."""
     reused: bool = False
 
 
@@ -298,6 +306,8 @@ class PlanRecord(Record):
     fingerprint: str
     samples: int
     shards: int
+    adherence: dict[str, Any] = {}
+    """Whether the samples follow their labels (``adherence.AdherenceSummary.as_dict``)."""
     reused: bool = False
 
 
@@ -315,6 +325,9 @@ class ShardRecord(Record):
     worker: str
     dropped: int = 0
     """Samples that failed QC and were left out (generation.qc_action 'drop')."""
+    adherence: dict[str, float] = {}
+    """Sums over the shard's generated samples, dropped ones included (``adherence.ShardTotals``):
+    scored, auc_sum, chance_scored, chance_sum, darker."""
     reused: bool = False
 
     @property
@@ -349,4 +362,6 @@ class DatasetRecord(Record):
     manifest_uri: str
     samples: int
     shards: int
+    adherence: dict[str, Any] = {}
+    """Whether the samples follow their labels (``adherence.AdherenceSummary.as_dict``)."""
     reused: bool = False

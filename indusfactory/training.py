@@ -124,15 +124,32 @@ def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.G
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None = None,
-                   scheduler=None, snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE of the prediction; with ``snr_gamma``, each example weighted by Min-SNR (Hang et al. 2023)."""
+                   scheduler=None, snr_gamma: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of the prediction; with ``snr_gamma``, each example weighted by Min-SNR (Hang et al. 2023).
+
+    ``weights`` (broadcastable to the prediction, e.g. Nx1xhxw) weights each latent pixel; each
+    example's loss is then the weighted mean over its pixels, so the loss keeps its scale.
+    """
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if weights is None:
+        per_example = error.mean(dim=(1, 2, 3))
+    else:
+        weights = weights.to(error.device, error.dtype).expand_as(error)
+        per_example = (error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
     if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        return per_example.mean()
     snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
-    weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_example * weights.to(per_example.device)).mean()
+    clamped = torch.clamp(snr, max=snr_gamma)
+    clamped = clamped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clamped / snr
+    return (per_example * clamped.to(per_example.device)).mean()
+
+
+def latent_mask_weights(masks: torch.Tensor, scale_factor: int, weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights: ``1 + weight`` on latent pixels a defect mask touches (and their
+    neighbours, so the defect's edges count too), 1 elsewhere. ``masks``: Nx1xHxW in {0, 1}."""
+    touched = F.max_pool2d(masks.float(), kernel_size=scale_factor, stride=scale_factor)
+    touched = F.max_pool2d(touched, kernel_size=3, stride=1, padding=1)
+    return 1.0 + weight * touched
 
 
 def checkpoint_uri_for(output_uri: str) -> str:

@@ -10,6 +10,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.futures import as_completed
 
 from indusfactory import storage
+from indusfactory.adherence import FOLLOWS_LABELS
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 
@@ -26,10 +27,12 @@ def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: Model
     markdown = "\n".join([
         f"# Dataset `{dataset.name}/{dataset.version}`", "",
         f"Written to `{dataset.uri}` ({dataset.samples} samples, {dataset.shards} shards).", "",
+        *_adherence_lines(dataset, condition),
         "| stage | status | detail |", "| --- | --- | --- |",
         _stage_line("ingest", catalog.reused, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"),
         _stage_line("learn-concept", concept.reused, f"`{concept.fingerprint}`, {concept.steps} steps"),
-        _stage_line("learn-condition", condition.reused, f"`{condition.fingerprint}`, {condition.steps} steps"),
+        _stage_line("learn-condition", condition.reused, f"`{condition.fingerprint}`, {condition.steps} steps"
+                    + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else "")),
         _stage_line("plan", plan.reused, f"{plan.samples} samples"),
         _stage_line("generate", reused_shards == len(shards), f"{len(shards) - reused_shards} shards generated, "
                     f"{reused_shards} reused; {_rate(shards)}; QC: {flagged} flagged, {dropped} dropped"),
@@ -42,9 +45,29 @@ def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: Model
     create_markdown_artifact(markdown, key=f"{key}-summary", description="indusfactory dataset run")
     create_table_artifact([_shard_row(s) for s in shards], key=f"{key}-shards", description="per-shard figures")
     logger = run_logger()
-    for line in markdown.splitlines()[4:11]:
-        logger.info(line)
+    for line in markdown.splitlines()[2:14]:
+        if line.startswith("> **Warning"):
+            logger.warning(line)
+        elif line.strip():
+            logger.info(line)
     return markdown
+
+
+def _headline(adherence: dict) -> str:
+    return (f"{adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
+            f"{adherence['chance_auc']:.3f}, {adherence['samples']} samples)")
+
+
+def _adherence_lines(dataset: DatasetRecord, condition: ModelRecord) -> list[str]:
+    """Whether the labels follow the images, first thing on the page; a warning when they do not."""
+    if not dataset.adherence:
+        return []
+    lines = [f"**Labels: {_headline(dataset.adherence)}.**", ""]
+    if dataset.adherence["verdict"] != FOLLOWS_LABELS:
+        lines += ["> **Warning: the defects are not where the labels say.** Do not train on this dataset; the "
+                  "conditioning network did not learn the condition (see its validation in the model card). "
+                  "`generation.refuse_near_chance: true` refuses to publish such a dataset.", ""]
+    return lines
 
 
 def _rate(shards: list[ShardRecord]) -> str:

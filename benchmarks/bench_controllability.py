@@ -1,0 +1,176 @@
+"""Does the factory learn what it is shown? Adherence and fidelity on surfaces it has never seen.
+
+For each dataset (procedural surfaces from ``indusfactory.surfaces``: grey and tinted, three
+classes of dark defects 1-4 px wide at 256 px, a test split never used in training), this runs
+the recipe of the config (the defaults unless ``--set`` changes them) through the library's
+stages (ingest, learn-concept, learn-condition) and then samples the held-out probe: defect-free
+images no stage read, each with a test-split mask no stage saw. It reports:
+
+- adherence: median label AUC (a label pixel darker than a ring pixel), the share of samples
+  darker inside their label, and the chance level (the same images, other samples' masks);
+- the real images' own level at the same resolution (test-split defective images, their masks);
+- fidelity: colourfulness (median per-pixel RGB spread) and mean colour of generated vs real
+  images, KID with the offline feature extractor (compares runs only);
+- seconds per stage.
+
+    python benchmarks/bench_controllability.py                       # grey + teal, default recipe
+    python benchmarks/bench_controllability.py --tints grey --set condition.steps=300
+
+Raw figures go to ``benchmarks/results/controllability-<label>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indusfactory import adherence  # noqa: E402
+from indusfactory.concept import concept_uri_for, train_concept  # noqa: E402
+from indusfactory.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
+from indusfactory.config import parse_config  # noqa: E402
+from indusfactory.controllability import probe_cases, sample_probe  # noqa: E402
+from indusfactory.features import feature_extractor  # noqa: E402
+from indusfactory.imaging import fit_square  # noqa: E402
+from indusfactory.ingest import catalog_uri_for, ingest  # noqa: E402
+from indusfactory.metrics import kernel_inception_distance  # noqa: E402
+from indusfactory.models import load_generation_pipeline  # noqa: E402
+from indusfactory.schema import category_index  # noqa: E402
+from indusfactory.surfaces import write_surface_dataset  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _set(data: dict, dotted: str) -> None:
+    key, _, raw = dotted.partition("=")
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(raw)
+
+
+def _load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _test_split(data, resolution: int, categories: list[dict]):
+    """(image, [(class index, class name, mask)]) of every test-split defective image at ``resolution``."""
+    from pycocotools import mask as mask_utils
+
+    coco = json.loads(data.coco_annotations.read_text())
+    to_class = category_index(categories)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    out = []
+    for entry in coco["images"]:
+        if entry["split"] != "test":
+            continue
+        anns = [a for a in coco["annotations"] if a["image_id"] == entry["id"]]
+        instances = []
+        for a in anns:
+            rle = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+            mask = fit_square(mask_utils.decode(rle).astype(bool), resolution)
+            instances.append((to_class[a["category_id"]], names[a["category_id"]], mask))
+        out.append((fit_square(_load_png(data.images_dir / entry["file_name"]), resolution), instances))
+    return out
+
+
+def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int, seed: int) -> dict:
+    data = write_surface_dataset(workdir / f"data-{tint}", tint=tint, seed=seed)
+    raw = {"factory_root": str(workdir / f"factory-{tint}"),
+           "source": {"coco_annotations": str(data.coco_annotations), "images_dir": str(data.images_dir),
+                      "defect_free_dir": str(data.defect_free_dir), "split_field": "split",
+                      "make_sample_data": False}}
+    for item in overrides:
+        _set(raw, item)
+    config = parse_config(raw, origin="benchmark")
+    resolution = config.base_model.resolution
+    timings = {}
+    started = time.perf_counter()
+    catalog = ingest(config.source, catalog_uri_for(config))
+    timings["ingest"] = time.perf_counter() - started
+    started = time.perf_counter()
+    concept = train_concept(config, catalog, concept_uri_for(config, catalog))
+    timings["learn_concept"] = time.perf_counter() - started
+    started = time.perf_counter()
+    condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
+    timings["learn_condition"] = time.perf_counter() - started
+
+    test = _test_split(data, resolution, catalog.categories)
+    heldout = [fit_square(_load_png(p), resolution) for p in sorted(data.heldout_defect_free_dir.glob("*.png"))]
+    masks = [inst for _, instances in test for inst in instances]
+    cases = probe_cases(heldout, masks, probe_count, seed=seed)
+    started = time.perf_counter()
+    pipe = load_generation_pipeline(config.base_model, concept.uri, condition.uri, config.generation.scheduler)
+    result = sample_probe(pipe, config, cases, lambda names: condition_prompt(config, names), seed=seed)
+    timings["probe_generation"] = time.perf_counter() - started
+
+    real_images = [image for image, _ in test]
+    real_masks = [np.logical_or.reduce([m for _, _, m in instances]) for _, instances in test]
+    real = adherence.measure(real_images, real_masks)
+    extract = feature_extractor(config.evaluation.feature_extractor)
+    kid = kernel_inception_distance(extract(result.images), extract(real_images),
+                                    subset_size=min(len(result.images), len(real_images), 50))
+    sheet_path = RESULTS / f"controllability-{tint}.png"
+    _contact_sheet(result, sheet_path)
+    return {
+        "tint": tint, "resolution": resolution, "probe_samples": len(cases),
+        "generated": result.summary.as_dict(), "real": real.as_dict(),
+        "colourfulness": {"generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
+                          "real": float(np.median([adherence.colourfulness(i) for i in real_images]))},
+        "mean_rgb": {"generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
+                     "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist()},
+        "kid_small_features": kid, "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "contact_sheet": sheet_path.name,
+    }
+
+
+def _contact_sheet(result, path: Path) -> None:
+    from indusfactory.condition import mask_overlay
+    from indusfactory.imaging import image_grid
+    from indusfactory.schema import encode_png
+
+    tiles = []
+    for driver, image, mask in list(zip(result.drivers, result.images, result.masks))[:8]:
+        tiles += [(driver * 255).round().astype(np.uint8), image, mask_overlay(image, mask)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(image_grid(tiles, columns=6)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tints", nargs="+", default=["grey", "teal"], help="Datasets to run (surface tints).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="Config override, e.g. condition.steps=300 (YAML value).")
+    parser.add_argument("--probe", type=int, default=48, help="Held-out probe samples per dataset.")
+    parser.add_argument("--seed", type=int, default=0, help="Dataset seed.")
+    parser.add_argument("--label", default="default", help="Name of the results file.")
+    parser.add_argument("--workdir", default=None, help="Keep data and models here (default: a temp folder).")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-controllability-"))
+    runs = [run_dataset(t, args.overrides, workdir, args.probe, args.seed) for t in args.tints]
+    report = {"label": args.label, "overrides": args.overrides, "machine": f"{platform.machine()} x{os.cpu_count()}",
+              "load_avg": os.getloadavg(), "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"controllability-{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
+    for run in runs:
+        g, r = run["generated"], run["real"]
+        print(f"{run['tint']:>5}: AUC {g['median_auc']:.3f} (chance {g['chance_auc']:.3f}, real {r['median_auc']:.3f}) "
+              f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
+              f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}")
+
+
+if __name__ == "__main__":
+    main()
