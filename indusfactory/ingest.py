@@ -517,6 +517,9 @@ def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str,
     if unknown:
         raise Refusal("unknown_mask_value", f"mask {name} holds values {unknown[:10]} that are not in "
                       f"source.mask_values ({sorted(mask_values)}; 0 is background)")
+    if len(present) > max_instances:  # each value has a component: refused before labelling any
+        raise Refusal("annotation_limit", f"mask {name} has {len(present)} values, so more than {max_instances} "
+                      "connected components (source.max_annotations_per_image)")
     instances: list[dict] = []
     for value in present:
         numbered, count = label(labels == value, connectivity=2, return_num=True)
@@ -720,7 +723,7 @@ def coco_categories(coco: dict, uri: str) -> list[dict]:
     for entry in coco["categories"]:
         cid = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(cid, int) or isinstance(cid, bool) or not isinstance(entry.get("name"), str):
-            raise BadInputError(f"COCO file {uri} has a category without an integer id and a name: {entry!r}")
+            raise BadInputError(f"COCO file {uri} has a category without an integer id and a name: {brief(entry)}")
         if cid in seen:
             raise BadInputError(f"COCO file {uri} uses category id {cid} twice")
         seen.add(cid)
@@ -739,7 +742,7 @@ def _given_split(entry: dict, source: SourceConfig) -> str | None:
     value = entry.get(source.split_field)
     split = value.strip().lower() if isinstance(value, str) else None
     if split not in SPLITS:
-        raise Refusal("bad_split", f"image {entry.get('file_name')!r} has {source.split_field}={value!r}; "
+        raise Refusal("bad_split", f"image {brief(entry.get('file_name'))} has {source.split_field}={brief(value)}; "
                       f"source.split_field requires one of {', '.join(SPLITS)}")
     return split
 
@@ -763,7 +766,7 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         if not _is_id(image_id) or image_id not in id_counts:
             ann_id = ann.get("id") if isinstance(ann, dict) else None
             result.reject(f"{coco_uri}#annotations[{index}]", "orphan_annotation",
-                          f"annotation {ann_id!r} names image id {image_id!r}, which no image entry has",
+                          f"annotation {brief(ann_id)} names image id {brief(image_id)}, which no image entry has",
                           item="annotation", annotation_ids=[ann_id if isinstance(ann_id, int) else None])
             continue
         anns_by_image.setdefault(image_id, []).append(ann)
@@ -773,18 +776,31 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         image_id = entry.get("id") if isinstance(entry, dict) and _is_id(entry.get("id")) else None
         anns = [] if image_id in claimed else anns_by_image.get(image_id, [])
         claimed.add(image_id)
-        candidate = Candidate(uri="", name=str(entry.get("file_name", "")) if isinstance(entry, dict) else "",
-                              root=source.images_dir, defective=True, annotations=anns)
+        name = entry.get("file_name") if isinstance(entry, dict) else None
+        candidate = Candidate(uri="", name=name if isinstance(name, str) else "", root=source.images_dir,
+                              defective=True, annotations=anns)
         try:
-            candidate.uri = _check_coco_entry(entry, index, source, id_counts)
-            candidate.split = _given_split(entry, source)
-            candidate.expected_size = _entry_size(entry)
+            _fill_candidate(candidate, entry, index, source, id_counts)
         except Refusal as exc:
             where = candidate.uri or _label(source.images_dir, candidate.name) or f"{coco_uri}#images[{index}]"
             result.reject(where, exc.kind, str(exc), annotation_ids=candidate.annotation_ids)
             continue
         candidates.append(candidate)
     return candidates
+
+
+def _fill_candidate(candidate: Candidate, entry: object, index: int, source: SourceConfig,
+                    id_counts: Counter) -> None:
+    """Set a candidate's URI, split and expected size from its COCO entry; any fault is a Refusal."""
+    try:
+        candidate.uri = _check_coco_entry(entry, index, source, id_counts)
+        candidate.split = _given_split(entry, source)  # a dict, once checked
+        candidate.expected_size = _entry_size(entry)
+    except (Refusal, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one malformed entry must not stop the ingest
+        raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} cannot be read: "
+                      f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def _label(root: str, name: str) -> str:
@@ -800,11 +816,11 @@ def _check_coco_entry(entry: object, index: int, source: SourceConfig, id_counts
         raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} has no id")
     file_name = entry.get("file_name")
     if not isinstance(file_name, str) or not file_name:
-        raise Refusal("bad_entry", f"image entry {index} (id {entry['id']!r}) of {source.coco_annotations} "
+        raise Refusal("bad_entry", f"image entry {index} (id {brief(entry['id'])}) of {source.coco_annotations} "
                       "has no file_name")
     uri = safe_join(source.images_dir, file_name)
     if id_counts[entry["id"]] > 1:
-        raise Refusal("duplicate_image_id", f"image id {entry['id']!r} is used by {id_counts[entry['id']]} image "
+        raise Refusal("duplicate_image_id", f"image id {brief(entry['id'])} is used by {id_counts[entry['id']]} image "
                       "entries: its annotations cannot be attributed (they are counted with the first entry)")
     return uri
 
@@ -814,9 +830,9 @@ def _check_annotation_ids(candidate: Candidate, ann_id_counts: Counter) -> None:
     for ann in candidate.annotations:
         ann_id = ann.get("id")
         if not isinstance(ann_id, int) or isinstance(ann_id, bool):
-            raise Refusal("bad_annotation", f"an annotation of {candidate.name!r} has no integer id ({ann_id!r})")
+            raise Refusal("bad_annotation", f"an annotation of {brief(candidate.name)} has no integer id ({brief(ann_id)})")
         if ann_id_counts[ann_id] > 1:
-            raise Refusal("duplicate_annotation_id", f"annotation id {ann_id} of {candidate.name!r} is used by "
+            raise Refusal("duplicate_annotation_id", f"annotation id {ann_id} of {brief(candidate.name)} is used by "
                           f"{ann_id_counts[ann_id]} annotations")
 
 

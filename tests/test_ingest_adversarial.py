@@ -161,6 +161,24 @@ def test_any_other_exception_of_one_file_or_annotation_is_quarantined(tmp_path, 
     assert quarantine["boom_ann.png"]["annotation_ids"] == [3]
 
 
+def test_huge_or_deeply_nested_values_give_short_reasons(tmp_path):
+    """Values anywhere in the COCO file (ids, categories, names) appear in reasons only in brief."""
+    images = {"good.png": _noise(1), "long_id.png": _noise(2), "deep_category.png": _noise(3)}
+    deep = "[" * 700 + "]" * 700
+    anns = [_ann(1, 1, _rle(BOX)), _ann([0] * 100_000, 2, _rle(BOX)), _ann(3, 3, _rle(BOX), category_id="DEEP"),
+            _ann(4, "DEEP", _rle(BOX))]
+    source = _coco(tmp_path / "src", images, anns, text=lambda doc: doc.replace(
+        '"DEEP"', deep).replace('"images": [', '"images": [{"id": 99, "file_name": {"x": 1}}, '))
+    record = ingest(source, str(tmp_path / "catalog"))
+    assert set(_rows(record)) == {"good.png", "clean.png"} and _reconciles(record)
+    rows = pq.read_table(tmp_path / "catalog" / QUARANTINE_FILE).to_pylist()
+    assert all(len(q["reason"]) < 600 for q in rows)
+    kinds = {q["source_uri"].rsplit("/", 1)[-1]: q["kind"] for q in rows}
+    assert kinds["long_id.png"] == "bad_annotation" and kinds["deep_category.png"] == "unknown_category"
+    assert kinds["annotations.json#images[0]"] == "bad_entry"
+    assert kinds["annotations.json#annotations[3]"] == "orphan_annotation"
+
+
 @pytest.mark.parametrize(("text", "needle"), [
     ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
     ('{"images": [], "annotations": [], "categories": [], "x": ' + "7" * 5000 + "}", "not valid JSON"),
