@@ -506,8 +506,7 @@ def _component_rles(numbered: np.ndarray, count: int) -> list[dict]:
     return rles
 
 
-def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str,
-                   max_instances: int = 1000) -> list[dict]:
+def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str, max_instances: int) -> list[dict]:
     """One instance per 8-connected component of each mask value; annotation ids 1..n per image.
 
     Each value is labelled once and its components encoded in one pass (no full-image mask per
