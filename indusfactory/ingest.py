@@ -46,6 +46,7 @@ annotation id); only I/O and memory errors, which a retry may cure, are raised.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -95,6 +96,8 @@ RECORD_FILE = "catalog.json"
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 PLAIN_MODES = ("1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+PATH_ERRNOS = (errno.ELOOP, errno.ENAMETOOLONG)
+"""Errors of a source path itself (a symlink loop, a name too long): quarantined, never transient."""
 
 
 class Refusal(BadInputError):
@@ -658,10 +661,14 @@ def _read(uri: str, name: str, max_bytes: int) -> bytes:
         info = fs.info(path)
         _check_regular(uri, info, max_bytes)
         return fs.cat_file(path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise Refusal("missing_file", f"{uri} does not exist (named as {brief(name)})") from exc
     except IsADirectoryError as exc:
         raise Refusal("missing_file", f"{uri} is a folder, not an image file") from exc
+    except OSError as exc:
+        if exc.errno not in PATH_ERRNOS:
+            raise
+        raise Refusal("unreadable", f"{uri} cannot be opened: {exc.strerror}") from exc
 
 
 def _check_regular(uri: str, info: dict, max_bytes: int) -> None:

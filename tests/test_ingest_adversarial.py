@@ -59,8 +59,9 @@ def _write(folder: Path, files: dict) -> None:
 
 def _coco(root: Path, images: dict, annotations: list[dict], clean: dict | None = None, text=None,
           **source) -> SourceConfig:
-    """A COCO source: image i of ``images`` has id i + 1; ``text`` edits the JSON text before writing."""
-    _write(root / "images", {n: a for n, a in images.items() if "\0" not in n})
+    """A COCO source: image i of ``images`` has id i + 1 (None: an entry without a file); ``text`` edits the
+    JSON text before writing."""
+    _write(root / "images", {n: a for n, a in images.items() if a is not None})
     _write(root / "clean", {"clean.png": _noise(999)} if clean is None else clean)
     entries = [{"id": i + 1, "file_name": name, "height": H, "width": W} for i, name in enumerate(images)]
     doc = json.dumps({"images": entries, "annotations": annotations, "categories": CATEGORIES})
@@ -103,7 +104,7 @@ def test_annotations_that_crashed_ingest_are_quarantined_naming_file_and_annotat
     huge_run = "P" * 5000 + "1"  # one run of 5001 characters: a 25,000-bit number
     images = {f"{name}.png": _noise(10 + i) for i, name in enumerate(
         ["good", "list_category", "big_int", "big_float", "huge_run", "bad_size"])}
-    images["nul\0byte.png"] = _noise(30)
+    images["nul\0byte.png"] = None
     anns = [
         _ann(1, 1, _rle(BOX)),
         _ann(2, 2, _rle(BOX), category_id=[1]),  # unhashable category id
@@ -220,6 +221,20 @@ def test_a_fifo_named_like_an_image_is_quarantined_without_opening_it(tmp_path):
     os.mkfifo(coco_fifo)
     with pytest.raises(BadInputError, match="fifo.json is not a regular file"):
         ingest(source.model_copy(update={"coco_annotations": str(coco_fifo)}), str(tmp_path / "catalog2"))
+
+
+def test_paths_the_os_cannot_open_are_quarantined(tmp_path):
+    """A name under a file (ENOTDIR), a symlink loop (ELOOP), a name too long (ENAMETOOLONG)."""
+    images = {"good.png": _noise(1), "good.png/inside.png": None, "loop.png": None, "n" * 300 + ".png": None}
+    anns = [_ann(i + 1, i + 1, _rle(BOX)) for i in range(len(images))]
+    source = _coco(tmp_path / "src", images, anns)
+    os.symlink("loop.png", tmp_path / "src" / "images" / "loop.png")
+    record = ingest(source, str(tmp_path / "catalog"))
+    assert set(_rows(record)) == {"good.png", "clean.png"} and _reconciles(record)
+    quarantine = _quarantine(tmp_path / "catalog")
+    assert quarantine["inside.png"]["kind"] == "missing_file"
+    assert quarantine["loop.png"]["kind"] == "unreadable" and "symbolic links" in quarantine["loop.png"]["reason"]
+    assert quarantine["n" * 300 + ".png"]["kind"] == "unreadable"
 
 
 def test_a_file_above_max_file_bytes_is_refused_from_its_size_unread(tmp_path, monkeypatch):
