@@ -69,6 +69,27 @@ class SourceConfig(Section):
     max_image_pixels: int = Field(
         64_000_000, gt=0, description="Images above this many pixels are refused (decompression bombs)."
     )
+    max_file_bytes: int = Field(
+        256 * 1024 * 1024, gt=0,
+        description="Image and mask files larger than this many bytes are refused from their size, unread.",
+    )
+    max_annotations_per_image: int = Field(
+        1000, gt=0,
+        description="Images with more annotations (COCO) or mask components (mask_folder) are refused.",
+    )
+    max_polygon_points: int = Field(
+        100_000, gt=0, description="COCO annotations whose polygons have more x,y points in all are refused."
+    )
+    max_rle_length: int = Field(
+        10_000_000, gt=0,
+        description="COCO RLE segmentations with a longer counts string (characters) or list (runs) are refused.",
+    )
+    bbox_policy: Literal["correct", "refuse"] = Field(
+        "correct",
+        description="A COCO bbox outside its image or clearly off its mask (IoU < 0.5 and an edge more than "
+        "1 px away): 'correct' keeps the bbox computed from the mask and counts a warning in the report; "
+        "'refuse' quarantines the image.",
+    )
     read_workers: int = Field(
         8, ge=1, le=64, description="Threads reading and decoding images (helps most on s3://); not in the cache key."
     )

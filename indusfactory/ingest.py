@@ -24,19 +24,29 @@ Images are normalised to 8-bit RGB at their original size:
   are quarantined.
 
 Every image is keyed by a hash of its pixels; exact duplicates are dropped (the first one in
-source order is kept: COCO or mask-folder images before defect-free ones) and reported. The
-split is taken from a COCO image field (``split_field``) when configured, otherwise derived
-reproducibly from the hash and ``split_seed``.
+source order is kept: COCO or mask-folder images before defect-free ones) and reported. A later
+copy carrying other annotations than the kept one (other masks or classes) is quarantined as
+``conflicting_duplicate`` rather than dropped. The split is taken from a COCO image field
+(``split_field``) when configured, otherwise derived reproducibly from the hash and ``split_seed``.
+
+Only regular files are read, and only below ``source.max_file_bytes`` (both checked from the
+file's metadata before it is opened); the pixel count is checked from the header before decoding.
+COCO annotations are capped per image, in polygon points and in RLE length (``source.max_*``);
+polygon vertices may lie half a pixel beyond the border; a ``bbox`` that disagrees with its mask
+is recomputed from the mask (and reported) or refused, by ``source.bbox_policy``.
 
 What cannot be used is quarantined with a kind and a reason (``quarantine.parquet`` and
 ``report.md``) while the good rows go on; an image with one bad annotation is quarantined
 whole (dropping the annotation would teach its defect as background). Always
 ``ingested + quarantined + duplicates = found`` (images), and for COCO every annotation is
-accounted: ``found = ingested + quarantined (with its image) + duplicates + orphaned``.
+accounted: ``found = ingested + quarantined (with its image) + duplicates + orphaned``. Any
+exception while reading one file or annotation quarantines it (kind and reason naming the file and
+annotation id); only I/O and memory errors, which a retry may cure, are raised.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -72,7 +82,7 @@ from indusfactory.schema import (
 
 log = logging.getLogger(__name__)
 
-INGEST_VERSION = "2"
+INGEST_VERSION = "3"
 """Part of the ingest cache key: bumped when the same sources would give a different catalog."""
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png",)
@@ -86,6 +96,8 @@ RECORD_FILE = "catalog.json"
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 PLAIN_MODES = ("1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+PATH_ERRNOS = (errno.ELOOP, errno.ENAMETOOLONG)
+"""Errors of a source path itself (a symlink loop, a name too long): quarantined, never transient."""
 
 
 class Refusal(BadInputError):
@@ -100,7 +112,8 @@ class Refusal(BadInputError):
 
 
 def printable(name: str) -> str:
-    """``name`` as valid UTF-8 text: undecodable file-name bytes become ``\\xNN`` escapes."""
+    """``name`` as valid UTF-8 text: undecodable file-name bytes and NUL become ``\\xNN`` escapes."""
+    name = name.replace("\0", "\\x00")
     try:
         name.encode("utf-8")
         return name
@@ -113,7 +126,11 @@ def printable(name: str) -> str:
 
 
 def check_name(name: str, where: str) -> None:
-    """Refuse a file name that is not valid UTF-8 (it could not be stored or shown faithfully)."""
+    """Refuse a file name that holds a NUL byte or is not valid UTF-8 (no file can have it, or it could not
+    be stored or shown faithfully)."""
+    if "\0" in name:
+        raise Refusal("bad_file_name", f"file name '{printable(name)}' in {where} holds a NUL byte "
+                      "(no file can have this name)")
     if printable(name) != name:
         raise Refusal("bad_file_name", f"file name '{printable(name)}' in {where} is not valid UTF-8 "
                       "(rename the file)")
@@ -138,6 +155,17 @@ def safe_join(root: str, name: str) -> str:
         return storage.join(root, name)
     except BadInputError as exc:
         raise Refusal("unsafe_path", str(exc)) from exc
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """A short ``repr`` of a value taken from an input file, for messages (never the whole of it)."""
+    if isinstance(value, (list, dict, str)) and len(value) > limit:
+        return f"<{type(value).__name__} of length {len(value)}>"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError) as exc:
+        return f"<{type(value).__name__}: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def list_files(root: str) -> list[str]:
@@ -248,137 +276,260 @@ def content_id(rgb: np.ndarray) -> str:
 
 # --- COCO segmentations ------------------------------------------------------------------------
 
+RLE_MAX_RUN_CHARS = 6
+"""Characters of one compressed-RLE run that pycocotools decodes exactly (30 bits: runs below 2**29)."""
+BORDER_SLACK = 0.5
+"""Polygon vertices may lie up to half a pixel outside the image (pixel-centre contours, e.g. skimage's)."""
+BBOX_MIN_IOU = 0.5
+"""A COCO bbox with a lower IoU with its mask's box (and an edge more than 1 px away) disagrees with it."""
 
-def rle_string_counts(counts: str | bytes) -> list[int]:
-    """Run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString`` in Python).
+
+def rle_string_counts(counts: str | bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, vectorised: linear time).
 
     Validating them before pycocotools decodes matters: its C decoder does not check that the
-    runs fit the mask and would write past the buffer.
+    runs fit the mask and would write past the buffer. A run written in more than
+    ``RLE_MAX_RUN_CHARS`` characters is refused (pycocotools itself would overflow on it).
     """
     data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-    runs: list[int] = []
-    position = 0
-    while position < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(data):
-                raise ValueError("compressed RLE string ends inside a run")
-            char = data[position] - 48
-            if not 0 <= char < 64:
-                raise ValueError(f"compressed RLE string holds an invalid character {chr(data[position])!r}")
-            value |= (char & 0x1F) << (5 * shift)
-            more = bool(char & 0x20)
-            position += 1
-            shift += 1
-            if not more and char & 0x10:
-                value |= -1 << (5 * shift)
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
+    chars = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
+    invalid = np.flatnonzero((chars < 0) | (chars >= 64))
+    if invalid.size:
+        raise ValueError(f"compressed RLE string holds an invalid character {chr(data[invalid[0]])!r}")
+    if not chars.size:
+        return np.zeros(0, dtype=np.int64)
+    last = (chars & 0x20) == 0  # the last character of each run
+    if not last[-1]:
+        raise ValueError("compressed RLE string ends inside a run")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > RLE_MAX_RUN_CHARS:
+        raise ValueError(f"compressed RLE string has a run of {lengths.max()} characters (at most "
+                         f"{RLE_MAX_RUN_CHARS}: runs below 2**29 pixels)")
+    shifts = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((chars & 0x1F) << shifts, starts)
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * lengths[negative])
+    runs = values.copy()  # from the fourth run on, each is stored relative to the one two before
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
     return runs
 
 
-def _check_runs(runs: list[int], height: int, width: int, ann_id: object) -> None:
-    if any(r < 0 for r in runs):
+def _list_runs(counts: list, height: int, width: int, ann_id: object) -> np.ndarray:
+    """The runs of an uncompressed RLE: integers between 0 and the image's pixel count."""
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise Refusal("bad_annotation", f"annotation {ann_id} RLE counts are not all integers")
+    if not all(0 <= c <= height * width for c in counts):
+        raise Refusal("bad_annotation", f"annotation {ann_id} RLE has a run length outside 0..{height * width} "
+                      "(negative or longer than its image)")
+    return np.asarray(counts, dtype=np.int64)
+
+
+def _check_runs(runs: np.ndarray, height: int, width: int, ann_id: object) -> None:
+    if (runs < 0).any():
         raise Refusal("bad_annotation", f"annotation {ann_id} RLE has a negative run length")
-    if sum(runs) != height * width:
-        raise Refusal("bad_annotation", f"annotation {ann_id} RLE covers {sum(runs)} pixels, its image "
+    if int(runs.sum()) != height * width:
+        raise Refusal("bad_annotation", f"annotation {ann_id} RLE covers {int(runs.sum())} pixels, its image "
                       f"has {height}x{width} = {height * width}")
 
 
-def _check_polygons(polygons: list, height: int, width: int, ann_id: object) -> list[list[float]]:
-    """Refuse malformed polygons and vertices outside ``[0, width] x [0, height]``."""
+def _check_polygons(polygons: list, height: int, width: int, ann_id: object, max_points: int) -> list[list[float]]:
+    """Refuse malformed polygons, more than ``max_points`` points in all, and vertices more than half a
+    pixel outside the image (``-0.5 <= x <= width + 0.5``, the same for y)."""
+    if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in polygons):
+        raise Refusal("bad_annotation", f"annotation {ann_id} has a polygon that is not a flat list of "
+                      "at least 3 x,y points")
+    points = sum(len(p) for p in polygons) // 2
+    if points > max_points:
+        raise Refusal("annotation_limit", f"annotation {ann_id} has {points} polygon points, above the limit "
+                      f"of {max_points} (source.max_polygon_points)")
     checked = []
     for polygon in polygons:
-        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
-            raise Refusal("bad_annotation", f"annotation {ann_id} has a polygon that is not a flat list of "
-                          "at least 3 x,y points")
+        if not all(type(v) in (int, float) for v in polygon):
+            raise Refusal("bad_annotation", f"annotation {ann_id} has a non-numeric polygon")
         try:
             coords = np.asarray(polygon, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise Refusal("bad_annotation", f"annotation {ann_id} has a non-numeric polygon") from exc
+        except OverflowError as exc:
+            raise Refusal("mask_outside", f"annotation {ann_id} has a polygon coordinate too large to be a "
+                          f"pixel position of its {width}x{height} image") from exc
         xs, ys = coords[0::2], coords[1::2]
-        if not np.isfinite(coords).all() or xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
+        low, x_high, y_high = -BORDER_SLACK, width + BORDER_SLACK, height + BORDER_SLACK
+        if (not np.isfinite(coords).all() or xs.min() < low or ys.min() < low or xs.max() > x_high
+                or ys.max() > y_high):
             raise Refusal("mask_outside", f"annotation {ann_id} has polygon points outside its {width}x{height} "
-                          f"image (x in {xs.min():g}..{xs.max():g}, y in {ys.min():g}..{ys.max():g})")
-        checked.append([float(v) for v in coords])
+                          f"image (x in {xs.min():g}..{xs.max():g}, y in {ys.min():g}..{ys.max():g}; "
+                          f"{BORDER_SLACK:g} px beyond the border is allowed)")
+        checked.append(coords.tolist())
     return checked
 
 
-def decode_annotation(ann: dict, height: int, width: int) -> np.ndarray:
+def _check_rle_length(counts: object, ann_id: object, max_length: int) -> None:
+    if isinstance(counts, (list, str, bytes)) and len(counts) > max_length:
+        raise Refusal("annotation_limit", f"annotation {ann_id} RLE counts have length {len(counts)}, above the "
+                      f"limit of {max_length} (source.max_rle_length)")
+
+
+def _rle_of(segmentation: dict, height: int, width: int, ann_id: object, max_length: int) -> dict:
+    """The pycocotools RLE of an uncompressed or compressed COCO RLE, validated against the image size."""
+    try:
+        size = [int(v) for v in segmentation.get("size", [])]
+    except (TypeError, ValueError, OverflowError):
+        size = []
+    if size != [height, width]:
+        raise Refusal("mask_size", f"annotation {ann_id} RLE size {brief(segmentation.get('size'))} does not "
+                      f"match its image (height x width = {height}x{width})")
+    counts = segmentation.get("counts")
+    _check_rle_length(counts, ann_id, max_length)
+    if isinstance(counts, list):
+        _check_runs(_list_runs(counts, height, width, ann_id), height, width, ann_id)
+        return mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
+    if isinstance(counts, (str, bytes)):
+        try:
+            runs = rle_string_counts(counts)
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise Refusal("bad_annotation", f"annotation {ann_id} compressed RLE is corrupt: {exc}") from exc
+        _check_runs(runs, height, width, ann_id)
+        return {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    raise Refusal("bad_annotation", f"annotation {ann_id} RLE has no counts")
+
+
+def decode_annotation(ann: dict, height: int, width: int, source: SourceConfig) -> np.ndarray:
     """The boolean mask of a COCO annotation (polygons, uncompressed or compressed RLE), validated
-    against the (oriented) image size; equal to ``pycocotools.coco.COCO.annToMask``."""
-    ann_id = ann.get("id")
+    against the (oriented) image size and the source's limits; equal to ``pycocotools.coco.COCO.annToMask``."""
+    ann_id = brief(ann.get("id"))
     segmentation = ann.get("segmentation")
     if segmentation is None or segmentation == [] or segmentation == {}:
         raise Refusal("bad_annotation", f"annotation {ann_id} has no segmentation")
     if isinstance(segmentation, list):
-        polygons = _check_polygons(segmentation, height, width, ann_id)
+        polygons = _check_polygons(segmentation, height, width, ann_id, source.max_polygon_points)
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation, dict):
-        try:
-            size = [int(v) for v in segmentation.get("size", [])]
-        except (TypeError, ValueError):
-            size = []
-        if size != [height, width]:
-            raise Refusal("mask_size", f"annotation {ann_id} RLE size {segmentation.get('size')} does not "
-                          f"match its image (height x width = {height}x{width})")
-        counts = segmentation.get("counts")
-        if isinstance(counts, list):
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-                raise Refusal("bad_annotation", f"annotation {ann_id} RLE counts are not all integers")
-            _check_runs(counts, height, width, ann_id)
-            rle = mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
-        elif isinstance(counts, (str, bytes)):
-            try:
-                runs = rle_string_counts(counts)
-            except (ValueError, UnicodeEncodeError) as exc:
-                raise Refusal("bad_annotation", f"annotation {ann_id} compressed RLE is corrupt: {exc}") from exc
-            _check_runs(runs, height, width, ann_id)
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
-            raise Refusal("bad_annotation", f"annotation {ann_id} RLE has no counts")
+        rle = _rle_of(segmentation, height, width, ann_id, source.max_rle_length)
     else:
         raise Refusal("bad_annotation", f"annotation {ann_id} has an unknown segmentation type "
                       f"{type(segmentation).__name__}")
     return mask_utils.decode(rle).astype(bool)
 
 
-def _instance(mask: np.ndarray, annotation_id: int, category_id: int, category: str, iscrowd: bool) -> dict:
-    rle = mask_to_rle(mask)
+def _bbox_problem(given: object, mask_box: list[float], height: int, width: int) -> str | None:
+    """Why a COCO ``bbox`` cannot stand for its mask's box; None when it agrees with it."""
+    if not isinstance(given, list) or len(given) != 4 or not all(type(v) in (int, float) for v in given):
+        return f"has a bbox {brief(given)} that is not [x, y, width, height]"
+    try:
+        x, y, w, h = (float(v) for v in given)
+    except OverflowError:
+        return f"has a bbox {brief(given)} with a number too large"
+    if not np.isfinite([x, y, w, h]).all() or w < 0 or h < 0:
+        return f"has a bbox {brief(given)} with a non-finite or negative value"
+    if x < -BORDER_SLACK or y < -BORDER_SLACK or x + w > width + BORDER_SLACK or y + h > height + BORDER_SLACK:
+        return f"has a bbox {brief(given)} outside its {width}x{height} image"
+    mx, my, mw, mh = mask_box
+    overlap = max(0.0, min(x + w, mx + mw) - max(x, mx)) * max(0.0, min(y + h, my + mh) - max(y, my))
+    union = w * h + mw * mh - overlap
+    iou = overlap / union if union > 0 else 0.0
+    edge = max(abs(x - mx), abs(y - my), abs(x + w - mx - mw), abs(y + h - my - mh))
+    if iou < BBOX_MIN_IOU and edge > 1.0:
+        return f"has a bbox {brief(given)} that disagrees with its mask's {[int(v) for v in mask_box]} (IoU {iou:.2f})"
+    return None
+
+
+def _rle_instance(rle: dict, annotation_id: int, category_id: int, category: str, iscrowd: bool) -> dict:
     bbox, area = rle_bbox_area(rle)
     return {"annotation_id": annotation_id, "category_id": category_id, "category": category, "rle": rle,
             "bbox": bbox, "area": area, "iscrowd": iscrowd}
 
 
-def coco_instances(anns: Iterable[dict], categories: dict[int, str], height: int, width: int) -> list[dict]:
-    """Catalog instances of one image's COCO annotations; any bad annotation refuses the image."""
-    instances = []
+def _instance(mask: np.ndarray, annotation_id: int, category_id: int, category: str, iscrowd: bool) -> dict:
+    return _rle_instance(mask_to_rle(mask), annotation_id, category_id, category, iscrowd)
+
+
+def coco_instances(anns: list[dict], categories: dict[int, str], height: int, width: int,
+                   source: SourceConfig) -> tuple[list[dict], list[str]]:
+    """Catalog instances of one image's COCO annotations, and the bbox corrections made; any bad
+    annotation (whatever its fault) refuses the image."""
+    if len(anns) > source.max_annotations_per_image:
+        raise Refusal("annotation_limit", f"the image has {len(anns)} annotations, above the limit of "
+                      f"{source.max_annotations_per_image} (source.max_annotations_per_image)")
+    instances, corrections = [], []
     for ann in anns:
-        category_id = ann.get("category_id")
-        if isinstance(category_id, bool) or category_id not in categories:
-            raise Refusal("unknown_category", f"annotation {ann.get('id')} has unknown category id "
-                          f"{category_id!r} (known: {sorted(categories)})")
-        mask = decode_annotation(ann, height, width)
-        if not mask.any():
-            raise Refusal("bad_annotation", f"annotation {ann.get('id')} has an empty mask")
-        instances.append(_instance(mask, int(ann["id"]), int(category_id), categories[category_id],
-                                   bool(ann.get("iscrowd", 0))))
-    return instances
+        try:
+            instance, correction = _coco_instance(ann, categories, height, width, source)
+        except (Refusal, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever an annotation holds, it refuses only its image
+            raise Refusal("bad_annotation", f"annotation {brief(ann.get('id'))} cannot be read: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        instances.append(instance)
+        corrections += [correction] if correction else []
+    return instances, corrections
 
 
-def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str) -> list[dict]:
-    """One instance per 8-connected component of each mask value; annotation ids 1..n per image."""
+def _coco_instance(ann: dict, categories: dict[int, str], height: int, width: int,
+                   source: SourceConfig) -> tuple[dict, str | None]:
+    """One annotation's instance, and the bbox correction made (None when its bbox agrees or is absent)."""
+    category_id = ann.get("category_id")
+    if not isinstance(category_id, int) or isinstance(category_id, bool) or category_id not in categories:
+        raise Refusal("unknown_category", f"annotation {brief(ann.get('id'))} has unknown category id "
+                      f"{brief(category_id)} (known: {sorted(categories)})")
+    mask = decode_annotation(ann, height, width, source)
+    if not mask.any():
+        raise Refusal("bad_annotation", f"annotation {ann.get('id')} has an empty mask")
+    instance = _instance(mask, int(ann["id"]), category_id, categories[category_id], bool(ann.get("iscrowd", 0)))
+    problem = _bbox_problem(ann["bbox"], instance["bbox"], height, width) if "bbox" in ann else None
+    if problem is None:
+        return instance, None
+    if source.bbox_policy == "refuse":
+        raise Refusal("bbox_mismatch", f"annotation {ann['id']} {problem} (source.bbox_policy: refuse)")
+    return instance, f"annotation {ann['id']} {problem}: the bbox was recomputed from the mask"
+
+
+def _component_rles(numbered: np.ndarray, count: int) -> list[dict]:
+    """Compressed RLEs of components ``1..count`` of a labelled image, from one column-major pass
+    (time linear in the pixels plus the runs, however many components there are)."""
+    height, width = numbered.shape
+    flat = numbered.ravel(order="F")
+    cuts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [flat.size]])
+    owners = flat[starts]
+    order = np.argsort(owners, kind="stable")  # each component's runs, in pixel order
+    starts, ends, owners = starts[order], ends[order], owners[order]
+    bounds = np.searchsorted(owners, np.arange(1, count + 2))
+    rles = []
+    for number in range(count):
+        low, high = bounds[number], bounds[number + 1]
+        edges = np.empty(2 * (high - low) + 2, dtype=np.int64)
+        edges[0], edges[-1] = 0, flat.size
+        edges[1:-1:2], edges[2:-1:2] = starts[low:high], ends[low:high]
+        counts = np.diff(edges)
+        counts = counts[:-1] if counts[-1] == 0 else counts
+        encoded = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+        rles.append({"size": [height, width], "counts": encoded["counts"].decode("ascii")})
+    return rles
+
+
+def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str, max_instances: int) -> list[dict]:
+    """One instance per 8-connected component of each mask value; annotation ids 1..n per image.
+
+    Each value is labelled once and its components encoded in one pass (no full-image mask per
+    component); more than ``max_instances`` components refuse the image."""
     present = [int(v) for v in np.unique(labels) if v != 0]
     unknown = [v for v in present if v not in mask_values]
     if unknown:
         raise Refusal("unknown_mask_value", f"mask {name} holds values {unknown[:10]} that are not in "
                       f"source.mask_values ({sorted(mask_values)}; 0 is background)")
-    instances = []
+    if len(present) > max_instances:  # each value has a component: refused before labelling any
+        raise Refusal("annotation_limit", f"mask {name} has {len(present)} values, so more than {max_instances} "
+                      "connected components (source.max_annotations_per_image)")
+    instances: list[dict] = []
     for value in present:
-        components, count = label(labels == value, connectivity=2, return_num=True)
-        for number in range(1, count + 1):
-            instances.append(_instance(components == number, len(instances) + 1, value, mask_values[value], False))
+        numbered, count = label(labels == value, connectivity=2, return_num=True)
+        if len(instances) + count > max_instances:
+            raise Refusal("annotation_limit", f"mask {name} has more than {max_instances} connected components "
+                          "(source.max_annotations_per_image)")
+        for rle in _component_rles(numbered, count):
+            instances.append(_rle_instance(rle, len(instances) + 1, value, mask_values[value], False))
     return instances
 
 
@@ -413,6 +564,12 @@ class Loaded:
     height: int
     png: bytes
     instances: list[dict]
+    corrections: list[str] = field(default_factory=list)
+
+    @property
+    def defects(self) -> frozenset[tuple[int, str]]:
+        """What the image is annotated with, ids aside: its (category id, mask) pairs."""
+        return frozenset((i["category_id"], i["rle"]["counts"]) for i in self.instances)
 
 
 @dataclass
@@ -427,6 +584,7 @@ class IngestResult:
     ignored: list[tuple[str, str]] = field(default_factory=list)
     annotations_found: int = 0
     annotations_of_duplicates: int = 0
+    corrected: list[tuple[str, str]] = field(default_factory=list)
 
     def reject(self, source_uri: str, kind: str, reason: str, item: str = "image",
                annotation_ids: list[int | None] | None = None) -> None:
@@ -450,40 +608,81 @@ class IngestResult:
 
 
 def _load(candidate: Candidate, source: SourceConfig, categories: dict[int, str]) -> Loaded | Refusal:
-    """Read, normalise and annotate one candidate (thread-safe; no shared state)."""
+    """Read, normalise and annotate one candidate (thread-safe; no shared state).
+
+    Whatever goes wrong with one file becomes a Refusal naming it (never a crash of the whole ingest,
+    nor a retry of it), except I/O and memory errors, which may be transient (see ``_read``)."""
     try:
-        check_inside(candidate.uri, candidate.root)
-        data = _read(candidate.uri, candidate.name)
-        rgb, raw_size = load_oriented(data, candidate.uri, source.max_image_pixels)
-        height, width = rgb.shape[:2]
-        _check_expected_size(candidate, (width, height), raw_size)
-        if candidate.mask_uri is not None:
-            check_inside(candidate.mask_uri, candidate.mask_root or "")
-            labels = load_mask(_read(candidate.mask_uri, candidate.mask_uri), candidate.mask_uri,
-                               source.max_image_pixels)
-            if labels.shape != (height, width):
-                raise Refusal("mask_size", f"mask {candidate.mask_uri} is {labels.shape[1]}x{labels.shape[0]}, "
-                              f"its image is {width}x{height} (after EXIF orientation)")
-            instances = mask_instances(labels, source.mask_values, candidate.mask_uri)
-        else:
-            instances = coco_instances(candidate.annotations, categories, height, width)
-        return Loaded(content_id(rgb), width, height, encode_png(rgb, compress_level=CATALOG_PNG_LEVEL), instances)
+        return _load_checked(candidate, source, categories)
     except Refusal as exc:
         return exc
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the ingest
+        return Refusal("unreadable", f"{candidate.uri} cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
 
 
-def _read(uri: str, name: str) -> bytes:
-    """The bytes of a source file; a missing file or a folder is a Refusal.
+def _load_checked(candidate: Candidate, source: SourceConfig, categories: dict[int, str]) -> Loaded:
+    """``_load`` without the safety net: raises a Refusal for what cannot be used."""
+    check_inside(candidate.uri, candidate.root)
+    data = _read(candidate.uri, candidate.name, source.max_file_bytes)
+    rgb, raw_size = load_oriented(data, candidate.uri, source.max_image_pixels)
+    height, width = rgb.shape[:2]
+    _check_expected_size(candidate, (width, height), raw_size)
+    corrections: list[str] = []
+    if candidate.mask_uri is not None:
+        instances = _mask_file_instances(candidate, source, height, width)
+    else:
+        instances, corrections = coco_instances(candidate.annotations, categories, height, width, source)
+    return Loaded(content_id(rgb), width, height, encode_png(rgb, compress_level=CATALOG_PNG_LEVEL), instances,
+                  corrections)
+
+
+def _mask_file_instances(candidate: Candidate, source: SourceConfig, height: int, width: int) -> list[dict]:
+    """The instances of a candidate's mask file, which must have its image's (oriented) size."""
+    mask_uri = candidate.mask_uri or ""
+    check_inside(mask_uri, candidate.mask_root or "")
+    labels = load_mask(_read(mask_uri, mask_uri, source.max_file_bytes), mask_uri, source.max_image_pixels)
+    if labels.shape != (height, width):
+        raise Refusal("mask_size", f"mask {mask_uri} is {labels.shape[1]}x{labels.shape[0]}, "
+                      f"its image is {width}x{height} (after EXIF orientation)")
+    return mask_instances(labels, source.mask_values, mask_uri, source.max_annotations_per_image)
+
+
+def _read(uri: str, name: str, max_bytes: int) -> bytes:
+    """The bytes of a regular source file of at most ``max_bytes``, checked from its metadata before it
+    is opened (a FIFO would block, a huge file would fill the memory); otherwise a Refusal.
 
     Other I/O errors (network, permissions) are raised, not quarantined: they may be transient,
     and a cached catalog must not keep a loss a retry would have avoided.
     """
+    fs, path = storage.filesystem(uri)
     try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError as exc:
-        raise Refusal("missing_file", f"{uri} does not exist (named as {name!r})") from exc
+        info = fs.info(path)
+        _check_regular(uri, info, max_bytes)
+        return fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise Refusal("missing_file", f"{uri} does not exist (named as {brief(name)})") from exc
     except IsADirectoryError as exc:
         raise Refusal("missing_file", f"{uri} is a folder, not an image file") from exc
+    except OSError as exc:
+        if exc.errno not in PATH_ERRNOS:
+            raise
+        raise Refusal("unreadable", f"{uri} cannot be opened: {exc.strerror}") from exc
+
+
+def _check_regular(uri: str, info: dict, max_bytes: int) -> None:
+    """Refuse what is not a regular file (folder, FIFO, socket, device) and files above ``max_bytes``."""
+    kind = info.get("type")
+    if kind == "directory":
+        raise Refusal("missing_file", f"{uri} is a folder, not an image file")
+    if kind != "file":
+        raise Refusal("not_a_file", f"{uri} is not a regular file (type {kind!r}: a FIFO, socket or device); "
+                      "only regular files are read")
+    size = info.get("size")
+    if isinstance(size, int) and size > max_bytes:
+        raise Refusal("too_large", f"{uri} is {size} bytes, above the limit of {max_bytes} "
+                      "(source.max_file_bytes); refused without reading it")
 
 
 def _check_expected_size(candidate: Candidate, size: tuple[int, int], raw_size: tuple[int, int]) -> None:
@@ -501,12 +700,20 @@ def _check_expected_size(candidate: Candidate, size: tuple[int, int], raw_size: 
 
 
 def read_coco(uri: str) -> dict:
-    """The parsed COCO file; a clear error when it is not a COCO instances document."""
+    """The parsed COCO file; a clear error when it is not a COCO instances document (not a regular file,
+    invalid JSON, nested too deep for the parser, an integer too long to convert)."""
+    fs, path = storage.filesystem(uri)
     try:
-        coco = json.loads(storage.read_bytes(uri).decode("utf-8"))
+        kind = fs.info(path).get("type")
     except FileNotFoundError as exc:
         raise BadInputError(f"COCO file {uri} does not exist") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    if kind != "file":
+        raise BadInputError(f"COCO file {uri} is not a regular file (type {kind!r})")
+    try:
+        coco = json.loads(fs.cat_file(path).decode("utf-8"))
+    except RecursionError as exc:
+        raise BadInputError(f"COCO file {uri} is nested too deeply to be read as JSON: {exc}") from exc
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, an integer above Python's digit limit
         raise BadInputError(f"COCO file {uri} is not valid JSON: {exc}") from exc
     if not isinstance(coco, dict):
         raise BadInputError(f"COCO file {uri} must hold a JSON object, got {type(coco).__name__}")
@@ -522,7 +729,7 @@ def coco_categories(coco: dict, uri: str) -> list[dict]:
     for entry in coco["categories"]:
         cid = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(cid, int) or isinstance(cid, bool) or not isinstance(entry.get("name"), str):
-            raise BadInputError(f"COCO file {uri} has a category without an integer id and a name: {entry!r}")
+            raise BadInputError(f"COCO file {uri} has a category without an integer id and a name: {brief(entry)}")
         if cid in seen:
             raise BadInputError(f"COCO file {uri} uses category id {cid} twice")
         seen.add(cid)
@@ -541,7 +748,7 @@ def _given_split(entry: dict, source: SourceConfig) -> str | None:
     value = entry.get(source.split_field)
     split = value.strip().lower() if isinstance(value, str) else None
     if split not in SPLITS:
-        raise Refusal("bad_split", f"image {entry.get('file_name')!r} has {source.split_field}={value!r}; "
+        raise Refusal("bad_split", f"image {brief(entry.get('file_name'))} has {source.split_field}={brief(value)}; "
                       f"source.split_field requires one of {', '.join(SPLITS)}")
     return split
 
@@ -565,7 +772,7 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         if not _is_id(image_id) or image_id not in id_counts:
             ann_id = ann.get("id") if isinstance(ann, dict) else None
             result.reject(f"{coco_uri}#annotations[{index}]", "orphan_annotation",
-                          f"annotation {ann_id!r} names image id {image_id!r}, which no image entry has",
+                          f"annotation {brief(ann_id)} names image id {brief(image_id)}, which no image entry has",
                           item="annotation", annotation_ids=[ann_id if isinstance(ann_id, int) else None])
             continue
         anns_by_image.setdefault(image_id, []).append(ann)
@@ -575,18 +782,31 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         image_id = entry.get("id") if isinstance(entry, dict) and _is_id(entry.get("id")) else None
         anns = [] if image_id in claimed else anns_by_image.get(image_id, [])
         claimed.add(image_id)
-        candidate = Candidate(uri="", name=str(entry.get("file_name", "")) if isinstance(entry, dict) else "",
-                              root=source.images_dir, defective=True, annotations=anns)
+        name = entry.get("file_name") if isinstance(entry, dict) else None
+        candidate = Candidate(uri="", name=name if isinstance(name, str) else "", root=source.images_dir,
+                              defective=True, annotations=anns)
         try:
-            candidate.uri = _check_coco_entry(entry, index, source, id_counts)
-            candidate.split = _given_split(entry, source)
-            candidate.expected_size = _entry_size(entry)
+            _fill_candidate(candidate, entry, index, source, id_counts)
         except Refusal as exc:
             where = candidate.uri or _label(source.images_dir, candidate.name) or f"{coco_uri}#images[{index}]"
             result.reject(where, exc.kind, str(exc), annotation_ids=candidate.annotation_ids)
             continue
         candidates.append(candidate)
     return candidates
+
+
+def _fill_candidate(candidate: Candidate, entry: object, index: int, source: SourceConfig,
+                    id_counts: Counter) -> None:
+    """Set a candidate's URI, split and expected size from its COCO entry; any fault is a Refusal."""
+    try:
+        candidate.uri = _check_coco_entry(entry, index, source, id_counts)
+        candidate.split = _given_split(entry, source)  # a dict, once checked
+        candidate.expected_size = _entry_size(entry)
+    except (Refusal, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one malformed entry must not stop the ingest
+        raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} cannot be read: "
+                      f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def _label(root: str, name: str) -> str:
@@ -602,11 +822,11 @@ def _check_coco_entry(entry: object, index: int, source: SourceConfig, id_counts
         raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} has no id")
     file_name = entry.get("file_name")
     if not isinstance(file_name, str) or not file_name:
-        raise Refusal("bad_entry", f"image entry {index} (id {entry['id']!r}) of {source.coco_annotations} "
+        raise Refusal("bad_entry", f"image entry {index} (id {brief(entry['id'])}) of {source.coco_annotations} "
                       "has no file_name")
     uri = safe_join(source.images_dir, file_name)
     if id_counts[entry["id"]] > 1:
-        raise Refusal("duplicate_image_id", f"image id {entry['id']!r} is used by {id_counts[entry['id']]} image "
+        raise Refusal("duplicate_image_id", f"image id {brief(entry['id'])} is used by {id_counts[entry['id']]} image "
                       "entries: its annotations cannot be attributed (they are counted with the first entry)")
     return uri
 
@@ -616,9 +836,9 @@ def _check_annotation_ids(candidate: Candidate, ann_id_counts: Counter) -> None:
     for ann in candidate.annotations:
         ann_id = ann.get("id")
         if not isinstance(ann_id, int) or isinstance(ann_id, bool):
-            raise Refusal("bad_annotation", f"an annotation of {candidate.name!r} has no integer id ({ann_id!r})")
+            raise Refusal("bad_annotation", f"an annotation of {brief(candidate.name)} has no integer id ({brief(ann_id)})")
         if ann_id_counts[ann_id] > 1:
-            raise Refusal("duplicate_annotation_id", f"annotation id {ann_id} of {candidate.name!r} is used by "
+            raise Refusal("duplicate_annotation_id", f"annotation id {ann_id} of {brief(candidate.name)} is used by "
                           f"{ann_id_counts[ann_id]} annotations")
 
 
@@ -712,7 +932,7 @@ def collect(source: SourceConfig) -> tuple[IngestResult, list[dict]]:
     names = {c["id"]: c["name"] for c in categories}
     with ThreadPoolExecutor(max_workers=source.read_workers) as pool:
         outcomes = pool.map(lambda c: _load(c, source, names), candidates)
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[str, Loaded]] = {}
         for candidate, outcome in zip(candidates, outcomes):
             _accept(result, seen, source, candidate, outcome)
     if source.format == "mask_folder":  # instances exist only where a mask could be read
@@ -732,19 +952,31 @@ def _drop_bad_annotation_ids(candidates: list[Candidate], counts: Counter, resul
     return kept
 
 
-def _accept(result: IngestResult, seen: dict[str, str], source: SourceConfig, candidate: Candidate,
+def _accept(result: IngestResult, seen: dict[str, tuple[str, Loaded]], source: SourceConfig, candidate: Candidate,
             outcome: Loaded | Refusal) -> None:
-    """Catalog a loaded image, or count it as a duplicate or quarantined."""
+    """Catalog a loaded image, or count it as a duplicate or quarantined.
+
+    An image with the pixels of one already kept is dropped as an exact duplicate when dropping it
+    loses no annotation: it has none (a defect-free file, a COCO entry without annotations) or the
+    same defects (category and mask, ids aside). When it carries other annotations the two
+    disagree, and the later one is quarantined as ``conflicting_duplicate``."""
     if isinstance(outcome, Refusal):
         result.reject(candidate.uri, outcome.kind, str(outcome), annotation_ids=candidate.annotation_ids)
         return
     if outcome.image_id in seen:
+        first_uri, first = seen[outcome.image_id]
+        if outcome.instances and outcome.defects != first.defects:
+            result.reject(candidate.uri, "conflicting_duplicate", f"{candidate.uri} has the same pixels as "
+                          f"{first_uri} but other annotations ({len(outcome.defects)} distinct defects against "
+                          f"{len(first.defects)}, or other masks or classes)", annotation_ids=candidate.annotation_ids)
+            return
         result.duplicates += 1
         result.annotations_of_duplicates += len(outcome.instances if candidate.mask_uri else candidate.annotations)
-        result.duplicate_of.append((candidate.uri, seen[outcome.image_id]))
-        log.warning("dropped %s: exact duplicate of %s", candidate.uri, seen[outcome.image_id])
+        result.duplicate_of.append((candidate.uri, first_uri))
+        log.warning("dropped %s: exact duplicate of %s", candidate.uri, first_uri)
         return
-    seen[outcome.image_id] = candidate.uri
+    seen[outcome.image_id] = (candidate.uri, outcome)
+    result.corrected += [(candidate.uri, note) for note in outcome.corrections]
     result.rows.append({
         "image_id": outcome.image_id, "source_uri": candidate.uri, "file_name": candidate.name,
         "width": outcome.width, "height": outcome.height,
@@ -780,6 +1012,9 @@ def _report(result: IngestResult, source: SourceConfig) -> str:
     else:
         lines.append(f"- instances (connected mask components): ingested {counts['ingested']}, dropped with "
                      f"duplicates {counts['duplicates']} (masks of quarantined images are not decomposed)")
+    if result.corrected:
+        lines.append(f"- bboxes corrected from their masks: {len(result.corrected)} (source.bbox_policy: correct; "
+                     "listed below)")
     others = [q for q in result.quarantine if q["item"] != "image"]
     if others:
         lines.append(f"- also refused: {len(others)} annotations or masks that belong to no image (listed below)")
@@ -787,6 +1022,9 @@ def _report(result: IngestResult, source: SourceConfig) -> str:
         lines += ["", "## Quarantined", "", "| item | file | kind | reason |", "| --- | --- | --- | --- |"]
         lines += [f"| {q['item']} | {_cell(q['source_uri'])} | {q['kind']} | {_cell(q['reason'])} |"
                   for q in result.quarantine]
+    if result.corrected:
+        lines += ["", "## Bboxes corrected", "", "| file | correction |", "| --- | --- |"]
+        lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in result.corrected]
     if result.duplicate_of:
         lines += ["", "## Duplicates dropped", "", "| file | same pixels as |", "| --- | --- |"]
         lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in result.duplicate_of]
