@@ -159,6 +159,10 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="Name of the results file.")
     parser.add_argument("--workdir", default=None, help="Keep data and models here (default: a temp folder).")
     args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("indusfactory").setLevel(logging.INFO)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-controllability-"))
     runs = [run_dataset(t, args.overrides, workdir, args.probe, args.seed) for t in args.tints]
     report = {"label": args.label, "overrides": args.overrides, "machine": f"{platform.machine()} x{os.cpu_count()}",

@@ -69,9 +69,9 @@ def bench_drivers(size: int, count: int, config: DriverConfig) -> dict:
     for index in range(count):
         extract_topological_driver(images[index % len(images)], masks, config)
     seconds = time.perf_counter() - start
-    print(f"drivers {count} at {size} px (downscale {config.downscale}): {seconds:.2f} s "
+    print(f"drivers {count} at {size} px (downscale {config.downscale_for(size)}): {seconds:.2f} s "
           f"= {count / seconds:.0f} drivers/s")
-    return {"size": size, "drivers": count, "downscale": config.downscale, "block_size": config.block_size,
+    return {"size": size, "drivers": count, "downscale": config.downscale_for(size), "block_size": config.block_size,
             "seconds": round(seconds, 3), "drivers_per_s": round(count / seconds, 1)}
 
 

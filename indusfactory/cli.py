@@ -96,6 +96,14 @@ def _print_dataset(record) -> None:
     typer.echo(f"  pandas:      pd.read_parquet('{record.uri}/data/')")
     typer.echo(f"  datasets:    load_dataset('{record.uri}')")
     typer.echo(f"  pycocotools: COCO('{record.uri}/annotations/instances_train.json')")
+    adherence = getattr(record, "adherence", None)
+    if adherence:
+        typer.echo(f"  labels:      {adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
+                   f"{adherence['chance_auc']:.3f}; {adherence['fraction_darker']:.0%} of samples darker inside "
+                   "their label)")
+        if adherence["verdict"] != "follows labels":
+            typer.echo("  WARNING: the defects are not where the labels say; do not train on this dataset "
+                       "(see the condition model card's held-out adherence).", err=True)
 
 
 @app.command()
@@ -134,7 +142,7 @@ def run(config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
 def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
                pretrain: bool = typer.Option(False, help="Pretrain VAE and UNet on scikit-image photographs "
                                              "(how the shipped model was made; ~25 min on 2 CPU cores)."),
-               vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(3000),
+               vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(2500),
                seed: int = typer.Option(0)):
     """Write a tiny Stable Diffusion 1.x pipeline (random, or pretrained with --pretrain)."""
     from indusfactory.tiny_model import pretrain_tiny_model, write_tiny_model

@@ -22,6 +22,7 @@ from indusfactory import storage
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
 from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
+from indusfactory.adherence import colourfulness
 from indusfactory.imaging import fit_square, from_model_output, image_grid, to_model_tensor
 from indusfactory.ingest import read_catalog
 from indusfactory.models import (
@@ -116,6 +117,31 @@ def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, s
     return images
 
 
+LOOK_SAMPLES = 8
+"""Images the trained concept generates to compare its look with its training images."""
+
+
+def look_of(images: list[np.ndarray]) -> dict:
+    """Colourfulness (median per-pixel RGB spread) and mean colour of a set of uint8 images."""
+    return {"colourfulness": round(float(np.median([colourfulness(i) for i in images])), 2),
+            "mean_rgb": np.mean([i.reshape(-1, 3).mean(axis=0) for i in images], axis=0).round(1).tolist()}
+
+
+def concept_look(base: BaseComponents, config: FactoryConfig, runtime: TrainingRuntime,
+                 images: list[np.ndarray]) -> dict:
+    """Does the concept reproduce the look of its data (grey sources give grey images)? Samples (at the
+    generation's step count) vs the training images."""
+    generated = sample_images(base, runtime, concept_prompt(config), list(range(LOOK_SAMPLES)),
+                              config.base_model.resolution, config.generation.steps)
+    look = {"generated": look_of(generated), "sources": look_of(images)}
+    gap = abs(look["generated"]["colourfulness"] - look["sources"]["colourfulness"])
+    look["colourfulness_gap"] = round(gap, 2)
+    log.info("concept look: colourfulness %.1f (sources %.1f), mean RGB %s (sources %s)",
+             look["generated"]["colourfulness"], look["sources"]["colourfulness"], look["generated"]["mean_rgb"],
+             look["sources"]["mean_rgb"])
+    return look
+
+
 def class_images_uri_for(config: FactoryConfig) -> str:
     c = config.concept
     fp = fingerprint("class-images", base_model_fingerprint(config.base_model), config.base_model,
@@ -174,20 +200,25 @@ def concept_step(base: BaseComponents, config: FactoryConfig, latents: LatentCac
                  class_latents: LatentCache | None, runtime: TrainingRuntime):
     """The DreamBooth loss of one micro-batch: instance loss (+ weighted class-prior loss)."""
     c = config.concept
-    prompts = [concept_prompt(config)] + ([class_prompt(config)] if class_latents is not None else [])
+    prompts = [concept_prompt(config)] + ([class_prompt(config)] if class_latents is not None else []) + [""]
     token_ids = tokenize(base, prompts)
     cached_embeds = None if c.train_text_encoder else encode_prompts(base, prompts)
+    empty = len(prompts) - 1
 
     def step(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = len(index)
         parts = [latents.sample(index, generator)]
+        which = torch.zeros(n, dtype=torch.long)
+        if c.empty_prompt_probability > 0:  # the unconditional branch of guidance learns the data's look too
+            which[torch.rand(n, generator=generator) < c.empty_prompt_probability] = empty
         if class_latents is not None:
             parts.append(class_latents.sample(torch.randint(0, len(class_latents), (n,), generator=generator),
                                               generator))
+            which = torch.cat([which, torch.ones(n, dtype=torch.long)])
         batch = torch.cat(parts).to(runtime.device)
         noisy, timesteps, target = noisy_inputs(base, batch, generator)
         embeds = cached_embeds if cached_embeds is not None else base.text_encoder(token_ids)[0]
-        hidden = embeds.repeat_interleave(n, dim=0)
+        hidden = embeds[which.to(embeds.device)]
         prediction = base.unet(noisy, timesteps, hidden).sample
         loss = diffusion_loss(prediction[:n], target[:n], timesteps[:n], base.noise_scheduler, c.snr_gamma)
         if class_latents is not None:
@@ -238,12 +269,14 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
     losses, seconds = run_training(params, c, len(images), concept_step(base, config, latents, class_latents, runtime),
                                    "learn-concept", progress, checkpoint_uri=checkpoint_uri, runtime=runtime,
                                    on_step=concept_validation(base, config, runtime, checkpoint_uri))
+    look = concept_look(base, config, runtime, images)
     fp = os.path.basename(output_uri.rstrip("/"))
     with storage.local_copy_for_write(output_uri) as folder:
         save_concept_weights(base, config, folder)
         validation = copy_validation_images(checkpoint_uri, folder)
         record = ModelRecord(kind="concept", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
                              steps=c.steps, seconds=round(seconds, 2), method=c.method, validation=validation,
+                             look=look,
                              final_loss=round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5))
         how = ("`pipe.load_lora_weights(folder)` in a `StableDiffusionPipeline` of the base model"
                if c.method == "lora" else "`UNet2DConditionModel.from_pretrained(folder, subfolder='unet')` "
@@ -251,7 +284,10 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
         card = model_card(f"indusfactory concept `{fp}`",
                           f"DreamBooth ({c.method}) of the defective concept, prompt `{concept_prompt(config)}`. "
                           f"Load with {how}.", config.base_model.pretrained, c.model_dump(mode="json"),
-                          catalog.content_fingerprint, losses, seconds, validation=validation)
+                          catalog.content_fingerprint, losses, seconds, validation=validation,
+                          extra=(f"- look ({LOOK_SAMPLES} samples vs the training images): colourfulness "
+                                 f"{look['generated']['colourfulness']} vs {look['sources']['colourfulness']}, "
+                                 f"mean RGB {look['generated']['mean_rgb']} vs {look['sources']['mean_rgb']}"))
         write_model_metadata(folder, card, {"concept": c.model_dump(mode="json"),
                                             "base_model": config.base_model.model_dump(mode="json"),
                                             "data_fingerprint": catalog.content_fingerprint, "losses": losses},

@@ -85,17 +85,18 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, int], where: str) -> np.ndar
 def threshold_background(image: np.ndarray, config: DriverConfig) -> np.ndarray:
     """The driver background of ``image``: a uint8 HxW map with values in {0, background_max}.
 
-    Grayscale, downscale by ``config.downscale`` (anti-aliased), ``threshold_local`` with
+    Grayscale, downscale by ``config.downscale_for(height)`` (anti-aliased), ``threshold_local`` with
     ``config.block_size`` and ``config.offset``, resize back to HxW (nearest), times
     ``background_max``.
     """
     _check_image(image)
     height, width = image.shape[:2]
-    small_shape = (max(1, round(height / config.downscale)), max(1, round(width / config.downscale)))
+    factor = config.downscale_for(height)
+    small_shape = (max(1, round(height / factor)), max(1, round(width / factor)))
     # Grayscale first: both steps are linear, so the order does not change the result, and the
     # anti-aliased resize then runs on one channel instead of three.
     gray = rgb2gray(image)  # float64 in 0..1
-    if config.downscale > 1:
+    if factor > 1:
         gray = resize(gray, small_shape, order=1, anti_aliasing=True)
     binary = gray > threshold_local(gray, block_size=config.block_size, offset=config.offset)
     if binary.shape != (height, width):

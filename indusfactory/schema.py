@@ -296,6 +296,8 @@ class ModelRecord(Record):
     final_loss: float | None = None
     validation: list[str] = []
     """Validation grids, relative to ``uri`` (e.g. ``validation/step-000150.png``)."""
+    look: dict[str, Any] = {}
+    """Concept: colourfulness and mean colour of its samples vs its training images (``concept.concept_look``)."""
     adherence: dict[str, Any] = {}
     """Condition: the held-out probe (``adherence.AdherenceSummary.as_dict`` plus where its masks came from)."""
     reused: bool = False
@@ -325,9 +327,9 @@ class ShardRecord(Record):
     worker: str
     dropped: int = 0
     """Samples that failed QC and were left out (generation.qc_action 'drop')."""
-    adherence: dict[str, float] = {}
-    """Sums over the shard's generated samples, dropped ones included (``adherence.ShardTotals``):
-    scored, auc_sum, chance_scored, chance_sum, darker."""
+    adherence: dict[str, Any] = {}
+    """Totals over the shard's generated samples, dropped ones included (``adherence.shard_totals``): AUC
+    histograms of own and chance masks, samples darker inside their label, samples scored."""
     reused: bool = False
 
     @property

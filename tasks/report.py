@@ -30,7 +30,9 @@ def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: Model
         *_adherence_lines(dataset, condition),
         "| stage | status | detail |", "| --- | --- | --- |",
         _stage_line("ingest", catalog.reused, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"),
-        _stage_line("learn-concept", concept.reused, f"`{concept.fingerprint}`, {concept.steps} steps"),
+        _stage_line("learn-concept", concept.reused, f"`{concept.fingerprint}`, {concept.steps} steps"
+                    + (f"; colourfulness {concept.look['generated']['colourfulness']} vs sources "
+                       f"{concept.look['sources']['colourfulness']}" if concept.look else "")),
         _stage_line("learn-condition", condition.reused, f"`{condition.fingerprint}`, {condition.steps} steps"
                     + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else "")),
         _stage_line("plan", plan.reused, f"{plan.samples} samples"),

@@ -313,3 +313,13 @@ def test_thin_crack_is_not_reduced_to_a_few_pixels():
     out = apply_perturbation(mask, params)
     assert out.sum() >= MIN_KEPT_AREA * mask.sum()
     assert np.array_equal(out, mask)  # the fallback drops the erosion and nothing else changes
+
+
+def test_a_thin_crack_is_not_widened_by_the_dilation():
+    mask = np.zeros(SHAPE, bool)
+    mask[10:50, 30] = True  # 1 px wide
+    base = identity_perturbation()
+    assert np.array_equal(apply_perturbation(mask, {**base, "morph_radius": 1}), mask)
+    wide = np.zeros(SHAPE, bool)
+    wide[10:50, 28:32] = True  # 4 px wide: dilated as before
+    assert apply_perturbation(wide, {**base, "morph_radius": 1}).sum() > wide.sum()

@@ -52,7 +52,8 @@ def random_instances(rng: np.random.Generator, shape: tuple[int, int] = (64, 64)
 def reference_driver(image: np.ndarray, instances, config: DriverConfig) -> np.ndarray:
     """The recipe written out independently, as the brief states it."""
     h, w = image.shape[:2]
-    small = resize(image, (round(h / config.downscale), round(w / config.downscale)), anti_aliasing=True)
+    factor = config.downscale or max(2, h // 64)  # None: scales with the image
+    small = resize(image, (round(h / factor), round(w / factor)), anti_aliasing=True)
     gray = rgb2gray(small)
     binary = gray > threshold_local(gray, block_size=config.block_size, offset=config.offset)
     binary = resize(binary, (h, w), order=0, anti_aliasing=False) > 0.5
