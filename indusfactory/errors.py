@@ -15,3 +15,11 @@ class ConfigError(BadInputError):
 
 class ModelLoadError(BadInputError):
     """A base or trained model is missing, incomplete or of the wrong kind."""
+
+
+class IncompleteOutputError(IndusfactoryError):
+    """A stage output on storage is incomplete: a completion marker without every file it describes."""
+
+
+class VersionConflictError(BadInputError):
+    """A dataset version folder holds (or published) another plan's data: it is never mixed or rewritten."""
