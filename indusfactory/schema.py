@@ -328,6 +328,8 @@ class ShardRecord(Record):
     worker: str
     dropped: int = 0
     """Samples that failed QC and were left out (generation.qc_action 'drop')."""
+    generation_fingerprint: str = ""
+    """What made the shard: plan, models, generation and driver config (``export.generation_fingerprint``)."""
     reused: bool = False
 
     @property
