@@ -4,19 +4,20 @@ ingest -> learn-concept -> learn-condition -> build-plan -> generate-shard x N -
 -> evaluate-dataset (``evaluation.enabled``)
 
 Shards run in this flow (``execution.fan_out: local``) or as runs of the ``generate-shards``
-deployment on a GPU work pool (``execution.fan_out: work_pool``).
+deployment on a GPU work pool (``execution.fan_out: work_pool``). Checking the version folder, generating
+and publishing run under the version's storage lock: two runs of one config never write it at once.
 """
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from indusfactory.config import FactoryConfig
-from indusfactory.export import dataset_uri_for
+from indusfactory.export import check_dataset_version, dataset_uri_for
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run
 from tasks.dispatch import dispatch_shard_runs
 from tasks.evaluate import evaluate_dataset_task
-from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task
+from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
 from tasks.report import summarise_run
@@ -30,12 +31,14 @@ def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
         condition = run(learn_condition_task)(config, catalog, concept)
         plan = run(build_plan_task)(config, catalog)
         dataset_uri = dataset_uri_for(config, plan, concept, condition)
-        if config.execution.fan_out == "work_pool":
-            shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
-        else:
-            shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
-                                             range(plan.shards))
-        dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
+        with version_lock(config, dataset_uri):  # one writer per version; a second run waits, then reuses
+            check_dataset_version(config, catalog, plan, concept, condition, dataset_uri)
+            if config.execution.fan_out == "work_pool":
+                shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
+            else:
+                shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
+                                                 range(plan.shards))
+            dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
         summarise_run(catalog, concept, condition, plan, shards, dataset)
         if config.evaluation.enabled:
             run(evaluate_dataset_task)(config, catalog, dataset)

@@ -19,3 +19,11 @@ class ModelLoadError(BadInputError):
 
 class NearChanceError(BadInputError):
     """The generated samples do not follow their labels and the config refuses to publish such a dataset."""
+
+
+class IncompleteOutputError(IndusfactoryError):
+    """A stage output on storage is incomplete: a completion marker without every file it describes."""
+
+
+class VersionConflictError(BadInputError):
+    """A dataset version folder holds (or published) another plan's data: it is never mixed or rewritten."""

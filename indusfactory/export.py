@@ -10,13 +10,20 @@ Layout of ``datasets/<name>/<version>/``::
     README.md                           dataset card; `datasets.load_dataset(path)` reads the folder
     manifest.json                       counts, checksums, lineage, config: written last (commit marker)
 
-A version with a manifest is published and never rewritten.
+A version with a manifest is published and never rewritten: nothing writes into it again. A version is
+one closed set: its shards carry the fingerprint of what made them (plan, models, generation and driver
+config; ``generation_fingerprint``), and a folder that published, or holds shards of, another plan or
+config is refused (``check_version``), so a pinned ``export.version`` reused for a changed config never
+mixes two datasets nor returns the old one. One run at a time writes a version: the flows hold a storage
+lock per version around generation and publishing; a shard is written once (``write_bytes_exclusive``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import posixpath
 from datetime import datetime, timezone
 
 import numpy as np
@@ -25,7 +32,7 @@ import pyarrow.parquet as pq
 
 from indusfactory import storage
 from indusfactory.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
-from indusfactory.errors import IndusfactoryError, NearChanceError
+from indusfactory.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
 from indusfactory.config import FactoryConfig
 from indusfactory.fingerprint import CODE_VERSION, fingerprint
 from indusfactory.imaging import image_grid
@@ -44,10 +51,14 @@ from indusfactory.schema import (
     with_metadata,
 )
 
+log = logging.getLogger(__name__)
+
 MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
 CONTACT_SHEET = "contact_sheet.png"
 SHARD_METADATA = b"indusfactory.shard"
-"""Parquet metadata key of a shard's own counts: ``{"planned": n, "dropped": k}``."""
+"""Parquet metadata key of a shard's own counts and origin: ``{"planned": n, "dropped": k,
+"generation_fingerprint": fp}``."""
 
 
 def shard_name(split: str, index: int, total: int) -> str:
@@ -81,31 +92,48 @@ def coco_of_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return images, annotations
 
 
+def refuse_published(dataset_uri: str) -> None:
+    """Raise when ``dataset_uri`` is published: nothing is ever written into a folder with a manifest."""
+    if is_published(dataset_uri):
+        raise VersionConflictError(f"{dataset_uri} is published (it has a {MANIFEST_FILE}) and never written into "
+                                   "again; set export.version to a new name to make another dataset")
+
+
 def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list[dict], categories: list[dict],
-                seconds: float, dropped: int = 0, worker: str = "", adherence: dict | None = None) -> ShardRecord:
+                seconds: float, dropped: int = 0, worker: str = "", generation_fingerprint: str = "",
+                adherence: dict | None = None) -> ShardRecord:
     """Write images, the shard's COCO file and, last, its parquet (the shard's completion marker).
 
     ``rows`` are the samples kept; ``dropped`` more were planned and left out by QC (recorded in the
-    parquet metadata, so a reused shard reports them too), as are the adherence totals of every
-    generated sample (``adherence.shard_totals``).
+    parquet metadata with ``generation_fingerprint`` and the adherence totals of every generated sample,
+    ``adherence.shard_totals``, so a reused shard reports them too). A shard is written once: when its
+    parquet is already there (another run of the version wrote it first), that one is kept and returned.
     """
+    refuse_published(dataset_uri)
+    done = existing_shard(dataset_uri, split, index, total)
+    if done:
+        return done
     storage.write_many_atomic({storage.join(dataset_uri, "images", row["image"]["path"]): row["image"]["bytes"]
                                for row in rows})
     images, annotations = coco_of_rows(rows)
     coco_uri = shard_coco_uri(dataset_uri, split, index, total)
     storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, shard_name(split, index, total)))
     schema = with_metadata(DATASET_SCHEMA, categories, huggingface=True)
-    counts = json.dumps({"planned": len(rows) + dropped, "dropped": dropped, "adherence": adherence or {}}).encode()
+    counts = json.dumps({"planned": len(rows) + dropped, "dropped": dropped,
+                         "generation_fingerprint": generation_fingerprint, "adherence": adherence or {}}).encode()
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata({**schema.metadata, SHARD_METADATA: counts}))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
     uri = shard_uri(dataset_uri, split, index, total)
-    storage.write_bytes_atomic(uri, data)
+    if not storage.write_bytes_exclusive(uri, data):
+        log.warning("%s was written by another run meanwhile: that one is kept, this run's copy dropped", uri)
+        return existing_shard(dataset_uri, split, index, total)
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=coco_uri, rows=len(rows),
                        flagged=sum(not r["qc_passed"] for r in rows), dropped=dropped,
                        sha256=storage.sha256_bytes(data), seconds=round(seconds, 3),
-                       worker=worker or (rows[0]["worker"] if rows else ""), adherence=adherence or {})
+                       worker=worker or (rows[0]["worker"] if rows else ""),
+                       generation_fingerprint=generation_fingerprint, adherence=adherence or {})
 
 
 def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord | None:
@@ -120,15 +148,90 @@ def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> Shar
                        rows=table.num_rows, flagged=int((~np.asarray(table["qc_passed"])).sum()),
                        dropped=int(counts.get("dropped", 0)), adherence=counts.get("adherence", {}),
                        sha256=storage.sha256_bytes(data), seconds=0.0,
-                       worker=table["worker"][0].as_py() if table.num_rows else "", reused=True)
+                       worker=table["worker"][0].as_py() if table.num_rows else "",
+                       generation_fingerprint=counts.get("generation_fingerprint", ""), reused=True)
+
+
+def shard_fingerprint(uri: str) -> str:
+    """The ``generation_fingerprint`` in a shard's parquet metadata ("" for shards written before it existed)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    return json.loads(metadata.get(SHARD_METADATA, b"{}")).get("generation_fingerprint", "")
+
+
+def foreign_shards(dataset_uri: str, generation_fingerprint: str, split: str, total: int) -> list[str]:
+    """The parquet files in ``<dataset_uri>/data/`` that are not shards of this plan and config: another
+    split or shard count, or another ``generation_fingerprint`` (read from each shard when one is given)."""
+    fs, path = storage.filesystem(storage.join(dataset_uri, "data"))
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    ours = {f"{shard_name(split, i, total)}.parquet" for i in range(total)}
+    foreign = []
+    for name in sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)):
+        if not name.endswith(".parquet") or name.startswith((storage.TMP_PREFIX, ".")):
+            continue
+        known = generation_fingerprint and name in ours
+        made_by = shard_fingerprint(storage.join(dataset_uri, "data", name)) if known else ""
+        if name not in ours or (generation_fingerprint and made_by and made_by != generation_fingerprint):
+            foreign.append(name)
+    return foreign
+
+
+def check_before_writing(dataset_uri: str, split: str, total: int) -> None:
+    """What ``generate_shard`` checks before generating, in one listing: the version is not published and
+    ``data/`` holds no shard named for another split or shard count (``check_version`` reads fingerprints)."""
+    refuse_published(dataset_uri)
+    foreign = foreign_shards(dataset_uri, "", split, total)
+    if foreign:
+        raise VersionConflictError(_foreign_message(dataset_uri, foreign))
+
+
+def check_shard_origin(shard: ShardRecord, generation_fingerprint: str, dataset_uri: str) -> None:
+    """Refuse to reuse a shard that another plan or config made (a pinned version reused for a changed config)."""
+    made_by = shard.generation_fingerprint
+    if not (made_by and generation_fingerprint and made_by != generation_fingerprint):
+        return
+    if is_published(dataset_uri):
+        raise VersionConflictError(f"{dataset_uri} was published from another plan or config (generation "
+                                   f"fingerprint {made_by}, {generation_fingerprint} now); a published version is "
+                                   "never rewritten: set export.version to a new name")
+    raise VersionConflictError(_foreign_message(dataset_uri, [posixpath.basename(shard.uri)]))
+
+
+def _foreign_message(dataset_uri: str, names: list[str]) -> str:
+    return (f"{storage.join(dataset_uri, 'data')} holds shards of another plan or config ({', '.join(names)}), left "
+            f"by an unfinished run under the same export.version; nothing in {dataset_uri} is published yet: delete "
+            "that folder to make the version with the current config, or set export.version to a new name")
+
+
+def check_version(dataset_uri: str, lineage: dict, split: str, total: int) -> None:
+    """Refuse a version folder that published another plan or config (any ``lineage`` fingerprint differs), or
+    that holds shards of one; a version is one closed set of the shards of one plan."""
+    if is_published(dataset_uri):
+        theirs = storage.read_json(storage.join(dataset_uri, MANIFEST_FILE)).get("lineage", {})
+        differ = sorted(k for k in theirs.keys() & lineage.keys()
+                        if k.endswith("_fingerprint") and theirs[k] != lineage[k])
+        if differ:
+            what = "; ".join(f"{k} {theirs[k]} there, {lineage[k]} now" for k in differ)
+            raise VersionConflictError(f"{dataset_uri} was published from another plan or config ({what}); a "
+                                       "published version is never rewritten: set export.version to a new name, or "
+                                       "leave it unset to derive one from the config")
+        return
+    foreign = foreign_shards(dataset_uri, lineage.get("generation_fingerprint", ""), split, total)
+    if foreign:
+        raise VersionConflictError(_foreign_message(dataset_uri, foreign))
 
 
 def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
-    """README.md with the front matter `datasets.load_dataset(folder)` reads."""
+    """README.md with the front matter `datasets.load_dataset(folder)` reads: exactly the manifest's shards."""
     counts = manifest["counts"]
+    paths = ["    path:", *(f"    - {shard['path']}" for shard in manifest["shards"])] if manifest["shards"] else [
+        "    path: []"]
     return "\n".join([
         "---", "configs:", "- config_name: default", "  data_files:", f"  - split: {split}",
-        f"    path: data/{split}-*.parquet", "task_categories:", "- image-segmentation", "tags:",
+        *paths, "task_categories:", "- image-segmentation", "tags:",
         "- synthetic", "- industrial-inspection", "- indusfactory", "---", "",
         f"# {name} {version}", "",
         "Synthetic, self-annotated industrial defect images made by indusfactory "
@@ -174,17 +277,19 @@ def adherence_lines(adherence: dict | None) -> list[str]:
 
 def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shards: list[ShardRecord],
                      categories: list[dict], config: dict, lineage: dict) -> DatasetRecord:
-    """Merge COCO, write the card, then the manifest (last), then move the ``latest`` pointer."""
+    """Merge COCO, write the card, then the manifest (last), then move the ``latest`` pointer.
+
+    An already published version is checked against ``lineage`` (refused when another plan or config made
+    it) and returned as it is; ``latest`` is repaired if a crash left it behind.
+    """
     manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
-    if is_published(dataset_uri):
-        manifest = storage.read_json(manifest_uri)
-        return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
-                             samples=manifest["counts"]["samples"], shards=manifest["counts"]["shards"],
-                             adherence=manifest.get("adherence", {}), reused=True)
     shards = sorted(shards, key=lambda s: s.index)
     expected = shards[0].total if shards else 0
+    if is_published(dataset_uri):
+        return _published(dataset_uri, name, version, split, lineage, expected)
     if [s.index for s in shards] != list(range(expected)):
         raise IndusfactoryError(f"cannot publish {dataset_uri}: shards {[s.index for s in shards]} of {expected}")
+    check_version(dataset_uri, lineage, split, expected)  # data/ holds exactly these shards, of this config
     for shard in shards:
         if storage.sha256_bytes(storage.read_bytes(shard.uri)) != shard.sha256:
             raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} changed after it was written")
@@ -215,10 +320,42 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
         storage.write_bytes_atomic(storage.join(dataset_uri, CONTACT_SHEET), contact_sheet(preview))
     storage.write_bytes_atomic(storage.join(dataset_uri, "README.md"),
                                dataset_card(name, version, split, manifest).encode())
-    storage.write_json_atomic(manifest_uri, manifest)
-    storage.write_bytes_atomic(storage.join(dataset_uri.rsplit("/", 1)[0], "latest"), f"{version}\n".encode())
+    document = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode("utf-8")
+    if not storage.write_bytes_exclusive(manifest_uri, document):  # published by another run meanwhile
+        return _published(dataset_uri, name, version, split, lineage, expected)
+    point_latest(dataset_uri, version, manifest["created"])
     return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
                          samples=manifest["counts"]["samples"], shards=len(shards), adherence=summary.as_dict())
+
+
+def _published(dataset_uri: str, name: str, version: str, split: str, lineage: dict, total: int) -> DatasetRecord:
+    """The record of a published version, after checking it was made by ``lineage``; repairs ``latest``."""
+    check_version(dataset_uri, lineage, split, total)
+    manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
+    manifest = storage.read_json(manifest_uri)
+    point_latest(dataset_uri, version, manifest.get("created", ""))
+    return DatasetRecord(name=name, version=version, uri=dataset_uri, manifest_uri=manifest_uri,
+                         samples=manifest["counts"]["samples"], shards=manifest["counts"]["shards"],
+                         adherence=manifest.get("adherence", {}), reused=True)
+
+
+def point_latest(dataset_uri: str, version: str, created: str) -> bool:
+    """Point ``<dataset>/latest`` at ``version`` unless it already does, or names a version published later
+    (by its manifest's ``created``); True when written. Run on every publish and every reuse, so a crash
+    between a manifest and its pointer is repaired by the next run."""
+    latest_uri = storage.join(storage.parent(dataset_uri), LATEST_FILE)
+    current = storage.read_bytes(latest_uri).decode("utf-8", "replace").strip() if storage.exists(latest_uri) else ""
+    if current == version:
+        return False
+    try:
+        other = storage.join(storage.parent(dataset_uri), current, MANIFEST_FILE) if current else ""
+    except BadInputError:
+        other = ""  # a damaged pointer: replaced
+    if other and storage.exists(other) and str(storage.read_json(other).get("created", "")) > created:
+        log.info("%s stays at %s, published after %s", latest_uri, current, version)
+        return False
+    storage.write_bytes_atomic(latest_uri, f"{version}\n".encode())
+    return True
 
 
 def preview_rows(shards: list[ShardRecord], count: int) -> list[dict]:
@@ -254,8 +391,14 @@ def dataset_version(config: FactoryConfig, plan: PlanRecord, concept: ModelRecor
     """The configured version, or one derived from everything that decides the bytes."""
     if config.export.version:
         return config.export.version
-    return "v-" + fingerprint("dataset", plan.fingerprint, concept.fingerprint, condition.fingerprint,
-                              config.generation, config.driver, length=10)
+    return "v-" + generation_fingerprint(config, plan, concept, condition)
+
+
+def generation_fingerprint(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord,
+                           condition: ModelRecord) -> str:
+    """What makes a dataset's shards: plan, models, generation and driver config (also the derived version)."""
+    return fingerprint("dataset", plan.fingerprint, concept.fingerprint, condition.fingerprint, config.generation,
+                       config.driver, length=10)
 
 
 def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
@@ -266,9 +409,23 @@ def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecor
 def publish_dataset(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
                     condition: ModelRecord, dataset_uri: str, shards: list[ShardRecord]) -> DatasetRecord:
     """Finalise the dataset version at ``dataset_uri`` with the lineage of everything that made it."""
-    lineage = {"base_model": config.base_model.pretrained, "catalog_fingerprint": catalog.content_fingerprint,
-               "plan_fingerprint": plan.fingerprint, "concept_fingerprint": concept.fingerprint,
-               "condition_fingerprint": condition.fingerprint}
     version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
     return finalize_dataset(dataset_uri, config.export.dataset_name, version, config.export.split, shards,
-                            catalog.categories, config.model_dump(mode="json"), lineage)
+                            catalog.categories, config.model_dump(mode="json"),
+                            dataset_lineage(config, catalog, plan, concept, condition))
+
+
+def dataset_lineage(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
+                    condition: ModelRecord) -> dict:
+    """The manifest's ``lineage``: the base model and the fingerprint of everything that made the dataset."""
+    return {"base_model": config.base_model.pretrained, "catalog_fingerprint": catalog.content_fingerprint,
+            "plan_fingerprint": plan.fingerprint, "concept_fingerprint": concept.fingerprint,
+            "condition_fingerprint": condition.fingerprint,
+            "generation_fingerprint": generation_fingerprint(config, plan, concept, condition)}
+
+
+def check_dataset_version(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
+                          condition: ModelRecord, dataset_uri: str) -> None:
+    """``check_version`` for a config: run before generating, so a foreign or changed version fails first."""
+    check_version(dataset_uri, dataset_lineage(config, catalog, plan, concept, condition), config.export.split,
+                  plan.shards)

@@ -58,7 +58,8 @@ from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.devices import DeviceSlot, device_pool
 from indusfactory.models import configure_torch, load_generation_pipeline, select_dtype
-from indusfactory.export import existing_shard, write_shard
+from indusfactory.export import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
+                                 write_shard)
 from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
 
@@ -474,13 +475,18 @@ def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image:
 def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, shard: int) -> ShardRecord:
     """Generate and write one shard of the plan; a shard already on storage is returned as is.
 
+    A shard that another plan or config made, or a missing shard of a published version, is refused
+    (``VersionConflictError``): a version is never mixed nor written into once published.
     Progress goes to the listeners of ``progress_listener`` (per batch, and once for a reused shard).
     """
     split = ctx.config.export.split
+    made_by = generation_fingerprint(ctx.config, plan, ctx.concept, ctx.condition)
     done = existing_shard(dataset_uri, split, shard, plan.shards)
     if done:
+        check_shard_origin(done, made_by, dataset_uri)
         _report(GenerationProgress(done.planned, plan.samples, generated=False))
         return done
+    check_before_writing(dataset_uri, split, plan.shards)
     started = time.perf_counter()
     _report(GenerationProgress(0, plan.samples, generated=True))
     rows = generate_rows(ctx, read_plan(plan, shard),
@@ -491,4 +497,4 @@ def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, s
                           [r["qc_chance_auc"] for r in rows if r["qc_chance_auc"] is not None],
                           [r["qc_mask_contrast"] for r in rows])
     return write_shard(dataset_uri, split, shard, plan.shards, kept, ctx.categories, time.perf_counter() - started,
-                       dropped=dropped, worker=worker, adherence=totals)
+                       dropped=dropped, worker=worker, adherence=totals, generation_fingerprint=made_by)

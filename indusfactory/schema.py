@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import logging
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 METADATA_SCHEMA_VERSION = b"indusfactory.schema_version"
@@ -253,16 +256,25 @@ class Record(BaseModel):
     """A small, JSON-serialisable description of a stage output (URIs, hashes, counts)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    required_suffix: ClassVar[str | None] = None
+    """A folder with the record but no ``files.json`` listing must hold a file ending so (else incomplete)."""
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
     @classmethod
     def read_completed(cls, record_uri: str):
-        """The record a finished stage left at ``record_uri``, marked ``reused``; None if absent."""
+        """The record a finished stage left at ``record_uri``, marked ``reused``; None if absent, or if its
+        folder lacks a file the record's write left there (a cut upload): the stage then makes it again."""
         from indusfactory import storage
 
         if not storage.exists(record_uri):
+            return None
+        folder = storage.parent(record_uri)
+        problems = storage.incomplete(folder, cls.required_suffix)
+        if problems:
+            log.warning("%s has its completion marker but is incomplete (%s): not reused, made again", folder,
+                        "; ".join(problems))
             return None
         return cls.model_validate({**storage.read_json(record_uri), "reused": True})
 
@@ -293,6 +305,7 @@ class ModelRecord(Record):
     seconds: float
     method: str = "lora"
     """Concept: 'lora' or 'full'; condition: 'controlnet'."""
+    required_suffix: ClassVar[str | None] = ".safetensors"
     final_loss: float | None = None
     validation: list[str] = []
     """Validation grids, relative to ``uri`` (e.g. ``validation/step-000150.png``)."""
@@ -330,6 +343,8 @@ class ShardRecord(Record):
     adherence: dict[str, Any] = {}
     """Totals over the shard's generated samples, dropped ones included (``adherence.shard_totals``): AUC
     histograms of own and chance masks, samples darker inside their label, samples scored."""
+    generation_fingerprint: str = ""
+    """What made the shard: plan, models, generation and driver config (``export.generation_fingerprint``)."""
     reused: bool = False
 
     @property

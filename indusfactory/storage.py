@@ -23,9 +23,15 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from indusfactory.errors import BadInputError
+from indusfactory.errors import BadInputError, IncompleteOutputError
 
 TMP_PREFIX = ".tmp-"
+FILES_LISTING = "files.json"
+"""Written into every folder ``local_copy_for_write`` writes: each file's size and MD5 (what S3 gives as the
+ETag of a single-part upload), so a reader tells a complete folder from one whose upload was cut."""
+COMPLETION_MARKERS = ("record.json", "class_images.json")
+"""Top-level files that say a folder is complete: uploaded last, each in its own write, once every other
+file is in place and verified."""
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 """Protocols whose uploads are atomic: an object appears whole or not at all."""
 
@@ -104,6 +110,48 @@ def write_many_atomic(files: dict[str, bytes]) -> None:
         write_bytes_atomic(uri, data)
 
 
+def _s3_error_code(exc: BaseException) -> str | None:
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get(
+                "HTTPStatusCode"))
+    return None
+
+
+def write_bytes_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet; False (nothing written) when something is.
+
+    S3: one conditional PUT (``If-None-Match: *``), exclusive against any other writer. Other
+    filesystems: an existence check, then ``write_bytes_atomic``; exclusive among writers that hold
+    the dataset version's storage lock (a file once written is never replaced by this function).
+    """
+    fs, path = filesystem(uri)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if {"s3", "s3a"} & set(protocols):
+        bucket, key, _ = fs.split_path(path)
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if _s3_error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return False
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+    if fs.exists(path):
+        return False
+    write_bytes_atomic(uri, data)
+    return True
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri``."""
+    return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(uri)
+
+
 def remove_temporaries(uri: str) -> list[str]:
     """Delete the ``.tmp-`` files a crashed writer left anywhere under ``uri``; returns their paths.
 
@@ -148,12 +196,92 @@ def folder_listing(uri: str) -> list[tuple[str, int, str]]:
                   for p, info in fs.find(path, detail=True).items())
 
 
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_files(folder: str, markers: tuple[str, ...] = COMPLETION_MARKERS) -> dict[str, dict]:
+    """``{relative path: {"size", "md5"}}`` of every file of a local folder but its markers and listing."""
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "md5": _md5_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file()
+            and p.relative_to(root).as_posix() not in (*markers, FILES_LISTING)}
+
+
+def missing_files(uri: str) -> list[str] | None:
+    """What the folder at ``uri`` lacks against its ``files.json``: [] when every listed file is there at its
+    size (and MD5, where the store's ETag is one); None when the folder has no listing."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        listing = json.loads(fs.cat_file(posixpath.join(path, FILES_LISTING)))["files"]
+    except FileNotFoundError:
+        return None
+    found = {posixpath.relpath(p, path): info for p, info in fs.find(path, detail=True).items()}
+    problems = []
+    for name, want in listing.items():
+        info = found.get(name)
+        size = None if info is None else int(info.get("size") or 0)
+        etag = "" if info is None else str(info.get("ETag") or "").strip('"')
+        if info is None:
+            problems.append(f"{name} is missing")
+        elif size != want["size"]:
+            problems.append(f"{name} has {size} bytes, not {want['size']}")
+        elif len(etag) == 32 and etag != want["md5"]:  # a multipart ETag ("...-3") is no MD5: size only
+            problems.append(f"{name} has MD5 {etag}, not {want['md5']}")
+    return problems
+
+
+def incomplete(uri: str, required_suffix: str | None = None) -> list[str]:
+    """Why the folder at ``uri`` is not complete ([] when it is): a file its ``files.json`` lists is missing or
+    differs; a folder without a listing (written before listings existed) needs a ``required_suffix`` file."""
+    problems = missing_files(uri)
+    if problems is not None:
+        return problems
+    if required_suffix:
+        fs, path = filesystem(uri)
+        if not any(p.endswith(required_suffix) for p in fs.find(path)):
+            return [f"no *{required_suffix} file"]
+    return []
+
+
+def upload_folder(folder: str, uri: str, markers: tuple[str, ...] = COMPLETION_MARKERS) -> None:
+    """Upload a local folder to ``uri`` so that its markers say it is complete only when it is.
+
+    First any marker left at ``uri`` by an earlier, cut upload is removed; then every other file goes up,
+    then ``files.json``; the upload is verified against it (sizes, MD5 where the ETag is one); the markers
+    go last, each in its own write.
+    """
+    fs, path = filesystem(uri)
+    files = folder_files(folder, markers)
+    for name in (*markers, FILES_LISTING):
+        if fs.exists(posixpath.join(path, name)):
+            fs.rm_file(posixpath.join(path, name))
+    if files:
+        fs.put([os.path.join(folder, name) for name in files], [posixpath.join(path, name) for name in files])
+    write_json_atomic(join(uri, FILES_LISTING), {"files": files})
+    problems = missing_files(uri)
+    if problems:
+        raise IncompleteOutputError(f"upload of {uri} is incomplete ({'; '.join(problems)}); its completion "
+                                    "marker was not written")
+    for name in markers:
+        local = os.path.join(folder, name)
+        if os.path.isfile(local):
+            write_bytes_atomic(join(uri, name), Path(local).read_bytes())
+
+
 @contextmanager
-def local_copy_for_write(uri: str) -> Iterator[str]:
-    """Yield a local folder to write a directory tree into; it is uploaded to ``uri`` on success.
+def local_copy_for_write(uri: str, markers: tuple[str, ...] = COMPLETION_MARKERS) -> Iterator[str]:
+    """Yield a local folder to write a directory tree into; it is put at ``uri`` on success, with a
+    ``files.json`` listing.
 
     Local roots write in a temporary sibling folder that is renamed into place, so a crash never
-    leaves a half-written model folder under its final name.
+    leaves a half-written model folder under its final name. Remote roots upload through
+    ``upload_folder``: the completion ``markers`` go last, after the rest is verified.
     """
     import shutil
     import tempfile
@@ -161,8 +289,7 @@ def local_copy_for_write(uri: str) -> Iterator[str]:
     if is_remote(uri):
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
-            fs, path = filesystem(uri)
-            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+            upload_folder(tmp, uri, markers)
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +297,8 @@ def local_copy_for_write(uri: str) -> Iterator[str]:
     tmp.mkdir()
     try:
         yield str(tmp)
+        (tmp / FILES_LISTING).write_text(json.dumps({"files": folder_files(str(tmp), markers)}, indent=2,
+                                                    sort_keys=True))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -178,18 +307,39 @@ def local_copy_for_write(uri: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _name_storage_uri(exc: BaseException, local: str, uri: str) -> None:
+    """Make an error about a local copy name the storage URI it was copied from."""
+    exc.args = tuple(a.replace(local, uri) if isinstance(a, str) else a for a in exc.args)
+    for attribute in ("filename", "filename2"):  # OSError shows these, not its args
+        value = getattr(exc, attribute, None)
+        if isinstance(value, str):
+            setattr(exc, attribute, value.replace(local, uri))
+    exc.add_note(f"(read from a local copy of {uri})")
+
+
 @contextmanager
 def local_copy_for_read(uri: str) -> Iterator[str]:
-    """Yield a local path holding the tree at ``uri`` (downloaded first when remote)."""
+    """Yield a local path holding the tree at ``uri`` (downloaded first when remote).
+
+    A remote folder that lacks a file its ``files.json`` lists is refused, naming ``uri``; errors raised
+    about the local copy name ``uri`` too."""
     import tempfile
 
     if not is_remote(uri):
         yield uri
         return
+    problems = missing_files(uri)
+    if problems:
+        raise IncompleteOutputError(f"{uri} is incomplete ({'; '.join(problems)}): rerun the stage that makes it "
+                                    "to rebuild it")
     with tempfile.TemporaryDirectory() as tmp:
         fs, path = filesystem(uri)
         fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            _name_storage_uri(exc, tmp, uri)
+            raise
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,15 @@ RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": 
 def cache_when_present(marker_uri: Callable[[dict[str, Any]], str]) -> Callable[[TaskRunContext, dict], str | None]:
     """A ``cache_key_fn``: the key of the stage's output when its completion marker exists, else no cache.
 
-    A cache record is only trusted while what it describes is on storage; a deleted output means
-    the task runs again and rebuilds it.
+    A cache record is only trusted while what it describes is on storage; a deleted output, or a marker
+    whose folder lacks a file its ``files.json`` lists (a cut upload), means the task runs again and
+    rebuilds it.
     """
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
         uri = marker_uri(parameters)
-        return fingerprint(context.task.name, uri) if storage.exists(uri) else None
+        complete = storage.exists(uri) and not storage.incomplete(storage.parent(uri))
+        return fingerprint(context.task.name, uri) if complete else None
 
     return key
 

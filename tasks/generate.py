@@ -15,7 +15,8 @@ from indusfactory.generate import GenerationContext, generate_shard
 from indusfactory.plan import RECORD_FILE as PLAN_RECORD
 from indusfactory.plan import build_plan, plan_uri_for, rows_in_shards
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+from indusfactory.locking import StorageLock
+from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock
 from tasks.report import collect_shards
 
 
@@ -28,6 +29,13 @@ def build_plan_task(config: FactoryConfig, catalog: CatalogRecord) -> PlanRecord
     run_logger().info("plan %s %s: %d samples in %d shards", record.fingerprint,
                       "reused" if record.reused else "built", record.samples, record.shards)
     return record
+
+
+def version_lock(config: FactoryConfig, dataset_uri: str) -> StorageLock:
+    """The lock of one dataset version (``<factory_root>/locks/dataset-<name>-<version>.lock``), held around
+    checking its folder, generating its shards and publishing it: a second run of the version waits, then
+    finds it published."""
+    return stage_lock(config, f"dataset-{config.export.dataset_name}", dataset_uri)
 
 
 def _shard_marker(p: dict) -> str:

@@ -170,3 +170,102 @@ def test_sigkill_mid_finalisation_then_rerun(prefect_api, make_config, prepare_g
     assert _snapshot(shards) == before, "the shards were not regenerated"
     assert (root.parent / "latest").read_text().strip() == record.version
     assert not [p for p in Path(config.factory_root).rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_sigkill_between_manifest_and_latest_then_rerun_repairs_latest(prefect_api, make_config, prepare_generation,
+                                                                         tmp_path):
+    """Killed while ``latest`` is moved into place, after the manifest: the rerun finds the version published
+    and points ``latest`` at it (it named an older version)."""
+    from flows.generate_dataset import generate_dataset
+
+    config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2})
+    setup = prepare_generation(config)
+    root = Path(setup.dataset_uri)
+    older = root.parent / "v-older"
+    older.mkdir(parents=True)
+    (older / "manifest.json").write_text(json.dumps({"created": "2000-01-01T00:00:00+00:00"}))
+    (root.parent / "latest").write_text("v-older\n")
+    proc = _start_worker(setup, tmp_path, "latest", publish=True)
+    _wait_for(proc, lambda: any(root.parent.glob(".tmp-*latest")))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert (root / "manifest.json").is_file() and (root.parent / "latest").read_text() == "v-older\n"
+    before = _snapshot(sorted(p for p in root.rglob("*") if p.is_file()))
+
+    record = generate_dataset(config=config)
+    assert record.reused and record.uri == setup.dataset_uri
+    assert (root.parent / "latest").read_text().strip() == record.version
+    assert _snapshot(sorted(p for p in root.rglob("*") if p.is_file())) == before, "the version is not rewritten"
+
+
+RACER = textwrap.dedent("""
+    import json, sys
+    from indusfactory.config import parse_config
+    from flows.generate_dataset import generate_dataset
+
+    record = generate_dataset(config=parse_config(json.loads(sys.argv[1])))
+    print("RESULT " + json.dumps({"reused": record.reused, "uri": record.uri}), flush=True)
+""")
+
+
+def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_api, make_config, prepare_generation,
+                                                                        tmp_path):
+    """Two processes run generate-dataset on one config at the same time, both released at once: one
+    generates and publishes, the other waits for the version's lock and reuses it; every shard in the
+    manifest is the file on storage, written by one run."""
+    import re
+
+    from prefect.settings import PREFECT_API_URL
+
+    from indusfactory.export import shard_name
+    from indusfactory.locking import StorageLock, lock_uri
+
+    repo = Path(__file__).resolve().parents[1]
+    config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})
+    setup = prepare_generation(config)
+    root = Path(setup.dataset_uri)
+    uri = lock_uri(config.factory_root, f"dataset-{config.export.dataset_name}-{root.name}")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(repo), "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
+    gate = StorageLock(uri, owner="test-holder", stale_after=600).acquire()  # both runs meet the version lock
+    procs = {}
+    try:
+        for name, log in logs.items():
+            with open(log, "w") as out:
+                procs[name] = subprocess.Popen([sys.executable, "-c", RACER, config.model_dump_json()], cwd=repo,
+                                               env={**env, "INDUSFACTORY_WORKER_NAME": name}, stdout=out,
+                                               stderr=subprocess.STDOUT)
+        deadline = time.time() + 420
+        while not all("held by test-holder" in log.read_text() for log in logs.values()):
+            texts = "\n".join(log.read_text()[-3000:] for log in logs.values())
+            assert time.time() < deadline and all(p.poll() is None for p in procs.values()), texts
+            time.sleep(0.5)
+    finally:
+        gate.release()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=420)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    outputs = {name: log.read_text() for name, log in logs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outputs
+    results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}
+    assert sorted(r["reused"] for r in results.values()) == [False, True], results
+    maker = next(name for name, r in results.items() if not r["reused"])
+    reuser = next(name for name in results if name != maker)
+    assert f"held by {maker} pid" in outputs[reuser], "the second run waited for the first one's version lock"
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == setup.plan.samples
+    for entry in manifest["shards"]:
+        assert hashlib.sha256((root / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert {entry["worker"] for entry in manifest["shards"]} == {maker}, "one run wrote every shard"
+    assert sorted(p.name for p in (root / "data").iterdir()) == [
+        f"{shard_name('train', i, setup.plan.shards)}.parquet" for i in range(setup.plan.shards)]
+    df = pd.read_parquet(root / "data")
+    assert sorted(df["sample_id"]) == sorted(set(df["sample_id"])) and len(df) == setup.plan.samples
+    assert (root.parent / "latest").read_text().strip() == root.name and not Path(uri).exists()

@@ -50,3 +50,112 @@ def test_object_store_writes_are_single_puts(s3_bucket, monkeypatch):
     found = sorted(fs.find(f"{s3_bucket}/ds"))
     assert len(found) == 21 and not [p for p in found if "/.tmp-" in p]
     assert all(fs.cat_file(uri) == data for uri, data in files.items())
+
+
+def test_an_exclusive_write_never_replaces_a_file(tmp_path):
+    target = str(tmp_path / "data" / "train-00000-of-00001.parquet")
+    assert storage.write_bytes_exclusive(target, b"first")
+    assert not storage.write_bytes_exclusive(target, b"second")
+    assert (tmp_path / "data" / "train-00000-of-00001.parquet").read_bytes() == b"first"
+
+
+@pytest.mark.slow
+def test_racing_exclusive_writes_on_s3_leave_exactly_one_winner(s3_bucket):
+    """Two runs writing one shard at once (S3: conditional PUT): one wins, the other keeps its hands off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+
+    uri = f"{s3_bucket}/ds/data/train-00000-of-00001.parquet"
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.write_bytes_exclusive(uri, f"run {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert fsspec.filesystem("s3").cat_file(uri) == f"run {won.index(True)}".encode()
+
+
+def _manifest(folder, created: str) -> None:
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"created": created}))
+
+
+def test_latest_is_repaired_unless_it_names_a_version_published_later(tmp_path):
+    from indusfactory.export import point_latest
+
+    root = tmp_path / "datasets" / "demo"
+    _manifest(root / "v1", "2026-01-01T00:00:00+00:00")
+    _manifest(root / "v2", "2026-02-01T00:00:00+00:00")
+    latest = root / "latest"
+    assert point_latest(str(root / "v1"), "v1", "2026-01-01T00:00:00+00:00")  # a crash left no pointer
+    assert latest.read_text() == "v1\n"
+    assert not point_latest(str(root / "v1"), "v1", "2026-01-01T00:00:00+00:00")  # already there: not rewritten
+    assert point_latest(str(root / "v2"), "v2", "2026-02-01T00:00:00+00:00")  # behind a newer manifest
+    assert latest.read_text() == "v2\n"
+    assert not point_latest(str(root / "v1"), "v1", "2026-01-01T00:00:00+00:00")  # v2 was published later
+    assert latest.read_text() == "v2\n"
+    for damaged in ("v-gone\n", "../../escape\n", ""):
+        latest.write_text(damaged)
+        assert point_latest(str(root / "v1"), "v1", "2026-01-01T00:00:00+00:00")
+        assert latest.read_text() == "v1\n"
+
+
+@pytest.mark.slow
+def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config, prepare_generation):
+    """Killed after one shard, then rerun with a smaller plan under the same pinned version; then the first
+    config, and a changed one, rerun against the published version: refused each time, never mixed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import datasets
+    import pandas as pd
+
+    from flows.generate_dataset import generate_dataset
+    from indusfactory.errors import VersionConflictError
+    from indusfactory.export import check_dataset_version
+    from indusfactory.generate import generate_shard
+
+    def pinned(**overrides):
+        return make_config(export={"version": "pinned"}, **{"generation": {"shard_size": 2}, **overrides})
+
+    def check(setup):
+        check_dataset_version(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
+                              setup.dataset_uri)
+
+    first = prepare_generation(pinned())
+    root = Path(first.dataset_uri)
+    assert first.plan.shards == 3 and root.name == "pinned"
+    generate_shard(first.ctx, first.plan, first.dataset_uri, 0)  # ... and the run was killed here
+
+    smaller = prepare_generation(pinned(plan={"max_defect_free_images": 1}))
+    assert smaller.dataset_uri == first.dataset_uri and smaller.plan.samples < first.plan.samples
+    for attempt in (lambda: check(smaller), lambda: generate_shard(smaller.ctx, smaller.plan, str(root), 0)):
+        with pytest.raises(VersionConflictError) as info:
+            attempt()
+        assert str(root / "data") in str(info.value) and "train-00000-of-00003.parquet" in str(info.value)
+        assert "delete that folder" in str(info.value) and "export.version" in str(info.value)
+    assert [p.name for p in (root / "data").glob("*.parquet")] == ["train-00000-of-00003.parquet"]
+
+    # As the error says: delete the unpublished folder; the smaller plan is then published alone.
+    shutil.rmtree(root)
+    record = generate_dataset(config=smaller.config)
+    manifest = json.loads((root / "manifest.json").read_text())
+    planned = smaller.plan.samples
+    assert record.samples == manifest["counts"]["samples"] == planned
+    assert len(pd.read_parquet(root / "data")) == planned
+    assert datasets.load_dataset(str(root), split="train").num_rows == planned
+    card = (root / "README.md").read_text()
+    assert [line.strip("- ") for line in card.splitlines() if line.startswith("    - data/")] == [
+        s["path"] for s in manifest["shards"]]
+
+    # The first config (a larger plan) and a changed generation config, against the published version.
+    published = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    changed = prepare_generation(pinned(plan={"max_defect_free_images": 1}, generation={"shard_size": 2, "steps": 3}))
+    for attempt in (lambda: check(first), lambda: generate_shard(first.ctx, first.plan, str(root), 2),
+                    lambda: generate_dataset(config=first.config), lambda: check(changed),
+                    lambda: generate_dataset(config=changed.config)):
+        with pytest.raises(VersionConflictError, match="published"):
+            attempt()
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == published, "nothing written into it"
+    assert generate_dataset(config=smaller.config).reused
