@@ -19,3 +19,21 @@ class ModelLoadError(BadInputError):
 
 class NearChanceError(BadInputError):
     """The generated samples do not follow their labels and the config refuses to publish such a dataset."""
+
+
+class StorageAccessError(BadInputError):
+    """Storage refused a request for a reason a retry will not cure (credentials, permissions, a missing
+    bucket or key, no space left): the message names the place and what to check."""
+
+
+class StoragePermissionError(StorageAccessError, PermissionError):
+    """Credentials refused or missing, or access denied (still a ``PermissionError`` for callers catching one)."""
+
+
+class StorageNotFoundError(StorageAccessError, FileNotFoundError):
+    """No such bucket, key or file (still a ``FileNotFoundError``)."""
+
+
+class StorageSpaceError(StorageAccessError, OSError):
+    """No space left on the device or over quota (still an ``OSError``)."""
+
