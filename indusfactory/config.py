@@ -391,6 +391,10 @@ class ExecutionConfig(Section):
         None, gt=0, description="Fail instead of waiting longer than this for a training lock held by another "
         "run (default: wait until it is released or goes stale)."
     )
+    preflight_min_free_mb: float = Field(
+        512.0, ge=0, description="Preflight refuses a local factory root whose volume has less free space than "
+        "this many MiB (0: no check)."
+    )
 
 
 class EvaluationConfig(Section):

@@ -37,3 +37,11 @@ class StorageNotFoundError(StorageAccessError, FileNotFoundError):
 class StorageSpaceError(StorageAccessError, OSError):
     """No space left on the device or over quota (still an ``OSError``)."""
 
+
+class PreflightError(BadInputError):
+    """The checks before a run found problems; ``problems`` lists each one (key, place, what to check)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"preflight found {len(self.problems)} problem(s) before any work started:\n{lines}")
