@@ -15,11 +15,13 @@ from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
+from tasks.preflight import preflight_task
 
 
 @flow(name="evaluate-dataset")
 def evaluate_dataset(config: FactoryConfig = FactoryConfig()) -> EvaluationRecord:
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        run(preflight_task)(config, "evaluate-dataset")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)
         concept = run(learn_concept_task)(config, catalog)
         condition = run(learn_condition_task)(config, catalog, concept)

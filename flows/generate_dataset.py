@@ -20,12 +20,14 @@ from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
+from tasks.preflight import preflight_task
 from tasks.report import summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        run(preflight_task)(config, "generate-dataset")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)
         concept = run(learn_concept_task)(config, catalog)
         condition = run(learn_condition_task)(config, catalog, concept)

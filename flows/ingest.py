@@ -6,9 +6,11 @@ from indusfactory.config import FactoryConfig
 from indusfactory.schema import CatalogRecord
 from tasks._prefect import factory_run
 from tasks.ingest import ingest_task
+from tasks.preflight import preflight_task
 
 
 @flow(name="ingest")
 def ingest(config: FactoryConfig = FactoryConfig()) -> CatalogRecord:
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        run(preflight_task)(config, "ingest")  # what the config names, checked in seconds before any work
         return run(ingest_task)(config)

@@ -405,6 +405,10 @@ class ExecutionConfig(Section):
         None, gt=0, description="Fail instead of waiting longer than this for a training lock held by another "
         "run (default: wait until it is released or goes stale)."
     )
+    preflight_min_free_mb: float = Field(
+        512.0, ge=0, description="Preflight refuses a local factory root whose volume has less free space than "
+        "this many MiB (0: no check)."
+    )
 
 
 class EvaluationConfig(Section):
@@ -472,12 +476,24 @@ def load_config(path: str | Path) -> FactoryConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a configuration") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
-    return parse_config(data, origin=str(path))
+    try:
+        return parse_config(data, origin=str(path))
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a configuration") from None
 
 
 def parse_config(data: dict, origin: str = "config") -> FactoryConfig:

@@ -27,3 +27,29 @@ class IncompleteOutputError(IndusfactoryError):
 
 class VersionConflictError(BadInputError):
     """A dataset version folder holds (or published) another plan's data: it is never mixed or rewritten."""
+
+
+class StorageAccessError(BadInputError):
+    """Storage refused a request for a reason a retry will not cure (credentials, permissions, a missing
+    bucket or key, no space left): the message names the place and what to check."""
+
+
+class StoragePermissionError(StorageAccessError, PermissionError):
+    """Credentials refused or missing, or access denied (still a ``PermissionError`` for callers catching one)."""
+
+
+class StorageNotFoundError(StorageAccessError, FileNotFoundError):
+    """No such bucket, key or file (still a ``FileNotFoundError``)."""
+
+
+class StorageSpaceError(StorageAccessError, OSError):
+    """No space left on the device or over quota (still an ``OSError``)."""
+
+
+class PreflightError(BadInputError):
+    """The checks before a run found problems; ``problems`` lists each one (key, place, what to check)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"preflight found {len(self.problems)} problem(s) before any work started:\n{lines}")

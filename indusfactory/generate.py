@@ -37,7 +37,6 @@ samples are flagged (``qc_passed`` false) or dropped, per ``generation.qc_action
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -53,7 +52,6 @@ import torch
 from indusfactory import storage
 from indusfactory.adherence import label_auc, shard_totals
 from indusfactory.config import FactoryConfig
-from indusfactory.errors import ConfigError
 from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.devices import DeviceSlot, device_pool
@@ -62,14 +60,13 @@ from indusfactory.export import (check_before_writing, check_shard_origin, exist
                                  write_shard)
 from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
+from indusfactory.scorers import (AdherenceScorer, adherence_scorer,  # noqa: F401 - re-exported
+                                  register_adherence_scorer)
 
 log = logging.getLogger(__name__)
 _PIPELINE_CACHE: dict[tuple, object] = {}
 _SOURCES_CACHE: dict[str, SourceImages] = {}
 
-AdherenceScorer = Callable[[list[np.ndarray], list[np.ndarray]], list[float]]
-"""Scores how well each generated image (uint8 HxWx3) shows the defect in its mask (bool HxW); higher is better."""
-_SCORERS: dict[str, AdherenceScorer] = {}
 
 
 @dataclass
@@ -238,16 +235,6 @@ def mask_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
     return float((ring_mean - gray[mask].mean()) / max(ring_mean, 1.0))
 
 
-def register_adherence_scorer(name: str) -> Callable[[AdherenceScorer], AdherenceScorer]:
-    """Decorator: make ``fn`` available as ``generation.adherence_scorer: <name>`` (e.g. a learned segmentor)."""
-
-    def register(fn: AdherenceScorer) -> AdherenceScorer:
-        _SCORERS[name] = fn
-        return fn
-
-    return register
-
-
 @register_adherence_scorer("dark_iou")
 def dark_iou(images: list[np.ndarray], masks: list[np.ndarray], ring: int = 3) -> list[float]:
     """IoU of each mask with the pixels near it that are darker than the median of the ring around it."""
@@ -263,26 +250,6 @@ def dark_iou(images: list[np.ndarray], masks: list[np.ndarray], ring: int = 3) -
         dark = near & (gray < np.median(gray[near & ~mask]))
         scores.append(float((dark & mask).sum() / (dark | mask).sum()))
     return scores
-
-
-def adherence_scorer(name: str | None) -> AdherenceScorer | None:
-    """The scorer a config names: a registered name or ``package.module:function``; None for no scorer."""
-    if name is None:
-        return None
-    if name in _SCORERS:
-        return _SCORERS[name]
-    if name.startswith("segformer:"):  # the real-data segmentor an evaluation saved (evaluation/<fp>/segmentor)
-        from indusfactory.evaluate import segmentor_adherence_scorer
-
-        return segmentor_adherence_scorer(name[len("segformer:"):])
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"generation.adherence_scorer {name!r} cannot be imported: {exc}") from exc
-    raise ConfigError(f"generation.adherence_scorer {name!r} is not registered (known: {sorted(_SCORERS)}) "
-                      "and is not a 'package.module:function' path")
 
 
 def qc_verdict(ctx: GenerationContext, contrast: float, adherence: float | None, label_auc: float = 1.0) -> bool:

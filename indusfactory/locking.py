@@ -8,7 +8,9 @@ compare-and-swap (local: under an ``flock`` guard; S3: ``If-Match`` on the ETag)
 ``waiting for <lock> held by <owner>`` and polls; a lock whose heartbeat is older than
 ``stale_after`` (by the holder's clock, or unchanged that long by the waiter's own clock, which
 does not depend on clock skew) belongs to a dead process and is taken over with the same
-compare-and-swap, so two waiters never both take it.
+compare-and-swap, so two waiters never both take it. A holder that ran on this host (same host name,
+boot and pid namespace) and whose process is gone is taken over at once, without waiting for its
+heartbeat to go stale.
 
 The lock guards work, not correctness: outputs are still written atomically, so a holder that
 lost its lock (``lock.lost``) only wastes work. Other fsspec filesystems get a best-effort lock
@@ -135,13 +137,18 @@ class StorageLock:
             stale_after = max(self.stale_after, holder.stale_after if holder else 0.0)
             silent_for = time.monotonic() - seen
             heartbeat_age = time.time() - holder.heartbeat_at if holder and holder.heartbeat_at else None
-            if silent_for > stale_after or (heartbeat_age is not None and heartbeat_age > stale_after):
+            dead = holder is not None and holder_died_here(holder)
+            if dead or silent_for > stale_after or (heartbeat_age is not None and heartbeat_age > stale_after):
                 info = self._new_info()
                 new_version = self._backend.replace_if(version, info.dumps())
                 if new_version is not None:
                     age = heartbeat_age if heartbeat_age is not None else silent_for
-                    self.log.warning("took over stale lock %s from %s (no heartbeat for %.0f s, limit %.0f s)",
-                                     self.uri, owner, age, stale_after)
+                    if dead:
+                        self.log.warning("took over lock %s from %s at once: its process %d on this host (%s) is "
+                                         "gone", self.uri, owner, holder.pid, holder.host)
+                    else:
+                        self.log.warning("took over stale lock %s from %s (no heartbeat for %.0f s, limit %.0f s)",
+                                         self.uri, owner, age, stale_after)
                     self.took_over = owner
                     return self._held(info, new_version, started)
                 continue  # someone else changed it first (a heartbeat, or another waiter took it over)
@@ -182,7 +189,8 @@ class StorageLock:
     def _new_info(self) -> LockInfo:
         now = time.time()
         return LockInfo(owner=self.owner, token=self.token, host=socket.gethostname(), pid=os.getpid(),
-                        acquired_at=now, heartbeat_at=now, stale_after=self.stale_after)
+                        acquired_at=now, heartbeat_at=now, stale_after=self.stale_after,
+                        extra=process_identity(os.getpid()))
 
     def _held(self, info: LockInfo, version: Any, started: float) -> "StorageLock":
         self.waited = time.monotonic() - started
@@ -217,6 +225,67 @@ class StorageLock:
                                "%.0f s?)", self.uri, holder.owner if holder else "nobody", self.owner,
                                self.stale_after)
                 return
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None (no such process,
+    or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2:].split()
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int) -> dict[str, str]:
+    """What tells this process apart from a later one with the same pid on the same host: the boot, the pid
+    namespace (a container) and the process's start time (Linux; empty elsewhere)."""
+    stat = _proc_stat(pid)
+    return {"boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
+            "started": stat[19] if stat and len(stat) > 19 else ""}
+
+
+def holder_died_here(holder: LockInfo) -> bool:
+    """True when the lock's holder ran on this host, in this boot and pid namespace, and its process is gone
+    (no such pid, a zombie, or another process that reused the pid). Anything uncertain is False: the lock then
+    waits for its heartbeat to go stale."""
+    if not holder.pid or holder.host != socket.gethostname():
+        return False
+    mine = process_identity(os.getpid())
+    for key in ("boot_id", "pid_namespace"):
+        if holder.extra.get(key, "") != mine[key]:
+            return False  # another boot, or another container with the same host name: the pid says nothing
+    if holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's process
+    stat = _proc_stat(holder.pid)
+    if stat is None:
+        return False
+    if stat[0] in ("Z", "X"):
+        return True
+    started = holder.extra.get("started")
+    return bool(started) and len(stat) > 19 and stat[19] != started
 
 
 @contextmanager

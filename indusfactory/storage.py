@@ -63,6 +63,28 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri)
 
 
+def endpoint_of(uri: str) -> str | None:
+    """The service endpoint a remote URI is read from (for messages; credentials in it scrubbed); None if local.
+
+    For ``s3://`` the endpoint s3fs uses: ``endpoint_url`` of the filesystem, else ``AWS_ENDPOINT_URL_S3`` /
+    ``AWS_ENDPOINT_URL``, else AWS's own endpoint of the region.
+    """
+    if not is_remote(uri):
+        return None
+    from indusfactory.redact import scrub
+
+    protocol = uri.split("://", 1)[0]
+    if protocol not in ("s3", "s3a"):
+        return f"{protocol}://"
+    fs, _ = filesystem(uri)
+    endpoint = (getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    if endpoint:
+        return scrub(str(endpoint))
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "default region"
+    return f"AWS S3 ({region})"
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
-from indusfactory import redact, storage
+from indusfactory import failures, redact, storage
 from indusfactory.config import FactoryConfig
 from indusfactory.errors import BadInputError
 from indusfactory.fingerprint import fingerprint
@@ -44,13 +44,12 @@ def cache_when_present(marker_uri: Callable[[dict[str, Any]], str]) -> Callable[
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry transient failures (storage, network); a ``BadInputError`` fails at once."""
+    """Retry transient failures (timeouts, throttling, 5xx, dropped connections); permanent ones fail at once:
+    bad input, refused credentials, access denied, no such bucket or key, no space (``failures.is_permanent``)."""
     try:
         state.result()
-    except BadInputError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure may be transient
-        return True
+    except Exception as exc:  # noqa: BLE001 - classified: anything not known to be permanent may be transient
+        return not failures.is_permanent(exc)
     return True
 
 
@@ -104,7 +103,7 @@ def result_storage_for(config: FactoryConfig) -> Path | str:
     return f"remote-file-system/{name}"
 
 
-def on_factory(task: Task, result_storage: Path | str) -> Task:
+def on_factory(task: Task, result_storage: Path | str, endpoint: str | None = None) -> Task:
     """``task`` writing its results and cache records to ``result_storage``, its errors scrubbed of secrets.
 
     A task without a storage-backed cache key (its default cache key holds the run id, so it can
@@ -116,7 +115,7 @@ def on_factory(task: Task, result_storage: Path | str) -> Task:
     else:
         bound = task.with_options(result_storage=result_storage)
         bound.fn = recording_cache(bound.cache_key_fn, bound.fn)
-    bound.fn = scrubbing_errors(bound.fn)
+    bound.fn = scrubbing_errors(explaining_permanent_errors(bound.fn, endpoint))
     return bound
 
 
@@ -147,6 +146,28 @@ def recording_cache(cache_key_fn: Callable, fn: Callable) -> Callable:
                                  context.task.name, type(exc).__name__, redact.scrub(str(exc)))
         return result
 
+    return wrapper
+
+
+def explaining_permanent_errors(fn: Callable, endpoint: str | None = None) -> Callable:
+    """``fn`` whose permanent storage failures (access denied, bad credentials, no such bucket or key, no space)
+    leave as one ``StorageAccessError`` naming the endpoint, path or key and what to check; it is not retried."""
+    if getattr(fn, "__explains_errors__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BadInputError:
+            raise
+        except Exception as exc:
+            if not failures.is_permanent(exc):
+                raise
+            place = failures.where(exc) or ""
+            raise failures.permanent_error(exc, None if place.startswith("/") else endpoint) from exc
+
+    wrapper.__explains_errors__ = True
     return wrapper
 
 
@@ -250,7 +271,8 @@ def factory_run(config: FactoryConfig) -> Iterator[Callable[[Task], Task]]:
         prepare_logging()
         refuse_uri_credentials(config)
         result_storage = result_storage_for(config)
-        yield lambda task: on_factory(task, result_storage)
+        endpoint = storage.endpoint_of(config.factory_root) or storage.endpoint_of(config.source.images_dir)
+        yield lambda task: on_factory(task, result_storage, endpoint)
     except Exception as exc:
         replacement = _scrubbed(exc)
         if replacement is exc:

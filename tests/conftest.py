@@ -117,6 +117,44 @@ def s3_bucket(s3_endpoint, request):
 
 
 @pytest.fixture
+def s3_iam(s3_endpoint, monkeypatch):
+    """IAM users on the loopback endpoint, and a context that turns its authentication on (off again after)."""
+    import json
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    import boto3
+    import requests
+    import s3fs
+
+    iam = boto3.client("iam", endpoint_url=s3_endpoint)
+
+    def user_with(actions: list[str]) -> tuple[str, str]:
+        name = f"preflight-{len(iam.list_users()['Users'])}"
+        iam.create_user(UserName=name)
+        policy = iam.create_policy(PolicyName=name, PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+        iam.attach_user_policy(UserName=name, PolicyArn=policy["Policy"]["Arn"])
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    @contextmanager
+    def enforced(key_id: str, secret: str):
+        requests.post(f"{s3_endpoint}/moto-api/reset-auth", data=b"0", timeout=10)
+        try:
+            with monkeypatch.context() as env:
+                env.setenv("AWS_ACCESS_KEY_ID", key_id)
+                env.setenv("AWS_SECRET_ACCESS_KEY", secret)
+                s3fs.S3FileSystem.clear_instance_cache()
+                yield
+        finally:
+            requests.post(f"{s3_endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    return SimpleNamespace(user_with=user_with, enforced=enforced)
+
+
+@pytest.fixture
 def prepare_generation():
     """A function: config -> everything generation needs (catalog, 2-step models, plan, dataset URI), made
     with the library functions the tasks call, under the config's factory root."""

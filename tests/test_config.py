@@ -55,6 +55,40 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text", [
+    "a: " + "[" * 100_000 + "]" * 100_000,  # flow sequences 100,000 deep
+    "factory_root: " + "{a: " * 20_000 + "1" + "}" * 20_000,  # flow mappings
+    "\n".join("  " * i + f"k{i}:" for i in range(5_000)) + " 1",  # block mappings, 5,000 levels of indentation
+], ids=["sequences", "mappings", "blocks"])
+def test_yaml_nested_too_deep_is_a_config_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="nested too deeply") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and info.value.__cause__ is None
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("factory_root: /data/usine-\xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "byte 26" in str(info.value)
+
+
+def test_the_cli_prints_a_bad_config_file_in_a_few_lines(tmp_path):
+    from typer.testing import CliRunner
+
+    from indusfactory.cli import app
+
+    for name, data in (("deep.yaml", ("a: " + "[" * 100_000).encode()), ("latin1.yaml", b"factory_root: caf\xe9\n")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        result = CliRunner().invoke(app, ["run", str(path)])
+        assert result.exit_code == 2 and str(path) in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3, result.output
+
+
 def test_prompt_templates_must_name_their_fields():
     with pytest.raises(ConfigError, match="classes"):
         parse_config({"condition": {"prompt_template": "an image of a {token}"}})

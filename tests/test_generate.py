@@ -219,7 +219,7 @@ def test_qc_drop_leaves_a_consistent_dataset(make_config, prepare_generation):
         assert again.reused and (again.rows, again.dropped) == (shard.rows, shard.dropped)
 
 
-def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_generation):
+def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_generation, monkeypatch):
     from indusfactory.generate import adherence_scorer, generate_rows, register_adherence_scorer
     from indusfactory.plan import read_plan
 
@@ -242,7 +242,8 @@ def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_
     verdicts = [r["qc_passed"] for r in generate_rows(strict.ctx, read_plan(strict.plan))]
     assert verdicts == [s >= cut for s in scores] and not all(verdicts)
 
-    # The built-in scorer, by name or by import path; no scorer leaves the column null.
+    # The built-in scorer, by name or by import path (allowed by the deployment); no scorer leaves the column null.
+    monkeypatch.setenv("INDUSFACTORY_ALLOW_SCORER_IMPORTS", "1")
     assert adherence_scorer("indusfactory.generate:dark_iou") is adherence_scorer("dark_iou")
     mask = np.zeros((16, 16), bool)
     mask[6:10, 4:12] = True
@@ -253,7 +254,7 @@ def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_
     assert generate_rows(setup.ctx, read_plan(setup.plan)[:1])[0]["qc_adherence"] is None
 
 
-def test_adherence_settings_are_checked(make_config):
+def test_adherence_settings_are_checked(make_config, monkeypatch):
     from indusfactory.generate import adherence_scorer
 
     with pytest.raises(ConfigError, match="min_adherence"):
@@ -262,6 +263,9 @@ def test_adherence_settings_are_checked(make_config):
         make_config(generation={"qc_action": "delete"})
     with pytest.raises(ConfigError, match="no-such-scorer"):
         adherence_scorer("no-such-scorer")
+    with pytest.raises(ConfigError, match="INDUSFACTORY_ALLOW_SCORER_IMPORTS"):
+        adherence_scorer("no_such_module:score")  # import paths are refused unless the deployment allows them
+    monkeypatch.setenv("INDUSFACTORY_ALLOW_SCORER_IMPORTS", "1")
     with pytest.raises(ConfigError, match="cannot be imported"):
         adherence_scorer("no_such_module:score")
 

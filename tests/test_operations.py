@@ -196,7 +196,7 @@ def test_results_and_cache_records_live_under_the_factory_root(prefect_api, make
     before = _tree(default_storage)
 
     first = ingest(config=config, return_state=True)
-    assert first.result().reused is False and _task_states(first) == {"ingest": "Completed"}
+    assert first.result().reused is False and _task_states(first) == {"preflight": "Completed", "ingest": "Completed"}
     records = [p for p in results.iterdir() if p.is_file()]
     assert len(records) == 1, "the cache record is written under <factory_root>/prefect-results with the output"
     record = json.loads(records[0].read_text())
@@ -208,7 +208,7 @@ def test_results_and_cache_records_live_under_the_factory_root(prefect_api, make
     mtimes = {p: p.stat().st_mtime_ns for p in Path(config.factory_root).rglob("*")}
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "other-machine"}):
         second = ingest(config=config, return_state=True)
-    assert _task_states(second) == {"ingest": "Cached"}
+    assert _task_states(second) == {"preflight": "Completed", "ingest": "Cached"}
     assert second.result().fingerprint == first.result().fingerprint and second.result().reused
     assert {p: p.stat().st_mtime_ns for p in Path(config.factory_root).rglob("*")} == mtimes
     assert not (tmp_path / "other-machine").exists() and _tree(default_storage) == before
@@ -218,7 +218,7 @@ def test_results_and_cache_records_live_under_the_factory_root(prefect_api, make
 
     shutil.rmtree(Path(config.factory_root) / "catalog")
     third = ingest(config=config, return_state=True)
-    assert _task_states(third) == {"ingest": "Completed"} and third.result().reused is False
+    assert _task_states(third) == {"preflight": "Completed", "ingest": "Completed"} and third.result().reused is False
 
 
 def test_results_on_an_s3_factory_root(prefect_api, make_config, s3_bucket):
@@ -229,7 +229,7 @@ def test_results_on_an_s3_factory_root(prefect_api, make_config, s3_bucket):
     config = make_config(factory_root=f"{s3_bucket}/factory")
     ingest(config=config)
     second = ingest(config=config, return_state=True)
-    assert _task_states(second) == {"ingest": "Cached"}
+    assert _task_states(second) == {"preflight": "Completed", "ingest": "Cached"}
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     stored = fs.find(f"{s3_bucket}/factory/prefect-results")
     assert len(stored) == 1 and json.loads(json.loads(fs.cat_file(stored[0]))["result"])["data"]["reused"]
