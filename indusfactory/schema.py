@@ -325,9 +325,9 @@ class ShardRecord(Record):
     worker: str
     dropped: int = 0
     """Samples that failed QC and were left out (generation.qc_action 'drop')."""
-    adherence: dict[str, float] = {}
-    """Sums over the shard's generated samples, dropped ones included (``adherence.ShardTotals``):
-    scored, auc_sum, chance_scored, chance_sum, darker."""
+    adherence: dict[str, Any] = {}
+    """Totals over the shard's generated samples, dropped ones included (``adherence.shard_totals``):
+    auc_histogram, chance_histogram (lists of counts), darker, scored."""
     reused: bool = False
 
     @property
