@@ -406,8 +406,8 @@ class EvaluationConfig(Section):
         "SegFormer trained from scratch (CPU-sized)."
     )
     resolution: int | None = Field(None, gt=0, description="Segmentor input size (default: base_model.resolution).")
-    steps: int = Field(150, gt=0, description="Training steps on synthetic data (pre-training, and synthetic only).")
-    finetune_steps: int = Field(75, gt=0, description="Fine-tuning steps on real data after synthetic pre-training. "
+    steps: int = Field(120, gt=0, description="Training steps on synthetic data (pre-training, and synthetic only).")
+    finetune_steps: int = Field(60, gt=0, description="Fine-tuning steps on real data after synthetic pre-training. "
                                 "The real-only baseline gets the same total budget: steps + finetune_steps.")
     binary: bool = Field(True, description="Train a defect-vs-background head (IoU of the defect pixels is the "
                          "headline); False: one output per category (argmax over background and classes).")
