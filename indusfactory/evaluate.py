@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import json
 import logging
 import math
 import os
@@ -68,6 +69,8 @@ from indusfactory.segmentor import (
 log = logging.getLogger(__name__)
 RECORD_FILE = "record.json"
 SEGMENTOR_DIR = "segmentor"
+BASELINE_FILE = "baseline_check.json"
+"""Next to the saved segmentor: whether it learned (above chance on the real test split)."""
 SIZE_BINS = np.logspace(-4, 0, 13)
 """Relative mask areas (fraction of the image) of the mask-size histograms."""
 
@@ -453,7 +456,8 @@ def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: Dat
         "protocol": {"test_images": len(test.data), "train_images": len(train.data),
                      "segmentor": e.segmentor_pretrained or "SegFormer (small, from scratch)",
                      "head": f"binary (defect vs background), {e.loss}" if e.binary else "per category, CE + Dice",
-                     "steps": e.steps, "finetune_steps": e.finetune_steps, "real_only_steps": e.steps + e.finetune_steps,
+                     "steps": e.steps, "finetune_steps": e.finetune_steps,
+                     "real_only_steps": e.steps + e.finetune_steps,
                      "resolution": resolution, "real_fractions": e.real_fractions, "seed": e.seed,
                      "seeds": [e.seed + i for i in range(e.seeds)], "controls": e.controls,
                      "synthetic_ratios": e.synthetic_ratios,
@@ -574,6 +578,8 @@ def write_evaluation(folder_uri: str, dataset: DatasetRecord, result: dict, per_
         with open(os.path.join(folder, "table.md"), "w", encoding="utf-8") as handle:
             handle.write(results_markdown(result))
         segmentor.save_pretrained(os.path.join(folder, SEGMENTOR_DIR), safe_serialization=True)
+        with open(os.path.join(folder, SEGMENTOR_DIR, BASELINE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(result["baseline"], handle, indent=1)
     record = EvaluationRecord(uri=folder_uri, fingerprint=result["fingerprint"], dataset_uri=dataset.uri,
                               table=results_table(result), adherence=result["adherence"],
                               fidelity=result["fidelity"], plots=sorted(plots), seconds=result["seconds"],
@@ -597,6 +603,15 @@ def published_dataset(dataset_uri: str) -> DatasetRecord:
                          shards=manifest["counts"]["shards"], adherence=manifest.get("adherence") or {}, reused=True)
 
 
+def _baseline_learned(folder: str) -> bool | None:
+    """Whether a saved segmentor passed its evaluation's baseline check (None: no check saved)."""
+    path = os.path.join(folder, BASELINE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("learned")
+
+
 @functools.lru_cache(maxsize=2)
 def segmentor_adherence_scorer(folder: str):
     """An adherence scorer for generation QC from a segmentor an evaluation saved: IoU of its defect
@@ -608,8 +623,12 @@ def segmentor_adherence_scorer(folder: str):
     try:
         with storage.local_copy_for_read(folder) as local:
             model = SegformerForSemanticSegmentation.from_pretrained(local, use_safetensors=True)
+            learned = _baseline_learned(local)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"adherence segmentor {folder} cannot be loaded: {exc}") from exc
+    if learned is False:
+        log.warning("adherence segmentor %s did not learn in its evaluation (no better than chance on the real "
+                    "test split): its scores measure the segmentor, not the samples", folder)
 
     def score(images: list[np.ndarray], masks: list[np.ndarray]) -> list[float]:
         maps, _ = predict(model, images)
