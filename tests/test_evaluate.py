@@ -126,6 +126,8 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     from indusfactory.generate import adherence_scorer
     from indusfactory.schema import decode_image, rle_to_mask
 
+    check = json.loads((Path(record.uri) / "segmentor" / "baseline_check.json").read_text())
+    assert check["learned"] == record.baseline["learned"], "the saved segmentor says whether it learned"
     scorer = adherence_scorer(f"segformer:{record.uri}/segmentor")
     samples = pd.read_parquet(root / "data").sort_values("sample_id")
     masks = [np.logical_or.reduce([rle_to_mask(i["rle"]) for i in insts]) for insts in samples["instances"]]

@@ -6,6 +6,9 @@ defects are not where their labels say bring no benefit; the rules themselves by
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,16 +20,20 @@ from indusfactory.evaluate import (
     NO_BENEFIT,
     LabelledImages,
     ProtocolData,
+    adherence_report,
     chance_levels,
     compare,
     decide,
-    results_markdown,
+    pixel_adherence,
     results_table,
     run_protocol,
+    write_evaluation,
 )
+from indusfactory.schema import DatasetRecord
 from indusfactory.segmentor import SegmentationSet
 
 SIZE = 32
+DATASET = DatasetRecord(name="tiny", version="v", uri="unused", manifest_uri="unused", samples=8, shards=1)
 
 
 def _surface(rng: np.random.Generator) -> np.ndarray:
@@ -63,32 +70,48 @@ def _config(**overrides) -> EvaluationConfig:
     return EvaluationConfig(**{**base, **overrides})
 
 
-def _result(protocol: dict, e: EvaluationConfig, test_images: int) -> dict:
+def _result(protocol: dict, e: EvaluationConfig, test_images: int, synthetic: LabelledImages) -> dict:
     """A result document around a protocol output, as evaluate_dataset writes it."""
-    adherence = {"headline": "follows labels: …", "segmentor": {"skipped": "baseline did not learn"}}
-    return {"dataset": {"name": "tiny", "version": "v"}, **protocol, "adherence": adherence,
-            "fidelity": {"feature_extractor": "small", "fid": None, "kid": None, "kid_std": None},
+    pixels, aucs, chance = pixel_adherence(synthetic, seed=0)
+    adherence = adherence_report(pixels, aucs, chance, DATASET, None)
+    bins = [0.0, 0.5, 1.0]
+    return {"fingerprint": "fp", "dataset": {"name": "tiny", "version": "v"}, **protocol, "adherence": adherence,
+            "fidelity": {"feature_extractor": "small", "fid": None, "kid": None, "kid_std": None}, "seconds": 1.0,
+            "distributions": {"size_bins": bins, "real": {"mask_size_histogram": [1, 0]},
+                              "synthetic": {"mask_size_histogram": [1, 0]}},
             "protocol": {"test_images": test_images, "segmentor": "tiny", "head": "binary", "seeds": [0, 1],
                          "steps": e.steps, "finetune_steps": e.finetune_steps,
                          "real_only_steps": e.steps + e.finetune_steps, "spread_rule": "max std",
                          "synthetic_ratios": e.synthetic_ratios}}
 
 
-def test_invisible_defects_make_the_evaluation_inconclusive():
+def test_invisible_defects_make_the_evaluation_inconclusive(tmp_path):
     """Masks with no visible pixel change: no segmentor can learn them, so nothing can be concluded,
-    even with synthetic data that follows its labels."""
+    even with synthetic data that follows its labels. The verdict is in the table, evaluation.json
+    and the record, and the blind segmentor scores no adherence."""
     e = _config()
+    synthetic = defect_images(8, seed=3)
     data = ProtocolData(train=defect_images(6, seed=1, visible=False), test=defect_images(2, seed=2, visible=False),
-                        synthetic=defect_images(8, seed=3).data, category_ids=[1])
-    protocol, _ = run_protocol(e, data)
+                        synthetic=synthetic.data, category_ids=[1])
+    protocol, baseline = run_protocol(e, data)
     assert protocol["verdict"] == INCONCLUSIVE, protocol["baseline"]
     assert protocol["baseline"]["learned"] is False
     assert all(c["verdict"] == INCONCLUSIVE for c in protocol["comparisons"])
-    result = _result(protocol, e, 2)
-    assert f"**Verdict: {INCONCLUSIVE}**" in results_markdown(result)
+    result = _result(protocol, e, 2, synthetic)
     real_only = [row for row in results_table(result) if row["regime"] == "real only"]
     assert [row["check"] for row in real_only] == ["did not learn"]
     assert all(row["seeds"] == 2 and row["iou_std"] is not None for row in results_table(result))
+
+    dataset = DATASET.model_copy(update={"uri": str(tmp_path / "dataset")})
+    per_sample = {"sample_id": synthetic.ids, "label_auc": [0.5] * 8, "chance_auc": [0.5] * 8,
+                  "adherence_iou": [None] * 8}
+    record = write_evaluation(str(tmp_path / "dataset" / "evaluation" / "fp"), dataset, result, per_sample, baseline)
+    document = json.loads((tmp_path / "dataset" / "evaluation.json").read_text())
+    assert record.verdict == document["verdict"] == INCONCLUSIVE
+    assert f"**Verdict: {INCONCLUSIVE}**" in (Path(record.uri) / "table.md").read_text()
+    assert document["adherence"]["verdict"] == "follows labels", "the synthetic defects are visible: pixels say so"
+    assert "skipped" in document["adherence"]["segmentor"]
+    assert json.loads((Path(record.uri) / "segmentor" / "baseline_check.json").read_text())["learned"] is False
 
 
 def test_synthetic_labels_not_where_the_defects_are_bring_no_benefit():
