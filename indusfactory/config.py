@@ -424,8 +424,35 @@ class EvaluationConfig(Section):
         "SegFormer trained from scratch (CPU-sized)."
     )
     resolution: int | None = Field(None, gt=0, description="Segmentor input size (default: base_model.resolution).")
-    steps: int = Field(300, gt=0, description="Training steps on real or synthetic data.")
-    finetune_steps: int = Field(150, gt=0, description="Fine-tuning steps on real data after synthetic pre-training.")
+    steps: int = Field(120, gt=0, description="Training steps on synthetic data (pre-training, and synthetic only).")
+    finetune_steps: int = Field(60, gt=0, description="Fine-tuning steps on real data after synthetic pre-training. "
+                                "The real-only baseline gets the same total budget: steps + finetune_steps.")
+    binary: bool = Field(True, description="Train a defect-vs-background head (IoU of the defect pixels is the "
+                         "headline); False: one output per category (argmax over background and classes).")
+    loss: Literal["dice_bce", "dice_focal"] = Field(
+        "dice_bce", description="Loss of the binary head: soft Dice plus BCE, or plus focal loss (gamma 2)."
+    )
+    seeds: int = Field(3, ge=1, description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
+                       "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).")
+    controls: list[Literal["shuffled labels", "empty masks"]] = Field(
+        default_factory=lambda: ["shuffled labels", "empty masks"],
+        description="Control pre-trainings fine-tuned on real data like synthetic + real: the synthetic images "
+        "with their labels shuffled between images (a derangement), and with empty masks. 'synthetic helps' "
+        "needs synthetic + real to beat real only and the shuffled-labels control.",
+    )
+    synthetic_ratios: list[float] | None = Field(
+        None, description="Synthetic:real ratio sweep: synthetic images per real training image for synthetic + "
+        "real (capped by the QC-passed samples); None: every QC-passed sample, one setting."
+    )
+    chance_margin: float = Field(
+        0.05, ge=0, description="The real-only baseline has learned when its mean defect IoU minus its std exceeds "
+        "the chance IoU (best of an empty, an all-defect and a shuffled-mask prediction) by this much; otherwise "
+        "the evaluation is 'inconclusive: the baseline did not learn'."
+    )
+    min_difference: float = Field(
+        0.02, ge=0, description="Smallest mean defect-IoU difference a verdict counts, on top of the spread rule "
+        "(difference of means greater than the larger of the two stds)."
+    )
     batch_size: int = Field(8, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     max_synthetic_images: int | None = Field(None, gt=0, description="Use at most this many synthetic images.")
@@ -435,6 +462,13 @@ class EvaluationConfig(Section):
     )
     kid_subset_size: int = Field(100, ge=2)
     seed: int = 0
+
+    @field_validator("synthetic_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(r <= 0 for r in value)):
+            raise ValueError(f"synthetic_ratios must be positive numbers (or null), got {value}")
+        return sorted(set(value)) if value else value
 
     @field_validator("real_fractions")
     @classmethod

@@ -369,6 +369,13 @@ class EvaluationRecord(Record):
     fidelity: dict[str, Any]
     plots: list[str]
     seconds: float
+    verdict: str | None = None
+    """'synthetic helps', 'no benefit' or 'inconclusive: the baseline did not learn' (None: older records)."""
+    verdict_reason: str | None = None
+    baseline: dict[str, Any] = {}
+    """Whether the real-only segmentor learned (above the chance IoU of the test split), per real fraction."""
+    chance: dict[str, Any] = {}
+    """Defect IoU of predictions that saw no image: empty, all defect, shuffled test masks; ``chance``."""
     reused: bool = False
 
 

@@ -1,5 +1,9 @@
-"""The downstream crack segmentor of the evaluation: SegFormer (transformers), semantic classes
-background + one per defect category, trained with cross-entropy + soft Dice.
+"""The downstream crack segmentor of the evaluation: SegFormer (transformers).
+
+By default a *binary* head (background vs defect, two logits) trained with soft Dice plus BCE or
+focal loss on the defect logit: thin cracks are a tiny share of the pixels, and defect classes that
+differ only by shape split the defect probability so that argmax is always background. With
+``binary=False`` the semantic classes are background + one per category (cross-entropy + soft Dice).
 
 ``evaluation.segmentor_pretrained`` names a SegFormer checkpoint (e.g. ``nvidia/mit-b0``, a
 local folder); without one a small SegFormer is initialised from a seed, which runs on a CPU.
@@ -73,8 +77,34 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return ce + dice.mean()
 
 
+def binary_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "dice_bce") -> torch.Tensor:
+    """Soft Dice plus BCE (``dice_bce``) or focal loss (``dice_focal``, gamma 2) on defect vs background.
+
+    The defect logit is the difference of the two class logits, so a two-class softmax at inference
+    gives the same probability as the sigmoid trained here.
+    """
+    z = logits[:, 1] - logits[:, 0]
+    target = (labels > 0).float()
+    bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")
+    if kind == "dice_focal":
+        p_true = torch.exp(-bce)
+        bce = (1 - p_true) ** 2 * bce
+    elif kind != "dice_bce":
+        raise ValueError(f"unknown segmentor loss {kind!r}")
+    probs = torch.sigmoid(z)
+    dice = 1 - (2 * (probs * target).sum() + 1) / (probs.sum() + target.sum() + 1)
+    return bce.mean() + dice
+
+
+def loss_function(binary: bool, kind: str = "dice_bce"):
+    """The training loss of a binary or a per-class head."""
+    if binary:
+        return lambda logits, labels: binary_loss(logits, labels, kind)
+    return segmentation_loss
+
+
 def train_segmentor(model: SegformerForSemanticSegmentation, data: SegmentationSet, steps: int, batch_size: int,
-                    learning_rate: float, seed: int) -> list[float]:
+                    learning_rate: float, seed: int, loss_fn=segmentation_loss) -> list[float]:
     """AdamW for ``steps`` steps on random flipped batches of ``data``; returns the losses."""
     if not len(data):
         raise ValueError("no training images for the segmentor")
@@ -91,7 +121,7 @@ def train_segmentor(model: SegformerForSemanticSegmentation, data: SegmentationS
             x, y = x.flip(-1), y.flip(-1)
         if torch.rand(1, generator=generator).item() < 0.5:
             x, y = x.flip(-2), y.flip(-2)
-        loss = segmentation_loss(_logits(model, x), y)
+        loss = loss_fn(_logits(model, x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

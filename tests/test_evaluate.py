@@ -93,14 +93,22 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     dataset = generate_dataset(config=config)
     record = evaluate_dataset(config=config)
     regimes = [(row["regime"], row["real fraction"]) for row in record.table]
+    # Issue 14 changed the layout: the controls are rows of their own, every row is a mean over seeds.
     assert regimes == [("synthetic only", "0%"), ("real only", "10%"), ("synthetic + real", "10%"),
-                       ("real only", "100%"), ("synthetic + real", "100%")]
+                       ("shuffled labels + real", "10%"), ("empty masks + real", "10%"),
+                       ("real only", "100%"), ("synthetic + real", "100%"),
+                       ("shuffled labels + real", "100%"), ("empty masks + real", "100%")]
     for row in record.table:
-        for key in ("miou", "mdice", "hd95", "mask_ap", "box_ap"):
+        assert row["seeds"] == 3 and row["iou_std"] is not None, row
+        for key in ("iou", "miou", "mdice", "hd95", "mask_ap", "box_ap"):
             assert row[key] is not None and 0.0 <= row[key] <= 1.0, (row["regime"], key)
     root = Path(dataset.uri)
     evaluation = json.loads((root / "evaluation.json").read_text())
     assert evaluation["adherence"]["samples"] == dataset.samples
+    assert evaluation["adherence"]["verdict"] in ("follows labels", "near chance"), "measured on the pixels"
+    assert record.verdict in ("synthetic helps", "no benefit", "inconclusive: the baseline did not learn")
+    assert evaluation["verdict"] == record.verdict and evaluation["chance"]["chance"] >= 0.0
+    assert f"**Verdict: {record.verdict}**" in (Path(record.uri) / "table.md").read_text()
     assert evaluation["fidelity"]["fid"] is not None and evaluation["fidelity"]["kid"] is not None
     assert set(evaluation["distributions"]["real"]["instances_per_class"]) == {"hairline", "branched"}
     for plot in record.plots:
@@ -118,9 +126,16 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     from indusfactory.generate import adherence_scorer
     from indusfactory.schema import decode_image, rle_to_mask
 
+    check = json.loads((Path(record.uri) / "segmentor" / "baseline_check.json").read_text())
+    assert check["learned"] == record.baseline["learned"], "the saved segmentor says whether it learned"
     scorer = adherence_scorer(f"segformer:{record.uri}/segmentor")
     samples = pd.read_parquet(root / "data").sort_values("sample_id")
     masks = [np.logical_or.reduce([rle_to_mask(i["rle"]) for i in insts]) for insts in samples["instances"]]
     scores = scorer([decode_image(img["bytes"]) for img in samples["image"]], masks)
-    saved = pd.read_parquet(Path(record.uri) / "adherence.parquet").set_index("sample_id")["adherence_iou"]
-    assert scores == pytest.approx(saved.loc[samples["sample_id"]].tolist())
+    saved = pd.read_parquet(Path(record.uri) / "adherence.parquet").set_index("sample_id")
+    assert saved["label_auc"].notna().all()
+    if record.baseline["learned"]:
+        assert scores == pytest.approx(saved.loc[samples["sample_id"], "adherence_iou"].tolist())
+    else:  # a segmentor that did not learn does not score adherence
+        assert saved["adherence_iou"].isna().all() and "skipped" in evaluation["adherence"]["segmentor"]
+        assert len(scores) == len(samples)
