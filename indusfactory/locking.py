@@ -10,7 +10,8 @@ compare-and-swap (local: under an ``flock`` guard; S3: ``If-Match`` on the ETag)
 does not depend on clock skew) belongs to a dead process and is taken over with the same
 compare-and-swap, so two waiters never both take it. A holder that ran on this host (same host name,
 boot and pid namespace) and whose process is gone is taken over at once, without waiting for its
-heartbeat to go stale.
+heartbeat to go stale; so is a lock this very process left behind when its release could not delete it
+(storage down at that moment).
 
 The lock guards work, not correctness: outputs are still written atomically, so a holder that
 lost its lock (``lock.lost``) only wastes work. Other fsspec filesystems get a best-effort lock
@@ -166,6 +167,7 @@ class StorageLock:
             time.sleep(self.poll_every)
 
     def release(self) -> None:
+        _LIVE_TOKENS.discard(self.token)  # even if the delete below fails, this process no longer holds it
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -193,6 +195,7 @@ class StorageLock:
                         extra=process_identity(os.getpid()))
 
     def _held(self, info: LockInfo, version: Any, started: float) -> "StorageLock":
+        _LIVE_TOKENS.add(self.token)
         self.waited = time.monotonic() - started
         self._info, self._version = info, version
         self._stop.clear()
@@ -261,6 +264,10 @@ def process_identity(pid: int) -> dict[str, str]:
             "started": stat[19] if stat and len(stat) > 19 else ""}
 
 
+_LIVE_TOKENS: set[str] = set()
+"""Tokens of the locks this process holds right now."""
+
+
 def holder_died_here(holder: LockInfo) -> bool:
     """True when the lock's holder ran on this host, in this boot and pid namespace, and its process is gone
     (no such pid, a zombie, or another process that reused the pid). Anything uncertain is False: the lock then
@@ -272,7 +279,9 @@ def holder_died_here(holder: LockInfo) -> bool:
         if holder.extra.get(key, "") != mine[key]:
             return False  # another boot, or another container with the same host name: the pid says nothing
     if holder.pid == os.getpid():
-        return False
+        # this process: held by a live lock object, or left behind when a release could not delete it
+        # (storage down at that moment), in which case nobody holds it any more
+        return holder.token not in _LIVE_TOKENS
     try:
         os.kill(holder.pid, 0)
     except ProcessLookupError:

@@ -90,3 +90,22 @@ def test_only_a_holder_known_to_be_gone_from_this_host_is_taken_over_at_once(tmp
     assert holder_died_here(dead)
     with StorageLock(uri, owner="next", stale_after=600, poll_every=0.05, wait_timeout=5) as lock:
         assert lock.took_over == "planted"
+
+
+def test_a_lock_this_process_could_not_delete_is_taken_over_at_once(tmp_path, monkeypatch):
+    uri = lock_uri(str(tmp_path), "dataset-demo-v1")
+    first = StorageLock(uri, owner="first run", stale_after=600).acquire()
+    monkeypatch.setattr(first._backend, "delete_if", lambda version: False)  # storage down during the release
+    first.release()
+    assert Path(uri).exists()  # left behind
+    started = time.monotonic()
+    with StorageLock(uri, owner="rerun", stale_after=600, poll_every=0.05, wait_timeout=5) as again:
+        assert again.took_over == "first run"
+    assert time.monotonic() - started < 5
+    # a lock this process holds right now is still waited for
+    held = StorageLock(uri, owner="holder", stale_after=600).acquire()
+    try:
+        with pytest.raises(LockTimeout):
+            StorageLock(uri, owner="waiter", stale_after=600, poll_every=0.05, wait_timeout=0.3).acquire()
+    finally:
+        held.release()
