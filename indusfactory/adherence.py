@@ -38,19 +38,24 @@ def luminance(image: np.ndarray) -> np.ndarray:
     return image[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
 
 
-def _label_and_ring(mask: np.ndarray, ring: int) -> tuple[np.ndarray, np.ndarray]:
-    around = binary_dilation(mask, iterations=ring) & ~mask
-    return mask.astype(bool), around
+def label_and_ring_pixels(image: np.ndarray, mask: np.ndarray, ring: int | None = None
+                          ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Luminance of the label's pixels and of the ring around it; None when either is empty."""
+    ring = ring or ring_width(image.shape[0])
+    inside = mask.astype(bool)
+    around = binary_dilation(inside, iterations=ring) & ~inside
+    if not inside.any() or not around.any():
+        return None
+    gray = luminance(image)
+    return gray[inside], gray[around]
 
 
 def label_auc(image: np.ndarray, mask: np.ndarray, ring: int | None = None) -> float:
     """P(a label pixel is darker than a ring pixel); 0.5 when the label or its ring is empty."""
-    ring = ring or ring_width(image.shape[0])
-    inside, around = _label_and_ring(mask, ring)
-    if not inside.any() or not around.any():
+    pixels = label_and_ring_pixels(image, mask, ring)
+    if pixels is None:
         return 0.5
-    gray = luminance(image)
-    a, b = gray[inside], gray[around]
+    a, b = pixels
     ranks = rankdata(np.concatenate([a, b]))
     # Mann-Whitney U of the ring pixels: how often a ring pixel is brighter than a label pixel.
     u_ring = ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2
@@ -59,13 +64,11 @@ def label_auc(image: np.ndarray, mask: np.ndarray, ring: int | None = None) -> f
 
 def label_contrast(image: np.ndarray, mask: np.ndarray, ring: int | None = None) -> float:
     """How much darker the label is than the ring around it: (ring - label) / ring, in luminance."""
-    ring = ring or ring_width(image.shape[0])
-    inside, around = _label_and_ring(mask, ring)
-    if not inside.any() or not around.any():
+    pixels = label_and_ring_pixels(image, mask, ring)
+    if pixels is None:
         return 0.0
-    gray = luminance(image)
-    ring_mean = gray[around].mean()
-    return float((ring_mean - gray[inside].mean()) / max(ring_mean, 1.0))
+    inside, around = pixels
+    return float((around.mean() - inside.mean()) / max(around.mean(), 1.0))
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:
