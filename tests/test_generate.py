@@ -54,7 +54,10 @@ def test_sample_bytes_do_not_depend_on_batch_position_or_worker(make_config, pre
     from indusfactory.generate import generate_rows
     from indusfactory.plan import read_plan
 
-    setup = prepare_generation(make_config(generation={"steps": 4, "batch_size": 3, "shard_size": 6}))
+    # Workers of one pool run with the same torch thread count (the bytes are only promised for that):
+    # the config pins it, so this process and the fresh worker below both apply it.
+    setup = prepare_generation(make_config(generation={"steps": 4, "batch_size": 3, "shard_size": 6},
+                                           execution={"torch_threads": 2}))
     rows = read_plan(setup.plan)
     assert len(rows) == 6
     in_order = _png_hashes(generate_rows(setup.ctx, rows))
