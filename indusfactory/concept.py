@@ -216,7 +216,7 @@ def concept_step(base: BaseComponents, config: FactoryConfig, latents: LatentCac
                                               generator))
             which = torch.cat([which, torch.ones(n, dtype=torch.long)])
         batch = torch.cat(parts).to(runtime.device)
-        noisy, timesteps, target = noisy_inputs(base, batch, generator)
+        noisy, timesteps, target = noisy_inputs(base, batch, generator, c.noise_offset)
         embeds = cached_embeds if cached_embeds is not None else base.text_encoder(token_ids)[0]
         hidden = embeds[which.to(embeds.device)]
         prediction = base.unet(noisy, timesteps, hidden).sample

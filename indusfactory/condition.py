@@ -245,7 +245,8 @@ def train_condition(config: FactoryConfig, catalog: CatalogRecord, concept: Mode
         controlnet.enable_gradient_checkpointing()
 
     def step(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noisy, timesteps, target = noisy_inputs(base, latents.sample(index, generator).to(runtime.device), generator)
+        noisy, timesteps, target = noisy_inputs(base, latents.sample(index, generator).to(runtime.device), generator,
+                                                c.noise_offset)
         which = prompt_index[index].clone()
         if c.empty_prompt_probability > 0:
             drop = torch.rand(len(index), generator=generator) < c.empty_prompt_probability

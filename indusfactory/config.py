@@ -178,6 +178,11 @@ class TrainingConfig(Section):
     snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR loss weighting (5.0 is the usual choice); None: plain MSE."
     )
+    noise_offset: float = Field(
+        0.0, ge=0, le=1, description="Offset noise (as diffusers' training scripts' --noise_offset; 0.1 is usual): "
+        "each example's noise gets this times a random constant per channel, so the model cannot read an "
+        "image's mean brightness and colour off the noisy input and has to learn them (0: plain noise).",
+    )
     seed: int = 0
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every N steps (0: never); a retry resumes from it."
@@ -323,6 +328,12 @@ class GenerationConfig(Section):
         2.0, ge=0,
         description="Strength of the conditioning network's residuals. The demo's briefly trained network needs 2.0 "
         "for defects to follow the masks; a fully trained SD 1.5 network usually runs at 1.0.",
+    )
+    signal_leak: Literal["none", "source_mean"] = Field(
+        "none", description="How sampling starts. 'none': pure noise. 'source_mean': noise plus the mean latent of the "
+        "defect-free image the driver was made from, at the first step's signal level, as every training example "
+        "carried it at that noise level (the signal-leak bias, Everaert et al. 2024): the sources' brightness and "
+        "colour carry over to the samples, which pure noise pulls towards the base model's average.",
     )
     batch_size: int = Field(8, gt=0)
     shard_size: int = Field(16, gt=0, description="Plan rows per shard (hundreds in production).")

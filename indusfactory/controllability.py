@@ -18,6 +18,7 @@ from indusfactory import adherence
 from indusfactory.config import FactoryConfig
 from indusfactory.drivers import extract_topological_driver
 from indusfactory.imaging import from_model_output, to_condition_tensor
+from indusfactory.models import leaked_latents
 
 
 @dataclass
@@ -62,12 +63,15 @@ def sample_probe(pipe, config: FactoryConfig, cases: Sequence[ProbeCase], prompt
     device = pipe.unet.device
     for start in range(0, len(cases), batch_size):
         part = cases[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
+        latents = None
+        if gen.signal_leak == "source_mean":
+            latents = leaked_latents(pipe, [c.image for c in part], generators, gen.steps)
         out = pipe([prompt_for([name for _, name, _ in c.instances]) for c in part],
                    image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),
                    height=resolution, width=resolution, num_inference_steps=gen.steps,
                    guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
-                   generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(part))],
-                   output_type="np")
+                   generator=generators, latents=latents, output_type="np")
         images.extend(from_model_output(out.images))
     masks = [c.union for c in cases]
     return ProbeResult(images, drivers, masks, adherence.measure(images, masks, margin=gen.adherence_margin))

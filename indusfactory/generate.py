@@ -55,7 +55,7 @@ from indusfactory.config import FactoryConfig
 from indusfactory.fingerprint import CODE_VERSION
 from indusfactory.imaging import from_model_output, to_condition_tensor
 from indusfactory.devices import DeviceSlot, device_pool
-from indusfactory.models import configure_torch, load_generation_pipeline, select_dtype
+from indusfactory.models import configure_torch, leaked_latents, load_generation_pipeline, select_dtype
 from indusfactory.export import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
                                  write_shard)
 from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
@@ -303,6 +303,10 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
         if cache:
             cache.clear()
         try:
+            generators = [torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows]
+            latents = None
+            if gen.signal_leak == "source_mean":
+                latents = leaked_latents(pipe, padded([i.image for i in inputs], shape), generators, gen.steps)
             result = pipe(
                 prompt_embeds=torch.cat([embeds[r["prompt"]] for r in full_rows]),
                 negative_prompt_embeds=embeds[""].expand(len(full_rows), -1, -1),
@@ -310,8 +314,7 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
                 height=resolution, width=resolution, num_inference_steps=gen.steps,
                 guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
                 # one generator per row, padding included: a shared one would shift the real rows' noise
-                generator=[torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows],
-                output_type="np",
+                generator=generators, latents=latents, output_type="np",
             )
         finally:
             if cache:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -30,6 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionConfig
 from indusfactory.devices import generation_devices
 from indusfactory.errors import ModelLoadError
+from indusfactory.imaging import to_model_tensor
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -237,3 +239,24 @@ def load_generation_pipeline(config: BaseModelConfig, concept_dir: str, conditio
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@torch.no_grad()
+def leaked_latents(pipe, images: list[np.ndarray], generators: list[torch.Generator], steps: int) -> torch.Tensor:
+    """Initial latents for ``generation.signal_leak: source_mean``: each row's noise plus the mean latent of its
+    source image, noised to the first timestep (what every training example looked like there).
+
+    Each image is encoded alone and each row draws its noise from its own generator, so a row's latents do
+    not depend on its batch. Call it under the pipeline's sampling lock (it sets the scheduler's timesteps).
+    """
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    vae = pipe.vae
+    means = torch.cat([vae.encode(to_model_tensor([image]).to(device, vae.dtype)).latent_dist.mean.float()
+                       .mean(dim=(2, 3), keepdim=True) for image in images]) * vae.config.scaling_factor
+    shape = (1, pipe.unet.config.in_channels, images[0].shape[0] // pipe.vae_scale_factor,
+             images[0].shape[1] // pipe.vae_scale_factor)
+    noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
+    pipe.scheduler.set_timesteps(steps, device=device)
+    first = pipe.scheduler.timesteps[:1].repeat(len(images))
+    latents = pipe.scheduler.add_noise(means.expand_as(noise), noise, first) / pipe.scheduler.init_noise_sigma
+    return latents.to(dtype)

@@ -191,10 +191,12 @@ def check_references(rows: list[dict], sources: "SourceImages") -> None:
 
 @dataclass
 class SampleInputs:
-    """What a plan row rebuilds into: the driver and the labelled masks it was painted with."""
+    """What a plan row rebuilds into: the driver, the labelled masks it was painted with and the
+    (augmented) defect-free image it was made from."""
 
     driver: np.ndarray
     instances: list[tuple[dict, np.ndarray]]
+    image: np.ndarray | None = None
 
 
 class SourceImages:
@@ -274,7 +276,7 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
     instances = [(inst, instance_mask(inst, sources, resolution, roi)) for inst in row["instances"]]
     driver = extract_topological_driver(
         image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
-    return SampleInputs(driver=driver, instances=instances)
+    return SampleInputs(driver=driver, instances=instances, image=image)
 
 
 def plan_uri_for(config: FactoryConfig, catalog: CatalogRecord) -> str:

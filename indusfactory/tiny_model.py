@@ -24,7 +24,10 @@ VOCABULARY_WORDS = (
     "crack cracks cracked defect defects defective scratch scratches dent pit pits corrosion rust "
     "hairline branched transverse longitudinal diagonal thin wide fine deep "
     "brick bricks gravel grass moon concrete metal steel wall stone rock road asphalt tile ceramic "
-    "wood plastic glass blade turbine weld casting sks"
+    "wood plastic glass blade turbine weld casting sks "
+    "spalling stain stains dirt hole holes chip chips burr bubble inclusion porosity blister peeling abrasion "
+    "wear tear cut mark marks spot spots line lines edge fabric textile paper leather rubber "
+    "person cat cells clock coffee coins colour space text eye rocket shapes pattern grey gray"
 ).split()
 
 
@@ -131,10 +134,16 @@ def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-PRETRAIN_PHOTOS = ("brick", "gravel", "grass", "moon", "camera", "coins", "coffee", "rocket", "astronaut",
-                   "chelsea", "hubble_deep_field", "retina")
-CAPTIONS = {"coins": "metal", "rocket": "metal", "camera": "photo", "astronaut": "photo", "chelsea": "photo",
-            "hubble_deep_field": "texture", "retina": "texture", "coffee": "photo"}
+# General photographs bundled with scikit-image, none of which the sample data's surfaces are cut from
+# (those are brick, gravel, grass and moon; see ``sample_data.SURFACES``), with their captions.
+PRETRAIN_PHOTOS = {
+    "astronaut": "person", "camera": "person", "cat": "cat", "chelsea": "cat", "cell": "cells", "clock": "clock",
+    "coffee": "coffee", "coins": "coins", "colorwheel": "colour", "hubble_deep_field": "space",
+    "immunohistochemistry": "cells", "page": "text", "text": "text", "retina": "eye", "rocket": "rocket",
+    "horse": "shapes", "binary_blobs": "shapes", "shepp_logan_phantom": "shapes", "checkerboard": "pattern",
+}
+SHAPES_SHARE = 0.2
+"""Share of pretraining pictures that are procedural: coloured shapes on a smooth gradient."""
 
 
 def _colour_jitter(image, rng):
@@ -168,38 +177,72 @@ def _random_strokes(image, rng):
     return out.astype(np.uint8)
 
 
-def _pretrain_crops(n: int, size: int, rng) -> tuple[list, list[str]]:
-    """Random crops of scikit-image's bundled photographs (colour-jittered, some with generic strokes),
-    captioned ``a photo of <name>``."""
+def _shapes_picture(size: int, rng):
+    """Flat-coloured ellipses and rectangles on a smooth two-colour gradient (grey or coloured)."""
+    import numpy as np
+    from skimage.draw import ellipse, rectangle
+
+    grey = rng.random() < 0.3
+    def colour():
+        return np.full(3, rng.uniform(20, 235)) if grey else rng.uniform(0, 255, size=3)
+    ramp = np.linspace(0, 1, size)[:, None, None]
+    picture = colour() * (1 - ramp) + colour() * ramp
+    picture = np.transpose(picture, (1, 0, 2)) if rng.random() < 0.5 else picture
+    picture = np.broadcast_to(picture, (size, size, 3)).copy()
+    for _ in range(int(rng.integers(1, 6))):
+        if rng.random() < 0.5:
+            rr, cc = ellipse(*rng.uniform(0, size, 2), *rng.uniform(3, size / 2, 2), shape=(size, size),
+                             rotation=float(rng.uniform(0, np.pi)))
+        else:
+            corner = rng.integers(0, size - 4, 2)
+            rr, cc = rectangle(tuple(corner), extent=tuple(rng.integers(4, size, 2)), shape=(size, size))
+        picture[rr, cc] = colour()
+    return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+def _pretrain_pictures(n: int, size: int, rng) -> tuple[list, list[str]]:
+    """Random crops of general ``skimage.data`` photographs (some colour-jittered, some turned grey) and
+    procedural shapes, captioned ``a photo of <subject>``."""
     import numpy as np
     import skimage.data
     from PIL import Image
 
-    crops, captions = [], []
-    photos = {name: getattr(skimage.data, name)() for name in PRETRAIN_PHOTOS}
+    pictures, captions = [], []
+    photos = {}
+    for name in PRETRAIN_PHOTOS:
+        photo = np.asarray(getattr(skimage.data, name)())
+        photo = (photo * 255).astype(np.uint8) if photo.dtype == bool else photo.astype(np.uint8)
+        photos[name] = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
+    names = list(PRETRAIN_PHOTOS)
     for i in range(n):
-        name = PRETRAIN_PHOTOS[i % len(PRETRAIN_PHOTOS)]
+        if rng.random() < SHAPES_SHARE:
+            pictures.append(_shapes_picture(size, rng))
+            captions.append("a photo of shapes")
+            continue
+        name = names[i % len(names)]
         photo = photos[name]
-        photo = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
-        side = int(rng.integers(size, min(4 * size, *photo.shape[:2]) + 1))
+        side = int(rng.integers(min(size, *photo.shape[:2]), min(4 * size, *photo.shape[:2]) + 1))
         top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
         crop = np.asarray(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size),
                                                                                               Image.BICUBIC))
-        if rng.random() < 0.7:
+        draw = rng.random()
+        if draw < 0.6:
             crop = _colour_jitter(crop, rng)
-        if rng.random() < 0.5:
-            crop = _random_strokes(crop, rng)
-        crops.append(crop)
-        captions.append(f"a photo of {CAPTIONS.get(name, name)}")
-    return crops, captions
+        elif draw < 0.8:
+            crop = np.repeat(crop.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
+        pictures.append(crop)
+        captions.append(f"a photo of {PRETRAIN_PHOTOS[name]}")
+    return pictures, captions
 
 
 def pretrain_tiny_model(path: str | Path, vae_steps: int = 2500, unet_steps: int = 3000, seed: int = 0,
                         log=print) -> Path:
-    """Build the tiny pipeline and pretrain its VAE and UNet on crops of scikit-image's photographs.
+    """Build the tiny pipeline and pretrain its VAE and UNet on general pictures (see ``_pretrain_pictures``).
 
-    This is how ``indusfactory/assets/tiny-sd`` was made (see README): a stand-in for SD 1.5's
-    pretraining, so the demo starts from a model that already draws textured surfaces.
+    This is how ``indusfactory/assets/tiny-sd`` was made (see README): a stand-in for SD 1.5's pretraining
+    that has never seen the sample data's surfaces or the benchmark's procedural textures. The VAE also
+    sees generic thin strokes, so that it keeps thin structures; the UNet does not, so it is not taught
+    to draw cracks: the factory's concept and condition stages have to learn them.
     """
     import numpy as np
     import torch.nn.functional as F
@@ -208,12 +251,13 @@ def pretrain_tiny_model(path: str | Path, vae_steps: int = 2500, unet_steps: int
 
     rng = np.random.default_rng(seed)
     pipe = build_tiny_pipeline(seed)
-    crops, captions = _pretrain_crops(4096, 64, rng)
-    pixels = to_model_tensor(crops)
+    pictures, captions = _pretrain_pictures(4096, 64, rng)
+    pixels = to_model_tensor(pictures)
+    stroked = to_model_tensor([_random_strokes(p, rng) if rng.random() < 0.5 else p for p in pictures])
     generator = torch.Generator().manual_seed(seed)
     vae_opt = torch.optim.AdamW(pipe.vae.parameters(), lr=1e-3)
     for step in range(vae_steps):
-        batch = pixels[torch.randint(0, len(pixels), (8,), generator=generator)]
+        batch = stroked[torch.randint(0, len(stroked), (8,), generator=generator)]
         dist = pipe.vae.encode(batch).latent_dist
         recon = pipe.vae.decode(dist.sample(generator)).sample
         loss = F.l1_loss(recon, batch) + 0.1 * F.mse_loss(recon, batch) + 1e-6 * dist.kl().mean()

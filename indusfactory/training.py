@@ -104,15 +104,18 @@ class TrainingRuntime:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.Generator
+def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise the latents at random timesteps; return (noisy latents, timesteps, regression target).
 
     Noise and timesteps are drawn on the CPU from ``generator`` (the same on every device), then
-    moved to the latents' device.
+    moved to the latents' device. ``noise_offset`` adds a per-example, per-channel constant to the noise.
     """
     scheduler = base.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+    noise = noise.to(latents.device, latents.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -104,6 +104,37 @@ def test_batch_invariant_layers_give_every_row_what_a_batch_of_one_gives():
     assert seen == [True]
 
 
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler"])
+def test_signal_leak_carries_the_source_brightness_into_the_samples(scheduler):
+    """With ``signal_leak: source_mean`` a dark source gives darker samples than a bright one from the same
+    noise; without it the same noise gives the same image whatever the source. A row's initial latents do not
+    depend on its batch."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from indusfactory.models import embedded_model_path, leaked_latents, scheduler_for
+
+    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None)
+    pipe.scheduler = scheduler_for(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    dark, bright = np.full((64, 64, 3), 40, np.uint8), np.full((64, 64, 3), 210, np.uint8)
+
+    def brightness(leak: bool) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(0) for _ in range(2)]  # the same noise for both rows
+        latents = leaked_latents(pipe, [dark, bright], generators, 8) if leak else None
+        out = pipe(["a photo of shapes"] * 2, height=64, width=64, num_inference_steps=8, guidance_scale=3.0,
+                   generator=generators, latents=latents, output_type="np")
+        return out.images.mean(axis=(1, 2, 3)) * 255
+
+    plain, leaked = brightness(False), brightness(True)
+    assert abs(plain[1] - plain[0]) < 1
+    assert leaked[1] - leaked[0] > 40, leaked
+
+    in_batch = leaked_latents(pipe, [dark, bright], [torch.Generator().manual_seed(s) for s in (3, 4)], 8)
+    alone = leaked_latents(pipe, [bright], [torch.Generator().manual_seed(4)], 8)
+    assert torch.equal(in_batch[1:], alone)
+
+
 def test_short_batches_run_at_the_full_batch_shape(make_config, prepare_generation, monkeypatch):
     """A short batch is padded to ``batch_size`` rows, each with a generator of its own (a shared one
     would let the padding consume the real rows' random numbers in schedulers that draw every step)."""

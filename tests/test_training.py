@@ -1,5 +1,7 @@
 """Training stages on the tiny model: exact resume from checkpoints, outputs, bad input."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -260,3 +262,22 @@ def test_training_settings_are_validated_before_training(make_config):
                 {"method": "dora"}, {"snr_gamma": -1}, {"class_prompt_template": "a thing"}):
         with pytest.raises(ConfigError, match="concept"):
             make_config(concept=bad)
+
+
+def test_noise_offset_adds_one_constant_per_example_and_channel(tiny_model_path):
+    """Offset noise (diffusers' --noise_offset): the noise differs from plain noise by a per-channel constant;
+    offset 0 draws exactly the plain noise (models trained before the option keep their identity)."""
+    from diffusers import DDPMScheduler
+
+    from indusfactory.training import noisy_inputs
+
+    base = SimpleNamespace(noise_scheduler=DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler"))
+    latents = torch.zeros(3, 4, 8, 8)
+    _, t_plain, plain = noisy_inputs(base, latents, torch.Generator().manual_seed(1))
+    _, t_zero, zero = noisy_inputs(base, latents, torch.Generator().manual_seed(1), noise_offset=0.0)
+    assert torch.equal(plain, zero) and torch.equal(t_plain, t_zero)
+    _, _, offset = noisy_inputs(base, latents, torch.Generator().manual_seed(1), noise_offset=0.5)
+    shift = offset - plain
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant over the pixels
+    per_channel = shift[:, :, 0, 0]
+    assert per_channel.abs().min() > 0 and per_channel.std() > 0.1  # differs between examples and channels
