@@ -120,7 +120,8 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     real_images = [image for image, _ in test]
     real_masks = [np.logical_or.reduce([m for _, _, m in instances]) for _, instances in test]
     real = adherence.measure(real_images, real_masks)
-    through_vae = adherence.measure(_vae_round_trip(pipe, real_images), real_masks)
+    round_trip = _vae_round_trip(pipe, real_images)
+    through_vae = adherence.measure(round_trip, real_masks)
     extract = feature_extractor(config.evaluation.feature_extractor)
     kid = kernel_inception_distance(extract(result.images), extract(real_images),
                                     subset_size=min(len(result.images), len(real_images), 50))
@@ -130,7 +131,8 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
         "tint": tint, "resolution": resolution, "probe_samples": len(cases),
         "generated": result.summary.as_dict(), "real": real.as_dict(), "real_through_vae": through_vae.as_dict(),
         "colourfulness": {"generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
-                          "real": float(np.median([adherence.colourfulness(i) for i in real_images]))},
+                          "real": float(np.median([adherence.colourfulness(i) for i in real_images])),
+                          "real_through_vae": float(np.median([adherence.colourfulness(i) for i in round_trip]))},
         "mean_rgb": {"generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
                      "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist()},
         "kid_small_features": kid, "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -140,8 +140,9 @@ def run(config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
 
 @app.command("tiny-model")
 def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
-               pretrain: bool = typer.Option(False, help="Pretrain VAE and UNet on scikit-image photographs "
-                                             "(how the shipped model was made; ~25 min on 2 CPU cores)."),
+               pretrain: bool = typer.Option(False, help="Pretrain VAE and UNet on general pictures (scikit-image "
+                                             "photographs and shapes; how the shipped model was made; ~32 min on 2 "
+                                             "CPU cores)."),
                vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(3000),
                seed: int = typer.Option(0)):
     """Write a tiny Stable Diffusion 1.x pipeline (random, or pretrained with --pretrain)."""
