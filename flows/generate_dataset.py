@@ -15,6 +15,7 @@ from indusfactory.config import FactoryConfig
 from indusfactory.export import check_dataset_version, dataset_uri_for
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run
+from tasks.catalogue import catalogue_artifact
 from tasks.dispatch import dispatch_shard_runs
 from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
@@ -42,6 +43,7 @@ def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
                                                  range(plan.shards))
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
         summarise_run(catalog, concept, condition, plan, shards, dataset)
+        catalogue_artifact(config)  # the factory root's datasets, this version included
         if config.evaluation.enabled:
             run(evaluate_dataset_task)(config, catalog, dataset)
         return dataset
