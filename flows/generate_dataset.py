@@ -11,6 +11,7 @@ and publishing run under the version's storage lock: two runs of one config neve
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from indusfactory.catalogue import NOT_RUN, evaluation_headline, published_evaluation
 from indusfactory.config import FactoryConfig
 from indusfactory.export import check_dataset_version, dataset_uri_for
 from indusfactory.runform import ProfileName, RunSources, compose_config
@@ -23,7 +24,7 @@ from tasks.generate import build_plan_task, generate_shards_locally, publish_dat
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
 from tasks.preflight import preflight_task
-from tasks.report import summarise_run
+from tasks.report import StageClock, summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -51,7 +52,9 @@ def generate_dataset(dataset_name: str | None = None, images_per_driver: int | N
                                     images_per_driver=images_per_driver, defect_free_images=defect_free_images,
                                     sources=sources, base_model=base_model, factory_root=factory_root)
     run_logger().info("configuration: %s", " < ".join(layers))
+    clock = StageClock()  # time per stage, for the summary
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        run = clock.wrap(run)
         run(preflight_task)(config, "generate-dataset")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)
         concept = run(learn_concept_task)(config, catalog)
@@ -66,8 +69,12 @@ def generate_dataset(dataset_name: str | None = None, images_per_driver: int | N
                 shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
                                                  range(plan.shards))
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
-        summarise_run(catalog, concept, condition, plan, shards, dataset)
         catalogue_artifact(config)  # the factory root's datasets, this version included
-        if config.evaluation.enabled:
-            run(evaluate_dataset_task)(config, catalog, dataset)
+        evaluation = "failed (see the evaluate-dataset task)" if config.evaluation.enabled else NOT_RUN
+        try:
+            if config.evaluation.enabled:
+                run(evaluate_dataset_task)(config, catalog, dataset)
+                evaluation = evaluation_headline(published_evaluation(dataset.uri))
+        finally:  # the summary also when the evaluation fails
+            summarise_run(catalog, concept, condition, plan, shards, dataset, clock, evaluation)
         return dataset

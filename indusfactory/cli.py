@@ -97,6 +97,10 @@ def _print_dataset(record) -> None:
     typer.echo(f"  pandas:      pd.read_parquet('{record.uri}/data/')")
     typer.echo(f"  datasets:    load_dataset('{record.uri}')")
     typer.echo(f"  pycocotools: COCO('{record.uri}/annotations/instances_train.json')")
+    from indusfactory.catalogue import version_lines
+
+    for line in version_lines(record.uri):
+        typer.echo(f"  {line}")
     adherence = getattr(record, "adherence", None)
     if adherence:
         typer.echo(f"  labels:      {adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "

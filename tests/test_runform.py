@@ -121,3 +121,14 @@ def test_a_deployment_run_with_only_the_short_form_completes(short_form_run):
     assert config["plan"]["images_per_driver"] == 2 and config["plan"]["max_defect_free_images"] == 1
     assert config["concept"]["steps"] == PROFILES["fast"]["concept"]["steps"]
     assert manifest["counts"]["samples"] == manifest["counts"]["planned"] > 0
+
+
+@pytest.mark.slow
+def test_the_deployment_runs_summary_has_every_field(short_form_run):
+    from test_run_summary import check_summary
+
+    run = short_form_run
+    summary = next(a for a in run.artifacts if a.key == "short-form-summary")
+    dataset = next((run.factory / "datasets" / "short-form").glob("v-*"))
+    concept, condition = (next((run.factory / "models" / kind).iterdir()) for kind in ("concept", "condition"))
+    check_summary(summary.data, str(dataset), str(concept), str(condition), "not run")  # fast: no evaluation
