@@ -19,6 +19,7 @@ from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run, run_logger
 from tasks.catalogue import catalogue_artifact
 from tasks.dispatch import dispatch_shard_runs
+from tasks.estimate import announce_estimate, record_throughput
 from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
 from tasks.ingest import ingest_task
@@ -61,14 +62,17 @@ def generate_dataset(dataset_name: str | None = None, images_per_driver: int | N
         condition = run(learn_condition_task)(config, catalog, concept)
         plan = run(build_plan_task)(config, catalog)
         dataset_uri = dataset_uri_for(config, plan, concept, condition)
+        announce_estimate(config, plan, dataset_uri)  # expected time and images/s, from earlier runs on this device
         with version_lock(config, dataset_uri):  # one writer per version; a second run waits, then reuses
             check_dataset_version(config, catalog, plan, concept, condition, dataset_uri)
-            if config.execution.fan_out == "work_pool":
-                shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
-            else:
-                shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
-                                                 range(plan.shards))
+            with clock.timer("generation"):
+                if config.execution.fan_out == "work_pool":
+                    shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
+                else:
+                    shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
+                                                     range(plan.shards))
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
+        record_throughput(config, dataset, shards, clock.seconds["generation"])  # for the next run's estimate
         catalogue_artifact(config)  # the factory root's datasets, this version included
         evaluation = "failed (see the evaluate-dataset task)" if config.evaluation.enabled else NOT_RUN
         try:

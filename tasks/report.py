@@ -6,7 +6,10 @@ import base64
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime, timedelta, timezone
 
 from prefect import Task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -17,6 +20,7 @@ from indusfactory import storage
 from indusfactory.adherence import FOLLOWS_LABELS
 from indusfactory.catalogue import CONTACT_SHEET, NOT_RUN, adherence_headline
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
+from indusfactory.throughput import Estimate, duration
 from tasks._prefect import run_logger
 
 
@@ -50,6 +54,15 @@ class StageClock:
 
     def total(self) -> float:
         return time.perf_counter() - self.started
+
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Wall seconds of a block (e.g. the whole generation stage, whatever runs it)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def _stage_line(name: str, reused: bool, clock: StageClock | None, detail: str, fallback: float = 0.0) -> str:
@@ -151,6 +164,23 @@ def progress_description(done: int, total: int, generated: int, seconds: float, 
             f"{dropped} dropped by QC")
 
 
+EXPECTED: ContextVar[Estimate | None] = ContextVar("indusfactory_expected_throughput", default=None)
+"""The estimate of the run's generation (``tasks.estimate.announce_estimate``), shown by its progress artifact."""
+
+
+def eta_text(remaining: int, generated: int, elapsed: float, expected: Estimate | None) -> str:
+    """``; expected 2.10 images/s (3 earlier runs on cpu x1); ETA 04:51:10 UTC (2 min 10 s left)``: the ETA from
+    the rate measured so far in this run, else from the estimate."""
+    text = (f"; expected {expected.images_per_s:.2f} images/s ({expected.runs} earlier runs on {expected.device})"
+            if expected else "")
+    rate = generated / elapsed if generated and elapsed > 0 else expected.images_per_s if expected else None
+    if remaining > 0 and rate:
+        left = remaining / rate
+        eta = datetime.now(timezone.utc) + timedelta(seconds=left)
+        text += f"; ETA {eta:%H:%M:%S} UTC ({duration(left)} left)"
+    return text
+
+
 class ShardProgress:
     """The run's progress artifact (and a log line per update): samples done / total, images/s."""
 
@@ -164,8 +194,10 @@ class ShardProgress:
         return 100.0 * self.done / max(self.total, 1)
 
     def description(self) -> str:
-        return progress_description(self.done, self.total, self.generated, time.perf_counter() - self.started,
-                                    self.reused, self.dropped)
+        elapsed = time.perf_counter() - self.started
+        return progress_description(self.done, self.total, self.generated, elapsed, self.reused,
+                                    self.dropped) + eta_text(self.total - self.done, self.generated, elapsed,
+                                                             EXPECTED.get())
 
     def add(self, samples: int, reused: bool, dropped: int = 0) -> None:
         """``samples`` more plan rows are done (``reused``: found on storage, not generated)."""
