@@ -128,9 +128,11 @@ def test_each_publish_leaves_the_catalogue_as_a_table_artifact(prefect_api, thre
     root, (a, b, c), (va, vb, vc) = three_versions
     record = generate_dataset(config=c.config.model_copy(update={"evaluation": c.config.evaluation}))
     assert record.version == vc and record.reused
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
     with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts()
-        table = next(x for x in artifact if x.key == "factory-datasets")
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["factory-datasets"])))
+    table = max(tables, key=lambda a: a.created)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["version"], r["latest"], r["samples"]) for r in rows] == [
         (va, False, a.plan.samples), (vb, False, b.plan.samples), (vc, True, c.plan.samples)]
