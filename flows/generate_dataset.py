@@ -11,37 +11,74 @@ and publishing run under the version's storage lock: two runs of one config neve
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from indusfactory.catalogue import NOT_RUN, evaluation_headline, published_evaluation
 from indusfactory.config import FactoryConfig
 from indusfactory.export import check_dataset_version, dataset_uri_for
+from indusfactory.runform import ProfileName, RunSources, compose_config
 from indusfactory.schema import DatasetRecord
-from tasks._prefect import factory_run
+from tasks._prefect import factory_run, run_logger
+from tasks.catalogue import catalogue_artifact
 from tasks.dispatch import dispatch_shard_runs
+from tasks.estimate import announce_estimate, record_throughput
 from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
 from tasks.ingest import ingest_task
 from tasks.learn import learn_concept_task, learn_condition_task
 from tasks.preflight import preflight_task
-from tasks.report import summarise_run
+from tasks.report import StageClock, summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
+def generate_dataset(dataset_name: str | None = None, images_per_driver: int | None = None,
+                     defect_free_images: int | None = None, sources: RunSources | None = None,
+                     base_model: str | None = None, profile: ProfileName | None = None,
+                     factory_root: str | None = None, config_file: str | None = None,
+                     config: FactoryConfig | None = None) -> DatasetRecord:
+    """Make a dataset version. The first parameters are the short form; `config` is the full configuration.
+
+    Args:
+        dataset_name: Name of the dataset (folder under datasets/).
+        images_per_driver: Images generated per driver (1-15).
+        defect_free_images: Use at most this many defect-free images.
+        sources: Where the annotated defective and the defect-free images are.
+        base_model: Stable Diffusion 1.x folder or hub id ('embedded:tiny-sd': the demo model).
+        profile: Named preset: demo (tiny model, CPU), fast (a quick end-to-end check), sd15-gpu.
+        factory_root: Local path or s3:// URI everything is written under.
+        config_file: Path or URI of a YAML FactoryConfig (a site's settings).
+        config: Advanced: the full configuration; only the fields set here override.
+
+    Order: profile < config_file < config < short parameters (indusfactory/runform.py).
+    """
+    config, layers = compose_config(profile, config_file, config, dataset_name=dataset_name,
+                                    images_per_driver=images_per_driver, defect_free_images=defect_free_images,
+                                    sources=sources, base_model=base_model, factory_root=factory_root)
+    run_logger().info("configuration: %s", " < ".join(layers))
+    clock = StageClock()  # time per stage, for the summary
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
+        run = clock.wrap(run)
         run(preflight_task)(config, "generate-dataset")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)
         concept = run(learn_concept_task)(config, catalog)
         condition = run(learn_condition_task)(config, catalog, concept)
         plan = run(build_plan_task)(config, catalog)
         dataset_uri = dataset_uri_for(config, plan, concept, condition)
+        announce_estimate(config, plan, dataset_uri)  # expected time and images/s, from earlier runs on this device
         with version_lock(config, dataset_uri):  # one writer per version; a second run waits, then reuses
             check_dataset_version(config, catalog, plan, concept, condition, dataset_uri)
-            if config.execution.fan_out == "work_pool":
-                shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
-            else:
-                shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
-                                                 range(plan.shards))
+            with clock.timer("generation"):
+                if config.execution.fan_out == "work_pool":
+                    shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
+                else:
+                    shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
+                                                     range(plan.shards))
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
-        summarise_run(catalog, concept, condition, plan, shards, dataset)
-        if config.evaluation.enabled:
-            run(evaluate_dataset_task)(config, catalog, dataset)
+        record_throughput(config, dataset, shards, clock.seconds["generation"])  # for the next run's estimate
+        catalogue_artifact(config)  # the factory root's datasets, this version included
+        evaluation = "failed (see the evaluate-dataset task)" if config.evaluation.enabled else NOT_RUN
+        try:
+            if config.evaluation.enabled:
+                run(evaluate_dataset_task)(config, catalog, dataset)
+                evaluation = evaluation_headline(published_evaluation(dataset.uri))
+        finally:  # the summary also when the evaluation fails
+            summarise_run(catalog, concept, condition, plan, shards, dataset, clock, evaluation)
         return dataset

@@ -5,6 +5,7 @@ Commands that run the chain import ``flows`` lazily: the library itself never im
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -96,6 +97,10 @@ def _print_dataset(record) -> None:
     typer.echo(f"  pandas:      pd.read_parquet('{record.uri}/data/')")
     typer.echo(f"  datasets:    load_dataset('{record.uri}')")
     typer.echo(f"  pycocotools: COCO('{record.uri}/annotations/instances_train.json')")
+    from indusfactory.catalogue import version_lines
+
+    for line in version_lines(record.uri):
+        typer.echo(f"  {line}")
     adherence = getattr(record, "adherence", None)
     if adherence:
         typer.echo(f"  labels:      {adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
@@ -169,6 +174,82 @@ def sample_data(path: Path = typer.Argument(..., help="Output folder."),
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"sample data written: {paths.coco_annotations}, {paths.images_dir}, {paths.defect_free_dir}")
+
+
+datasets_app = typer.Typer(help="The datasets of a factory root: list, show, diff, gc.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+ROOT_OPTION = typer.Option("./factory", "--factory-root", help="Local path or s3:// URI of the factory root.")
+
+
+def _catalogue_errors(call):
+    from indusfactory.errors import IndusfactoryError
+
+    try:
+        return call()
+    except IndusfactoryError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+
+@datasets_app.command("list")
+def datasets_list(factory_root: str = ROOT_OPTION, name: str = typer.Argument(None, help="Only this dataset.")):
+    """Every version: latest marked *, counts, labels and evaluation verdicts, models it was made with."""
+    from indusfactory.catalogue import versions
+
+    for row in _catalogue_errors(lambda: [v.row() for v in versions(factory_root, name)]):
+        typer.echo(f"{'*' if row['latest'] else ' '} {row['dataset']}/{row['version']}  {row['state']}  "
+                   f"{row['created'] or '-'}  samples={row['samples']} shards={row['shards']} "
+                   f"flagged={row['flagged']} dropped={row['dropped']}  labels: {row['labels']}  "
+                   f"evaluation: {row['evaluation']}  concept={row['concept']} condition={row['condition']} "
+                   f"catalog={row['catalog']}")
+
+
+@datasets_app.command("show")
+def datasets_show(ref: str = typer.Argument(..., help="name (its latest version) or name/version."),
+                  factory_root: str = ROOT_OPTION):
+    """One version as JSON: counts, lineage and its models' cards, classes, labels, evaluation, contact sheet."""
+    from indusfactory.catalogue import show
+
+    typer.echo(json.dumps(_catalogue_errors(lambda: show(factory_root, ref)), indent=2, default=str))
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: str = typer.Argument(..., help="name/version (or name: its latest)."),
+                  b: str = typer.Argument(..., help="name/version (or name: its latest)."),
+                  factory_root: str = ROOT_OPTION):
+    """What changed from A to B: counts, lineage fingerprints, config, class counts, labels, evaluation."""
+    from indusfactory.catalogue import diff
+
+    changes = _catalogue_errors(lambda: diff(factory_root, a, b))
+    typer.echo(f"{changes.pop('a')} -> {changes.pop('b')}")
+    for section, items in changes.items():
+        for key, (old, new) in items.items():
+            typer.echo(f"{section}: {key}: {old!r} -> {new!r}")
+
+
+@datasets_app.command("gc")
+def datasets_gc(factory_root: str = ROOT_OPTION,
+                keep: int = typer.Option(0, min=0, help="Also keep the N newest versions of each dataset."),
+                grace_hours: float = typer.Option(24.0, min=0, help="Keep unreferenced models younger than this."),
+                delete: str = typer.Option(None, help="Remove what the dry run listed: pass the token it printed.")):
+    """Dry run (default): list the versions and models nothing references. --delete TOKEN removes exactly them."""
+    from indusfactory.catalogue import apply_gc, plan_gc
+
+    seconds = grace_hours * 3600
+    if delete:
+        removed = _catalogue_errors(lambda: apply_gc(factory_root, delete, keep, seconds))
+        for item in removed:
+            typer.echo(f"removed {item.kind} {item.uri}")
+        typer.echo(f"{len(removed)} removed")
+        return
+    plan = _catalogue_errors(lambda: plan_gc(factory_root, keep, seconds))
+    for item in plan.keep:
+        typer.echo(f"keep   {item.kind} {item.uri}  ({item.reason})")
+    for item in plan.remove:
+        typer.echo(f"remove {item.kind} {item.uri}  ({item.reason})")
+    typer.echo(f"dry run: {len(plan.remove)} would be removed; to remove exactly these: "
+               f"indusfactory datasets gc --factory-root {plan.root} --keep {keep} --grace-hours {grace_hours:g} "
+               f"--delete {plan.token}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -58,13 +59,14 @@ class Processes:
             log.close()
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """``prefect server start`` on a free loopback port with its own home and database."""
+@contextmanager
+def running_prefect_server(tmp_path: Path, ui: bool = False):
+    """``prefect server start`` on a free loopback port with its own home and database (and its UI with ``ui``);
+    yields (environment for the CLI and workers, the process starter, the logs folder)."""
     port = _free_port()
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
            "PREFECT_LOGGING_LEVEL": "INFO", "INDUSFACTORY_HOME": str(REPO), "PYTHONPATH": str(REPO)}
@@ -73,7 +75,8 @@ def prefect_server(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(logs)
-    procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"], env)
+    procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                           *([] if ui else ["--no-ui"])], env)
     try:
         deadline = time.time() + 120
         while True:
@@ -89,6 +92,13 @@ def prefect_server(tmp_path):
         yield env, procs, logs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """``prefect server start`` on a free loopback port with its own home and database."""
+    with running_prefect_server(tmp_path) as server:
+        yield server
 
 
 def _cli(env: dict, *args: str, timeout: int = 300) -> str:
