@@ -1,6 +1,6 @@
 """Does the factory learn what it is shown? Adherence and fidelity on surfaces it has never seen.
 
-For each dataset (procedural surfaces from ``indusfactory.surfaces``: grey and tinted, three
+For each dataset (procedural surfaces from ``indusfactory.demo.surfaces``: grey and tinted, three
 classes of dark defects 1-4 px wide at 256 px, a test split never used in training), this runs
 the recipe of the config (the defaults unless ``--set`` changes them) through the library's
 stages (ingest, learn-concept, learn-condition) and then samples the held-out probe: defect-free
@@ -35,18 +35,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indusfactory import adherence  # noqa: E402
-from indusfactory.concept import concept_uri_for, train_concept  # noqa: E402
-from indusfactory.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
+from indusfactory.generation import adherence  # noqa: E402
+from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa: E402
+from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
 from indusfactory.config import parse_config  # noqa: E402
-from indusfactory.controllability import probe_cases, sample_probe  # noqa: E402
-from indusfactory.features import feature_extractor  # noqa: E402
-from indusfactory.imaging import fit_square  # noqa: E402
-from indusfactory.ingest import catalog_uri_for, ingest  # noqa: E402
-from indusfactory.metrics import kernel_inception_distance  # noqa: E402
-from indusfactory.models import load_generation_pipeline  # noqa: E402
+from indusfactory.learning.controllability import probe_cases, sample_probe  # noqa: E402
+from indusfactory.evaluation.features import feature_extractor  # noqa: E402
+from indusfactory.infra.imaging import fit_square  # noqa: E402
+from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
+from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E402
+from indusfactory.learning.models import load_generation_pipeline  # noqa: E402
 from indusfactory.schema import category_index  # noqa: E402
-from indusfactory.surfaces import write_surface_dataset  # noqa: E402
+from indusfactory.demo.surfaces import write_surface_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,7 +142,7 @@ def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
     """The real images encoded and decoded by the base model's VAE: the best any generated sample can look."""
     import torch
 
-    from indusfactory.imaging import from_model_output, to_model_tensor
+    from indusfactory.infra.imaging import from_model_output, to_model_tensor
 
     with torch.no_grad():
         decoded = pipe.vae.decode(pipe.vae.encode(to_model_tensor(images)).latent_dist.mean).sample
@@ -150,8 +150,8 @@ def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _contact_sheet(result, path: Path) -> None:
-    from indusfactory.condition import mask_overlay
-    from indusfactory.imaging import image_grid
+    from indusfactory.learning.condition import mask_overlay
+    from indusfactory.infra.imaging import image_grid
     from indusfactory.schema import encode_png
 
     tiles = []

@@ -59,7 +59,7 @@ def start_endpoint() -> tuple[object, str]:
 
 def dataset_rows(count: int, size: int, seed: int = 0) -> list[dict]:
     """Rows of ``schema.DATASET_SCHEMA`` with textured images and one procedural crack each."""
-    from indusfactory.cracks import random_crack_mask
+    from indusfactory.drivers.cracks import random_crack_mask
     from indusfactory.schema import encode_png, mask_to_rle, rle_bbox_area
 
     rng = np.random.default_rng(seed)
@@ -88,7 +88,7 @@ def dataset_rows(count: int, size: int, seed: int = 0) -> list[dict]:
 
 def export(dataset_uri: str, rows: list[dict], shard_size: int) -> float:
     """Seconds to write every shard and finalise the dataset at ``dataset_uri``."""
-    from indusfactory.export import finalize_dataset, write_shard
+    from indusfactory.publishing.publish import finalize_dataset, write_shard
 
     total = (len(rows) + shard_size - 1) // shard_size
     started = time.perf_counter()

@@ -68,7 +68,7 @@ def write_sd15_architecture(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from indusfactory.tiny_model import MAX_PROMPT_TOKENS, build_clip_tokenizer
+    from indusfactory.demo.tiny_model import MAX_PROMPT_TOKENS, build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer()
@@ -110,7 +110,7 @@ def write_random_condition(base: str, folder: Path) -> None:
     """A conditioning network made from the base UNet (what ``train_condition`` starts from)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from indusfactory.condition import conditioning_channels_for
+    from indusfactory.learning.condition import conditioning_channels_for
 
     torch.manual_seed(2)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
@@ -153,10 +153,10 @@ def make_config(root: Path, base: str, sample: Path, args, factory: Path | None 
 
 def prepare(root: Path, args) -> Setup:
     """Base model, random concept and condition, sample data, catalog and plan under ``root``."""
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.models import resolve_base_model
-    from indusfactory.plan import build_plan, plan_uri_for, read_plan
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.models import resolve_base_model
+    from indusfactory.generation.plan import build_plan, plan_uri_for, read_plan
+    from indusfactory.demo.sample_data import write_sample_data
     from indusfactory.schema import ModelRecord
 
     base = str(write_sd15_architecture(root / "sd15-arch")) if args.sd15_architecture else \
@@ -229,8 +229,8 @@ class Clock:
 
 def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
     """Time to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
-    from indusfactory.export import publish_dataset
-    from indusfactory.generate import GenerationContext, generate_shard
+    from indusfactory.publishing.publish import publish_dataset
+    from indusfactory.generation.generate import GenerationContext, generate_shard
 
     ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
                             concept=setup.concept, condition=setup.condition)
@@ -246,7 +246,7 @@ def plain_pipeline(setup: Setup, args):
     ``--plain-defaults``: as a diffusers user gets it, fp32 and no speed-up (the issue's baseline);
     otherwise in our precision with the same speed-ups as ours (a like-for-like loop).
     """
-    from indusfactory.models import load_generation_pipeline, select_device, select_dtype
+    from indusfactory.learning.models import load_generation_pipeline, select_device, select_dtype
 
     pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, "dpmsolver++")
     device = select_device(setup.config.execution)
@@ -261,7 +261,7 @@ def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
     """(prompts, PIL drivers, seed) per batch: the inputs a diffusers user would have ready."""
     from PIL import Image
 
-    from indusfactory.plan import SourceImages, materialise
+    from indusfactory.generation.plan import SourceImages, materialise
 
     sources = SourceImages(setup.catalog.uri, setup.catalog.categories)
     size = setup.config.generation.batch_size
@@ -289,7 +289,7 @@ def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
 
 def bench_throughput(root: Path, setup: Setup, args) -> dict:
     """Factory versus plain loop, interleaved ``args.repeats`` times; plus the generation-stage rerun."""
-    from indusfactory.generate import GenerationContext, generate_rows, get_pipeline
+    from indusfactory.generation.generate import GenerationContext, generate_rows, get_pipeline
 
     ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
                             concept=setup.concept, condition=setup.condition)

@@ -1,7 +1,7 @@
 """Benchmark of the data-in stage: ingest throughput and topological-driver throughput.
 
 Not a test. Makes the sample dataset (defective images with COCO compressed RLE cracks plus
-defect-free images, ``indusfactory.sample_data``) in a temporary folder, times ``ingest`` on it
+defect-free images, ``indusfactory.demo.sample_data``) in a temporary folder, times ``ingest`` on it
 (images/s, for a few reader-thread counts) and ``extract_topological_driver`` at 128 and 512 px
 (drivers/s), and writes ``benchmarks/results/ingest.json`` with the machine it ran on.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from indusfactory.config import DriverConfig, SourceConfig
-from indusfactory.drivers import extract_topological_driver
-from indusfactory.ingest import ingest
-from indusfactory.sample_data import write_sample_data
+from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.sources.ingest import ingest
+from indusfactory.demo.sample_data import write_sample_data
 from indusfactory.schema import rle_to_mask
 
 RESULTS = Path(__file__).parent / "results" / "ingest.json"

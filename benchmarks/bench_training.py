@@ -62,8 +62,8 @@ def reference_concept_loop(config, catalog, steps: int) -> float:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from indusfactory.concept import concept_prompt, training_images
-    from indusfactory.models import load_base_components
+    from indusfactory.learning.concept import concept_prompt, training_images
+    from indusfactory.learning.models import load_base_components
 
     c = config.concept
     images = training_images(catalog.uri, config.base_model.resolution)
@@ -103,10 +103,10 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
     import numpy as np
     from diffusers import ControlNetModel, DDPMScheduler
 
-    from indusfactory import storage
-    from indusfactory.condition import conditioning_channels_for, training_examples
-    from indusfactory.imaging import to_condition_tensor
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.infra import storage
+    from indusfactory.learning.condition import conditioning_channels_for, training_examples
+    from indusfactory.infra.imaging import to_condition_tensor
+    from indusfactory.learning.models import load_concept_pipeline
 
     c = config.condition
     examples = training_examples(config, catalog)
@@ -149,10 +149,10 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
 
 
 def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.condition import condition_uri_for, train_condition
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.learning.condition import condition_uri_for, train_condition
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.demo.sample_data import write_sample_data
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

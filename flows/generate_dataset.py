@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from indusfactory.config import FactoryConfig
-from indusfactory.export import check_dataset_version, dataset_uri_for
+from indusfactory.publishing.publish import check_dataset_version, dataset_uri_for
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run
 from tasks.dispatch import dispatch_shard_runs

@@ -26,7 +26,7 @@ STAGES = ("ingest", "learn-concept", "learn-condition", "generate-dataset", "eva
 class GenerationBar:
     """A tqdm bar of the generation stage: samples done / planned, and images/s of those generated here.
 
-    Fed by ``indusfactory.generate.progress_listener`` (batches of the shards this process generates;
+    Fed by ``indusfactory.generation.generate.progress_listener`` (batches of the shards this process generates;
     shards already on storage advance it at once without counting towards images/s).
     """
 
@@ -63,7 +63,7 @@ def _progress(stage: str) -> Iterator[None]:
     if stage != "generate-dataset":
         yield
         return
-    from indusfactory.generate import progress_listener
+    from indusfactory.generation.generate import progress_listener
 
     bar = GenerationBar()
     try:
@@ -74,7 +74,7 @@ def _progress(stage: str) -> Iterator[None]:
 
 
 def _run_flow(config, stage: str):
-    from indusfactory.errors import IndusfactoryError
+    from indusfactory.infra.errors import IndusfactoryError
 
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -124,7 +124,7 @@ def run(config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
         stage: str = typer.Option("generate-dataset", help=f"One of: {', '.join(STAGES)}.")):
     """Run the chain (or one stage flow) on a YAML configuration."""
     from indusfactory.config import load_config
-    from indusfactory.errors import ConfigError
+    from indusfactory.infra.errors import ConfigError
 
     try:
         config = load_config(config_file)
@@ -145,7 +145,7 @@ def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers l
                vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(3000),
                seed: int = typer.Option(0)):
     """Write a tiny Stable Diffusion 1.x pipeline (random, or pretrained with --pretrain)."""
-    from indusfactory.tiny_model import pretrain_tiny_model, write_tiny_model
+    from indusfactory.demo.tiny_model import pretrain_tiny_model, write_tiny_model
 
     if pretrain:
         pretrain_tiny_model(path, vae_steps=vae_steps, unet_steps=unet_steps, seed=seed, log=typer.echo)
@@ -159,8 +159,8 @@ def sample_data(path: Path = typer.Argument(..., help="Output folder."),
                 n_defective: int = typer.Option(24), n_defect_free: int = typer.Option(12),
                 size: int = typer.Option(64), seed: int = typer.Option(0)):
     """Write the sample industrial dataset (COCO defects + defect-free images) made from skimage photos."""
-    from indusfactory.errors import BadInputError
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.infra.errors import BadInputError
+    from indusfactory.demo.sample_data import write_sample_data
 
     try:
         paths = write_sample_data(path, n_defective=n_defective, n_defect_free=n_defect_free, size=size, seed=seed)

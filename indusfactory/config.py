@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
                       model_validator)
 
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 EMBEDDED_BASE_MODEL = "embedded:tiny-sd"
 """Sentinel for the tiny Stable Diffusion pipeline shipped inside the package (``assets/tiny-sd``)."""
@@ -299,7 +299,7 @@ class PlanConfig(Section):
     )
     procedural_styles: dict[str, str] = Field(
         default_factory=dict,
-        description="Crack style (see indusfactory.cracks.CRACK_STYLES) per class name; a class named like a "
+        description="Crack style (see indusfactory.drivers.cracks.CRACK_STYLES) per class name; a class named like a "
         "style uses it, others default to 'hairline'.",
     )
     roi_min_intensity: int | None = Field(
@@ -335,7 +335,7 @@ class GenerationConfig(Section):
     )
     adherence_scorer: str | None = Field(
         None, description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
-        "indusfactory.generate.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
+        "indusfactory.generation.scorers.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
         "segmentor an evaluation saved in evaluation/<fp>/segmentor) or 'package.module:function'.",
     )
     min_adherence: float | None = Field(

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indusfactory import failures, storage
+from indusfactory.infra import failures, storage
 from indusfactory.config import EMBEDDED_BASE_MODEL, FactoryConfig
-from indusfactory.errors import BadInputError, ConfigError
-from indusfactory.redact import scrub
+from indusfactory.infra.errors import BadInputError, ConfigError
+from indusfactory.infra.redact import scrub
 
 PROBE_PREFIX = ".preflight-"
 S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 2, "mode": "standard"}}
@@ -42,7 +42,7 @@ WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
 CONFIG_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
                 "scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer.json", "vocab.json")}
 SAMPLING_SCHEDULERS = frozenset({"dpmsolver++", "ddim", "euler"})
-"""``generation.scheduler`` names ``indusfactory.models.scheduler_for`` builds."""
+"""``generation.scheduler`` names ``indusfactory.learning.models.scheduler_for`` builds."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Problem:
 
 def check_adherence_scorer(config: FactoryConfig) -> list[Problem]:
     """A registered (or entry point) name, an allowed import path, or ``segformer:<folder>`` that exists."""
-    from indusfactory import scorers
+    from indusfactory.generation import scorers
 
     name = config.generation.adherence_scorer
     if name is None:
@@ -83,7 +83,7 @@ def check_adherence_scorer(config: FactoryConfig) -> list[Problem]:
 
 def check_procedural_styles(config: FactoryConfig) -> list[Problem]:
     """Every ``plan.procedural_styles`` value names a crack style."""
-    from indusfactory.cracks import CRACK_STYLES
+    from indusfactory.drivers.cracks import CRACK_STYLES
 
     return [Problem(f"plan.procedural_styles.{cls}", style, f"{style!r} is not a crack style; known: "
                     f"{', '.join(sorted(CRACK_STYLES))}")
@@ -139,7 +139,7 @@ def _model_folder(config: FactoryConfig) -> Path | None:
     """The local folder of the base model (the hub cache's snapshot for a hub id already downloaded), or None."""
     pretrained = config.base_model.pretrained
     if pretrained == EMBEDDED_BASE_MODEL:
-        from indusfactory.models import embedded_model_path
+        from indusfactory.learning.models import embedded_model_path
 
         return embedded_model_path()
     if _looks_local(pretrained):
@@ -236,7 +236,7 @@ def check_evaluation_models(config: FactoryConfig, stage: str) -> list[Problem]:
 
 def check_devices(config: FactoryConfig) -> list[Problem]:
     """The devices ``execution`` asks for exist (CUDA asked for but absent is named)."""
-    from indusfactory.devices import generation_devices
+    from indusfactory.infra.devices import generation_devices
 
     key = "execution.devices" if config.execution.devices else "execution.device"
     try:
@@ -277,7 +277,7 @@ def places(config: FactoryConfig, stage: str) -> list[Place]:
 
 def _sample_data_to_be_made(config: FactoryConfig) -> bool:
     """The sources are missing and laid out as the sample data, which the ingest task writes there."""
-    from indusfactory.sample_data import sample_data_root_of
+    from indusfactory.demo.sample_data import sample_data_root_of
 
     src = config.source
     if not src.make_sample_data or src.format != "coco":

@@ -18,11 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
-from indusfactory import failures, redact, storage
+from indusfactory.infra import failures, redact, storage
 from indusfactory.config import FactoryConfig
-from indusfactory.errors import BadInputError
-from indusfactory.fingerprint import fingerprint
-from indusfactory.locking import StorageLock, default_owner, lock_uri
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.infra.locking import StorageLock, default_owner, lock_uri
 
 RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
@@ -231,7 +231,7 @@ def route_library_logs() -> None:
 
 
 def install_log_redaction() -> int:
-    """A :class:`indusfactory.redact.RedactingFilter` on every handler of this process (Prefect's API and
+    """A :class:`indusfactory.infra.redact.RedactingFilter` on every handler of this process (Prefect's API and
     console handlers included); run again after logging is reconfigured. Returns how many were added."""
     return redact.install_filter(redact.all_handlers())
 

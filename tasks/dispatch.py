@@ -10,8 +10,8 @@ from contextvars import copy_context
 from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
-from indusfactory.export import existing_shard
-from indusfactory.plan import rows_in_shards
+from indusfactory.publishing.publish import existing_shard
+from indusfactory.generation.plan import rows_in_shards
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import ShardProgress

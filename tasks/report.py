@@ -9,8 +9,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.futures import as_completed
 
-from indusfactory import storage
-from indusfactory.adherence import FOLLOWS_LABELS
+from indusfactory.infra import storage
+from indusfactory.generation.adherence import FOLLOWS_LABELS
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 

@@ -27,14 +27,14 @@ def _restore_torch_threads():
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A randomly initialised tiny SD 1.x pipeline in diffusers layout (written once per session)."""
-    from indusfactory.tiny_model import write_tiny_model
+    from indusfactory.demo.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.demo.sample_data import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("data") / "sample", n_defective=12, n_defect_free=4,
                              size=64).root
@@ -74,7 +74,7 @@ def make_config(sample_root, tiny_model_path, tmp_path):
 @pytest.fixture
 def catalog(make_config):
     """The catalog of the sample data, ingested under the test's factory root."""
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config()
     return ingest(config.source, catalog_uri_for(config))
@@ -174,12 +174,12 @@ def prepare_generation():
     from types import SimpleNamespace
 
     def prepare(config) -> SimpleNamespace:
-        from indusfactory.concept import concept_uri_for, train_concept
-        from indusfactory.condition import condition_uri_for, train_condition
-        from indusfactory.export import dataset_uri_for
-        from indusfactory.generate import GenerationContext
-        from indusfactory.ingest import catalog_uri_for, ingest
-        from indusfactory.plan import build_plan, plan_uri_for
+        from indusfactory.learning.concept import concept_uri_for, train_concept
+        from indusfactory.learning.condition import condition_uri_for, train_condition
+        from indusfactory.publishing.publish import dataset_uri_for
+        from indusfactory.generation.generate import GenerationContext
+        from indusfactory.sources.ingest import catalog_uri_for, ingest
+        from indusfactory.generation.plan import build_plan, plan_uri_for
 
         catalog = ingest(config.source, catalog_uri_for(config))
         concept = train_concept(config, catalog, concept_uri_for(config, catalog))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.data import brick
 
-from indusfactory.augment import (
+from indusfactory.drivers.augment import (
     AUGMENTATION_KEYS,
     PERTURBATION_KEYS,
     apply_augmentation,
@@ -304,7 +304,7 @@ def test_bad_perturbation_input_is_refused(mask, params, roi, message):
 
 def test_thin_crack_is_not_reduced_to_a_few_pixels():
     """Erosion would wipe a 1-px crack down to nothing; the perturbation keeps most of it instead."""
-    from indusfactory.augment import MIN_KEPT_AREA, apply_perturbation, identity_perturbation
+    from indusfactory.drivers.augment import MIN_KEPT_AREA, apply_perturbation, identity_perturbation
 
     mask = np.zeros((64, 64), dtype=bool)
     mask[32, 8:56] = True

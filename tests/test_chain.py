@@ -18,7 +18,7 @@ def _files(root: Path) -> dict[str, float]:
 
 def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_config):
     from flows.generate_dataset import generate_dataset
-    from indusfactory.plan import SourceImages, materialise, read_plan
+    from indusfactory.generation.plan import SourceImages, materialise, read_plan
     from indusfactory.schema import PlanRecord
 
     config = make_config()

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from indusfactory.config import FactoryConfig, load_config, parse_config
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 
 def test_defaults_run_the_embedded_demo():

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 WORKER = textwrap.dedent("""
     import json, sys, time
-    from indusfactory import storage
+    from indusfactory.infra import storage
     from indusfactory.config import FactoryConfig
-    from indusfactory.generate import GenerationContext, generate_shard
+    from indusfactory.generation.generate import GenerationContext, generate_shard
     from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord
 
     args = json.load(open(sys.argv[1]))
@@ -55,7 +55,7 @@ WORKER = textwrap.dedent("""
                             condition=ModelRecord.model_validate(args["condition"]))
     records = [generate_shard(ctx, plan, args["dataset_uri"], shard) for shard in range(plan.shards)]
     if args.get("publish"):
-        from indusfactory.export import publish_dataset
+        from indusfactory.publishing.publish import publish_dataset
 
         publish_dataset(ctx.config, catalog, plan, ctx.concept, ctx.condition, args["dataset_uri"], records)
 """)
@@ -92,8 +92,8 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     from pycocotools.coco import COCO
 
     from flows.generate_dataset import generate_dataset
-    from indusfactory.export import shard_name
-    from indusfactory.plan import read_plan
+    from indusfactory.publishing.publish import shard_name
+    from indusfactory.generation.plan import read_plan
 
     config = make_config(generation={"steps": 8, "batch_size": 2, "shard_size": 2})
     setup = prepare_generation(config)
@@ -217,8 +217,8 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_ap
 
     from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.export import shard_name
-    from indusfactory.locking import StorageLock, lock_uri
+    from indusfactory.publishing.publish import shard_name
+    from indusfactory.infra.locking import StorageLock, lock_uri
 
     repo = Path(__file__).resolve().parents[1]
     config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})

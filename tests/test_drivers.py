@@ -9,9 +9,9 @@ from skimage.data import brick
 from skimage.filters import threshold_local
 from skimage.transform import resize
 
-from indusfactory.augment import apply_perturbation, sample_perturbation
+from indusfactory.drivers.augment import apply_perturbation, sample_perturbation
 from indusfactory.config import DriverConfig
-from indusfactory.drivers import (
+from indusfactory.drivers.topology import (
     CLASS_PALETTE,
     class_colour,
     driver_to_pil,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indusfactory.metrics import (
+from indusfactory.evaluation.metrics import (
     OverlapCounts,
     coco_average_precision,
     frechet_distance,
@@ -123,7 +123,7 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     # The real-data segmentor the evaluation saved drives generation QC: same scores as the evaluation's.
     import pandas as pd
 
-    from indusfactory.generate import adherence_scorer
+    from indusfactory.generation.generate import adherence_scorer
     from indusfactory.schema import decode_image, rle_to_mask
 
     check = json.loads((Path(record.uri) / "segmentor" / "baseline_check.json").read_text())

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indusfactory.adherence import derangement
+from indusfactory.generation.adherence import derangement
 from indusfactory.config import EvaluationConfig
-from indusfactory.evaluate import (
+from indusfactory.evaluation.evaluate import (
     HELPS,
     INCONCLUSIVE,
     NO_BENEFIT,
@@ -30,7 +30,7 @@ from indusfactory.evaluate import (
     write_evaluation,
 )
 from indusfactory.schema import DatasetRecord
-from indusfactory.segmentor import SegmentationSet
+from indusfactory.evaluation.segmentor import SegmentationSet
 
 SIZE = 32
 DATASET = DatasetRecord(name="tiny", version="v", uri="unused", manifest_uri="unused", samples=8, shards=1)

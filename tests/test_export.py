@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from indusfactory import storage
+from indusfactory.infra import storage
 
 
 def test_local_writes_go_through_a_temporary_and_stale_ones_are_removed(tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def _manifest(folder, created: str) -> None:
 
 
 def test_latest_is_repaired_unless_it_names_a_version_published_later(tmp_path):
-    from indusfactory.export import point_latest
+    from indusfactory.publishing.publish import point_latest
 
     root = tmp_path / "datasets" / "demo"
     _manifest(root / "v1", "2026-01-01T00:00:00+00:00")
@@ -112,9 +112,9 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
     import pandas as pd
 
     from flows.generate_dataset import generate_dataset
-    from indusfactory.errors import VersionConflictError
-    from indusfactory.export import check_dataset_version
-    from indusfactory.generate import generate_shard
+    from indusfactory.infra.errors import VersionConflictError
+    from indusfactory.publishing.publish import check_dataset_version
+    from indusfactory.generation.generate import generate_shard
 
     def pinned(**overrides):
         return make_config(export={"version": "pinned"}, **{"generation": {"shard_size": 2}, **overrides})

@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from indusfactory import failures
-from indusfactory.errors import BadInputError, StorageNotFoundError, StoragePermissionError
+from indusfactory.infra import failures
+from indusfactory.infra.errors import BadInputError, StorageNotFoundError, StoragePermissionError
 
 
 def _raised(fn) -> BaseException:

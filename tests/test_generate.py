@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 
 def _png_hashes(rows: list[dict]) -> dict[str, str]:
@@ -26,7 +26,7 @@ def _png_hashes(rows: list[dict]) -> dict[str, str]:
 WORKER_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     from indusfactory.config import FactoryConfig
-    from indusfactory.generate import GenerationContext, generate_rows
+    from indusfactory.generation.generate import GenerationContext, generate_rows
     from indusfactory.schema import ModelRecord
     args = json.load(open(sys.argv[1]))
     ctx = GenerationContext(config=FactoryConfig.model_validate(args["config"]), catalog_uri=args["catalog_uri"],
@@ -51,8 +51,8 @@ def _generate_in_another_process(setup, rows: list[dict], tmp_path: Path) -> dic
 
 
 def test_sample_bytes_do_not_depend_on_batch_position_or_worker(make_config, prepare_generation, tmp_path):
-    from indusfactory.generate import generate_rows
-    from indusfactory.plan import read_plan
+    from indusfactory.generation.generate import generate_rows
+    from indusfactory.generation.plan import read_plan
 
     # Workers of one pool run with the same torch thread count (the bytes are only promised for that):
     # the config pins it, so this process and the fresh worker below both apply it.
@@ -80,7 +80,7 @@ def test_sample_bytes_do_not_depend_on_batch_position_or_worker(make_config, pre
 def test_batch_invariant_layers_give_every_row_what_a_batch_of_one_gives():
     import torch
 
-    from indusfactory.generate import RowInvariantLinear, make_batch_invariant
+    from indusfactory.generation.generate import RowInvariantLinear, make_batch_invariant
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.SiLU(), torch.nn.Linear(128, 128))
@@ -107,8 +107,8 @@ def test_batch_invariant_layers_give_every_row_what_a_batch_of_one_gives():
 def test_short_batches_run_at_the_full_batch_shape(make_config, prepare_generation, monkeypatch):
     """A short batch is padded to ``batch_size`` rows, each with a generator of its own (a shared one
     would let the padding consume the real rows' random numbers in schedulers that draw every step)."""
-    from indusfactory import generate
-    from indusfactory.plan import read_plan
+    from indusfactory.generation import generate
+    from indusfactory.generation.plan import read_plan
 
     setup = prepare_generation(make_config(generation={"steps": 2, "batch_size": 4}))
     row = read_plan(setup.plan)[0]
@@ -139,8 +139,8 @@ def test_short_batches_run_at_the_full_batch_shape(make_config, prepare_generati
 
 
 def test_driver_encoding_is_computed_once_per_batch_and_changes_no_byte(make_config, prepare_generation):
-    from indusfactory import generate
-    from indusfactory.plan import read_plan
+    from indusfactory.generation import generate
+    from indusfactory.generation.plan import read_plan
 
     setup = prepare_generation(make_config(generation={"steps": 3, "batch_size": 3}))
     rows = read_plan(setup.plan)
@@ -161,8 +161,8 @@ def test_driver_encoding_is_computed_once_per_batch_and_changes_no_byte(make_con
 
 
 def _generate_all(setup) -> list:
-    from indusfactory.export import publish_dataset
-    from indusfactory.generate import generate_shard
+    from indusfactory.publishing.publish import publish_dataset
+    from indusfactory.generation.generate import generate_shard
 
     shards = [generate_shard(setup.ctx, setup.plan, setup.dataset_uri, i) for i in range(setup.plan.shards)]
     dataset = publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
@@ -183,7 +183,7 @@ def _contrast_median(make_config, prepare_generation) -> tuple[float, dict[str, 
 def test_qc_drop_leaves_a_consistent_dataset(make_config, prepare_generation):
     from pycocotools.coco import COCO
 
-    from indusfactory.export import existing_shard
+    from indusfactory.publishing.publish import existing_shard
 
     threshold, contrasts = _contrast_median(make_config, prepare_generation)
     failing = {sid for sid, c in contrasts.items() if c < threshold}
@@ -223,8 +223,8 @@ def test_qc_drop_leaves_a_consistent_dataset(make_config, prepare_generation):
 
 
 def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_generation, monkeypatch):
-    from indusfactory.generate import adherence_scorer, generate_rows, register_adherence_scorer
-    from indusfactory.plan import read_plan
+    from indusfactory.generation.generate import adherence_scorer, generate_rows, register_adherence_scorer
+    from indusfactory.generation.plan import read_plan
 
     calls = []
 
@@ -258,7 +258,7 @@ def test_adherence_scorers_fill_qc_adherence_and_decide_qc(make_config, prepare_
 
 
 def test_adherence_settings_are_checked(make_config, monkeypatch):
-    from indusfactory.generate import adherence_scorer
+    from indusfactory.generation.generate import adherence_scorer
 
     with pytest.raises(ConfigError, match="min_adherence"):
         make_config(generation={"min_adherence": 0.5})
@@ -326,8 +326,8 @@ def test_out_of_memory_splits_the_batch(make_config, prepare_generation, monkeyp
     import torch
     from diffusers import StableDiffusionControlNetPipeline
 
-    from indusfactory.generate import generate_rows
-    from indusfactory.plan import read_plan
+    from indusfactory.generation.generate import generate_rows
+    from indusfactory.generation.plan import read_plan
 
     setup = prepare_generation(make_config(generation={"steps": 2, "batch_size": 4, "shard_size": 5}))
     rows = read_plan(setup.plan, shard=0)
@@ -364,8 +364,8 @@ def test_local_fan_out_runs_one_shard_per_device_slot_at_once(prefect_api, make_
     from contextlib import contextmanager
 
     from flows.generate_shards import generate_shards
-    from indusfactory import devices
-    from indusfactory.generate import generate_shard
+    from indusfactory.infra import devices
+    from indusfactory.generation.generate import generate_shard
 
     config = make_config(generation={"steps": 2, "shard_size": 2}, execution={"devices": ["cpu", "cpu"]})
     setup = prepare_generation(config)
@@ -410,8 +410,8 @@ def test_local_fan_out_runs_one_shard_per_device_slot_at_once(prefect_api, make_
 def test_devices_are_checked_and_default_to_the_cpu_without_a_gpu(make_config):
     import torch
 
-    from indusfactory.devices import generation_devices
-    from indusfactory.errors import ModelLoadError
+    from indusfactory.infra.devices import generation_devices
+    from indusfactory.infra.errors import ModelLoadError
 
     assert generation_devices(make_config().execution) == [torch.device("cpu")]
     assert generation_devices(make_config(execution={"devices": ["cpu", "cpu"]}).execution) == [torch.device("cpu")] * 2
@@ -426,7 +426,7 @@ def test_devices_are_checked_and_default_to_the_cpu_without_a_gpu(make_config):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from indusfactory.devices import exclusive_host_lock
+    from indusfactory.infra.devices import exclusive_host_lock
     with exclusive_host_lock(sys.argv[1]):
         print("held", flush=True)
         time.sleep(600)
@@ -437,7 +437,7 @@ def test_a_gpu_host_lock_keeps_other_processes_out_until_its_holder_dies(tmp_pat
     """Two processes on one host never hold one GPU's lock at once; a killed holder frees it (no stale lock)."""
     import threading
 
-    from indusfactory.devices import LOCK_DIR_ENV, exclusive_host_lock
+    from indusfactory.infra.devices import LOCK_DIR_ENV, exclusive_host_lock
 
     monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, "GPU-1234"], stdout=subprocess.PIPE, text=True,

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from skimage.measure import label
 
 from indusfactory.config import SourceConfig, parse_config
-from indusfactory.errors import BadInputError, ConfigError
-from indusfactory.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
+from indusfactory.infra.errors import BadInputError, ConfigError
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
@@ -177,7 +177,7 @@ def test_rerun_reuses_the_catalog(sample_root, tmp_path):
 
 def test_an_image_rewritten_in_place_at_the_same_size_is_ingested_again(sample_root, tmp_path):
     """Same name, same byte count, other pixels: a new catalog (new content fingerprint), not the old one."""
-    from indusfactory.ingest import ingest_fingerprint
+    from indusfactory.sources.ingest import ingest_fingerprint
 
     root = tmp_path / "data"
     shutil.copytree(sample_root, root)
@@ -659,7 +659,7 @@ def test_duplicate_defective_image_accounts_its_annotations(tmp_path):
 
 
 def test_cache_key_ignores_threads_and_names_missing_masks_dir(tmp_path):
-    from indusfactory.ingest import ingest_fingerprint
+    from indusfactory.sources.ingest import ingest_fingerprint
 
     source = _mask_folder(tmp_path / "src", {"a.png": _noise(1)}, {"a.png": _png(_label_map(0))})
     assert ingest_fingerprint(source, str(tmp_path)) == ingest_fingerprint(

@@ -15,10 +15,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage.measure import label
 
-from indusfactory import ingest as ingest_module
+from indusfactory.sources import ingest as ingest_module
 from indusfactory.config import SourceConfig
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
+from indusfactory.infra.errors import BadInputError
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
 from indusfactory.schema import mask_to_rle, rle_to_mask
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]

@@ -13,9 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from indusfactory import adherence
+from indusfactory.generation import adherence
 from indusfactory.config import parse_config
-from indusfactory.imaging import fit_square
+from indusfactory.infra.imaging import fit_square
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 64
@@ -36,7 +36,7 @@ def _config(data, root, **sections) -> "FactoryConfig":  # noqa: F821
 
 @pytest.fixture(scope="module")
 def surfaces(tmp_path_factory):
-    from indusfactory.surfaces import write_surface_dataset
+    from indusfactory.demo.surfaces import write_surface_dataset
 
     # A seed the benchmark does not use: these exact images were never looked at while tuning.
     return write_surface_dataset(tmp_path_factory.mktemp("surfaces"), n_defective=32, n_defect_free=8,
@@ -46,9 +46,9 @@ def surfaces(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learned(surfaces, tmp_path_factory):
     """Ingest, concept and condition of the shortened default recipe (trained once for the module)."""
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.condition import condition_uri_for, train_condition
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.learning.condition import condition_uri_for, train_condition
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = _config(surfaces, tmp_path_factory.mktemp("factory"), **BUDGET)
     catalog = ingest(config.source, catalog_uri_for(config))
@@ -78,9 +78,9 @@ def _held_out(surfaces, categories):
 
 
 def _probe(config, catalog, concept_uri, condition_uri, surfaces):
-    from indusfactory.condition import condition_prompt
-    from indusfactory.controllability import probe_cases, sample_probe
-    from indusfactory.models import load_generation_pipeline
+    from indusfactory.learning.condition import condition_prompt
+    from indusfactory.learning.controllability import probe_cases, sample_probe
+    from indusfactory.learning.models import load_generation_pipeline
 
     images, masks = _held_out(surfaces, catalog.categories)
     pipe = load_generation_pipeline(config.base_model, concept_uri, condition_uri, config.generation.scheduler)
@@ -100,7 +100,7 @@ def test_defects_land_where_held_out_masks_say_far_above_chance(learned, surface
 
 
 def test_a_conditioning_network_that_learned_nothing_is_near_chance(learned, surfaces, tmp_path):
-    from indusfactory.condition import condition_uri_for, train_condition
+    from indusfactory.learning.condition import condition_uri_for, train_condition
 
     config, catalog, concept, _ = learned
     untrained = config.model_copy(update={"factory_root": str(tmp_path),

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from indusfactory.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
+from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
 
 HOLDER = """
 import sys, time
-from indusfactory.locking import StorageLock
+from indusfactory.infra.locking import StorageLock
 lock = StorageLock(sys.argv[1], owner="doomed-worker", stale_after=600).acquire()
 print("held", flush=True)
 time.sleep(3600)

@@ -239,7 +239,7 @@ def test_results_on_an_s3_factory_root(prefect_api, make_config, s3_bucket):
 
 
 def _stale_lock(owner: str, age: float) -> bytes:
-    from indusfactory.locking import LockInfo
+    from indusfactory.infra.locking import LockInfo
 
     now = time.time()
     return LockInfo(owner=owner, token=uuid.uuid4().hex, host="gone", pid=1, acquired_at=now - age - 60,
@@ -260,7 +260,7 @@ def lock_root(request, tmp_path):
 
 
 def test_lock_excludes_concurrent_holders(lock_root):
-    from indusfactory.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import StorageLock, lock_uri
 
     uri = lock_uri(lock_root, "learn-concept-abc")
     inside, most, guard = [], [0], threading.Lock()
@@ -283,8 +283,8 @@ def test_lock_excludes_concurrent_holders(lock_root):
 
 
 def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_root, caplog):
-    from indusfactory import storage
-    from indusfactory.locking import LockTimeout, StorageLock, lock_uri
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
 
     uri = lock_uri(lock_root, "learn-condition-def")
     holder = StorageLock(uri, owner="live-worker", stale_after=2.0, poll_every=0.05).acquire()
@@ -308,8 +308,8 @@ def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_
 
 def test_a_lock_with_a_frozen_heartbeat_is_taken_over_by_the_waiters_own_clock(tmp_path):
     """A holder whose clock runs far ahead still loses a dead lock: the waiter times the silence itself."""
-    from indusfactory import storage
-    from indusfactory.locking import LockInfo, StorageLock, lock_uri
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockInfo, StorageLock, lock_uri
 
     uri = lock_uri(str(tmp_path), "x")
     future = time.time() + 3600
@@ -335,9 +335,9 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.concept import concept_uri_for
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.locking import StorageLock, lock_uri
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.infra.locking import StorageLock, lock_uri
     from tasks._prefect import storage_basename
 
     config = make_config(execution={"torch_threads": 1})
@@ -391,10 +391,10 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
 
 
 def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_api, make_config):
-    from indusfactory import storage
-    from indusfactory.concept import concept_uri_for
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.locking import lock_uri
+    from indusfactory.infra import storage
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.infra.locking import lock_uri
     from tasks._prefect import storage_basename
 
     from flows.learn_concept import learn_concept
@@ -463,7 +463,7 @@ def test_library_logs_reach_the_run_and_no_secret_reaches_logs_artifacts_files_o
 
     from flows.generate_dataset import generate_dataset
     from flows.ingest import ingest
-    from indusfactory.errors import BadInputError
+    from indusfactory.infra.errors import BadInputError
 
     planted = {"HF_TOKEN": f"hf_{uuid.uuid4().hex}", "AWS_SESSION_TOKEN": f"FwoGZXIvYXdzE{uuid.uuid4().hex}",
                "FACTORY_DB_PASSWORD": f"pw{uuid.uuid4().hex}"}
@@ -535,7 +535,7 @@ def test_library_loggers_are_routed_and_quiet_outside_runs(recwarn):
 
 
 def test_redaction_of_environment_values_and_url_credentials():
-    from indusfactory import redact
+    from indusfactory.infra import redact
 
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "HF_TOKEN": "hf_abcdefghijklmnop",
            "SERVICE_PASSWORD": "correct-horse", "TOKENIZERS_PARALLELISM": "false", "MY_API_TOKEN_TTL": "3600",

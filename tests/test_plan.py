@@ -1,15 +1,15 @@
 import json
 import os
 
-from indusfactory.augment import apply_augmentation
+from indusfactory.drivers.augment import apply_augmentation
 
 import numpy as np
 import pytest
 
-from indusfactory.drivers import class_colour
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import catalog_uri_for, ingest
-from indusfactory.plan import (
+from indusfactory.drivers.topology import class_colour
+from indusfactory.infra.errors import BadInputError
+from indusfactory.sources.ingest import catalog_uri_for, ingest
+from indusfactory.generation.plan import (
     PLAN_FILE,
     PREVIEW_FILE,
     SourceImages,
@@ -40,7 +40,7 @@ def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
 
 def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
     config = make_config(plan={"max_instances_per_image": 3, "images_per_driver": 5})
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -58,7 +58,7 @@ def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
 
 
 def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, catalog):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     config = make_config(plan={"procedural_fraction": 1.0, "procedural_styles": {"hairline": "branched"}})
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
@@ -74,7 +74,7 @@ def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, cata
 
 
 def test_unknown_style_and_missing_drivers_are_clear_errors(make_config, catalog):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     rows = read_catalog(catalog.uri).to_pylist()
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -105,7 +105,7 @@ def bordered(sample_root, tmp_path, make_config):
 
 @pytest.mark.parametrize("procedural", [0.0, 1.0])
 def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedural):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     root, source = bordered
     config = make_config(source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6,
@@ -132,7 +132,7 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
 def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     from PIL import Image
 
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     root, source = bordered
     roi_dir = tmp_path / "roi"
@@ -148,7 +148,7 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
         for _, mask in materialise(row, sources, config).instances:
             assert mask.any() and not mask[:, :16].any(), "a mask left the allowed right half"
     # A ROI file redrawn in place is a new plan (its contents decide the placements).
-    from indusfactory.plan import plan_fingerprint
+    from indusfactory.generation.plan import plan_fingerprint
 
     before = plan_fingerprint(config, catalog)
     roi_file = sorted(roi_dir.iterdir())[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from indusfactory import preflight
-from indusfactory.errors import ConfigError, PreflightError
+from indusfactory.infra.errors import ConfigError, PreflightError
 
 FLOWS = ("evaluate_dataset", "generate_dataset", "generate_shards", "ingest", "learn_concept", "learn_condition")
 
@@ -40,7 +40,7 @@ def test_a_misspelt_scorer_and_a_bad_crack_style_are_named(make_config):
 
 
 def test_import_path_scorers_need_the_deployments_permission(make_config, monkeypatch):
-    from indusfactory.scorers import adherence_scorer
+    from indusfactory.generation.scorers import adherence_scorer
 
     monkeypatch.delenv("INDUSFACTORY_ALLOW_SCORER_IMPORTS", raising=False)
     config = make_config(generation={"adherence_scorer": "indusfactory.generate:dark_iou"})
@@ -57,7 +57,7 @@ def test_import_path_scorers_need_the_deployments_permission(make_config, monkey
 
 
 def test_scorers_registered_by_an_installed_package_entry_point(make_config, tmp_path, monkeypatch):
-    from indusfactory.scorers import adherence_scorer, known_names
+    from indusfactory.generation.scorers import adherence_scorer, known_names
 
     site = tmp_path / "site"
     (site / "acme_scorers").mkdir(parents=True)

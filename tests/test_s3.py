@@ -54,7 +54,7 @@ def test_a_model_upload_cut_mid_way_leaves_no_marker_and_the_marker_goes_last(s3
     import fsspec
     import s3fs
 
-    from indusfactory import storage
+    from indusfactory.infra import storage
     from indusfactory.schema import ModelRecord
 
     uri = f"{s3_bucket}/factory/models/concept/fp"
@@ -96,8 +96,8 @@ def test_legacy_marker_without_weights_is_detected_named_and_not_reused(s3_bucke
 def _marker_without_weights(s3_bucket, caplog, listing: bool) -> None:
     import fsspec
 
-    from indusfactory import storage
-    from indusfactory.errors import IncompleteOutputError
+    from indusfactory.infra import storage
+    from indusfactory.infra.errors import IncompleteOutputError
     from indusfactory.schema import ModelRecord
 
     uri = f"{s3_bucket}/factory/models/concept/fp"
@@ -125,8 +125,8 @@ def _marker_without_weights(s3_bucket, caplog, listing: bool) -> None:
 def test_a_model_whose_weights_went_missing_on_s3_is_trained_again(s3_bucket, make_config):
     import fsspec
 
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config(factory_root=f"{s3_bucket}/factory", concept={"validation_images": 0})
     catalog = ingest(config.source, catalog_uri_for(config))

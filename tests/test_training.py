@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indusfactory.concept import concept_fingerprint, train_concept
-from indusfactory.models import LORA_WEIGHTS
-from indusfactory.condition import train_condition
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import catalog_uri_for, ingest
-from indusfactory.training import CHECKPOINT_FILE, checkpoint_uri_for
+from indusfactory.learning.concept import concept_fingerprint, train_concept
+from indusfactory.learning.models import LORA_WEIGHTS
+from indusfactory.learning.condition import train_condition
+from indusfactory.infra.errors import BadInputError
+from indusfactory.sources.ingest import catalog_uri_for, ingest
+from indusfactory.learning.training import CHECKPOINT_FILE, checkpoint_uri_for
 
 
 class Crash(Exception):
@@ -106,7 +106,7 @@ def test_lora_with_text_encoder_loads_in_a_plain_pipeline(make_config, catalog, 
 def test_full_fine_tuning_writes_diffusers_unet_and_loads(make_config, catalog, tmp_path, tiny_model_path):
     from diffusers import UNet2DConditionModel
 
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.learning.models import load_concept_pipeline
 
     config = make_config(concept={"steps": 2, "method": "full", "learning_rate": 1e-4, "validation_images": 0})
     record = train_concept(config, catalog, str(tmp_path / "concept"))
@@ -124,7 +124,7 @@ def test_full_fine_tuning_writes_diffusers_unet_and_loads(make_config, catalog, 
 
 
 def test_prior_preservation_generates_class_images_once(make_config, catalog, tmp_path):
-    from indusfactory.concept import class_images_uri_for
+    from indusfactory.learning.concept import class_images_uri_for
 
     prior = {"steps": 2, "prior_preservation": True, "num_class_images": 3, "class_image_inference_steps": 2,
              "validation_images": 0}
@@ -164,7 +164,7 @@ def test_condition_validation_grid_and_controlnet_pipeline(make_config, catalog,
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from PIL import Image
 
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.learning.models import load_concept_pipeline
 
     config = make_config(condition={"steps": 2, "validation_images": 2, "validation_inference_steps": 2})
     concept = train_concept(config, catalog, str(tmp_path / "concept"))
@@ -208,7 +208,7 @@ def test_gradient_checkpointing_trains_the_same_weights(make_config, catalog, tm
 
 def test_gradient_accumulation_averages_micro_batches():
     from indusfactory.config import TrainingConfig
-    from indusfactory.training import run_training
+    from indusfactory.learning.training import run_training
 
     def train(accumulate: int, batch: int):
         weight = torch.nn.Parameter(torch.zeros(3))
@@ -241,7 +241,7 @@ def test_gradient_accumulation_averages_micro_batches():
 def test_min_snr_weighting_matches_the_formula(tiny_model_path):
     from diffusers import DDPMScheduler
 
-    from indusfactory.training import diffusion_loss
+    from indusfactory.learning.training import diffusion_loss
 
     scheduler = DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler")
     timesteps = torch.tensor([10, 500, 990])
@@ -254,7 +254,7 @@ def test_min_snr_weighting_matches_the_formula(tiny_model_path):
 
 
 def test_training_settings_are_validated_before_training(make_config):
-    from indusfactory.errors import ConfigError
+    from indusfactory.infra.errors import ConfigError
 
     for bad in ({"gradient_accumulation_steps": 0}, {"lr_scheduler": "warp"}, {"precision": "fp8"},
                 {"method": "dora"}, {"snr_gamma": -1}, {"class_prompt_template": "a thing"}):

@@ -1,7 +1,7 @@
 """A small industrial-style sample dataset made offline from the photographs scikit-image ships.
 
 Surfaces are random crops of ``skimage.data`` brick, gravel, grass and moon, tinted to look like
-industrial materials. Defective images get one or two procedural cracks (``indusfactory.cracks``)
+industrial materials. Defective images get one or two procedural cracks (``indusfactory.drivers.cracks``)
 painted dark; each crack's painted mask is its COCO instance (compressed RLE). Defect-free
 images are crops of the same surfaces without cracks. Same arguments give byte-identical files.
 
@@ -29,8 +29,8 @@ from skimage import data as skdata
 from skimage.morphology import dilation
 from skimage.transform import resize
 
-from indusfactory.cracks import random_crack_mask
-from indusfactory.errors import BadInputError
+from indusfactory.drivers.cracks import random_crack_mask
+from indusfactory.infra.errors import BadInputError
 
 SURFACES: tuple[str, ...] = ("brick", "gravel", "grass", "moon")
 """The ``skimage.data`` photographs used as surfaces, cycled through in this order."""

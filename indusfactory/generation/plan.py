@@ -16,24 +16,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indusfactory import storage
+from indusfactory.infra import storage
 from skimage.transform import AffineTransform, warp
 
-from indusfactory.augment import (
+from indusfactory.drivers.augment import (
     apply_augmentation,
     apply_perturbation,
     augmentation_matrix,
     sample_augmentation,
     sample_perturbation,
 )
-from indusfactory.condition import condition_prompt
+from indusfactory.learning.condition import condition_prompt
 from indusfactory.config import FactoryConfig
-from indusfactory.cracks import CRACK_STYLES, random_crack_mask
-from indusfactory.drivers import extract_topological_driver
-from indusfactory.errors import BadInputError
-from indusfactory.fingerprint import fingerprint
-from indusfactory.imaging import fit_square, image_grid
-from indusfactory.ingest import read_catalog
+from indusfactory.drivers.cracks import CRACK_STYLES, random_crack_mask
+from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.infra.imaging import fit_square, image_grid
+from indusfactory.sources.ingest import read_catalog
 from indusfactory.schema import (
     PLAN_SCHEMA,
     CatalogRecord,

@@ -17,7 +17,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 from skimage.morphology import dilation, disk, erosion
 from skimage.transform import AffineTransform, warp
 
-from indusfactory.errors import BadInputError
+from indusfactory.infra.errors import BadInputError
 
 AUGMENTATION_KEYS: dict[str, type] = {
     "zoom": float,  # crop/zoom factor, >= 1 (1 = whole image)

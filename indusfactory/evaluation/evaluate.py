@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indusfactory import storage
-from indusfactory.adherence import (
+from indusfactory.infra import storage
+from indusfactory.generation.adherence import (
     AdherenceSummary,
     auc_histogram,
     derangement,
@@ -33,12 +33,12 @@ from indusfactory.adherence import (
     summarise,
 )
 from indusfactory.config import EvaluationConfig, FactoryConfig
-from indusfactory.errors import BadInputError
-from indusfactory.features import feature_extractor
-from indusfactory.fingerprint import fingerprint
-from indusfactory.imaging import fit_square
-from indusfactory.ingest import read_catalog
-from indusfactory.metrics import (
+from indusfactory.infra.errors import BadInputError
+from indusfactory.evaluation.features import feature_extractor
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.infra.imaging import fit_square
+from indusfactory.sources.ingest import read_catalog
+from indusfactory.evaluation.metrics import (
     OverlapCounts,
     coco_average_precision,
     frechet_distance,
@@ -57,8 +57,8 @@ from indusfactory.schema import (
     decode_image,
     rle_to_mask,
 )
-from indusfactory.models import configure_torch
-from indusfactory.segmentor import (
+from indusfactory.learning.models import configure_torch
+from indusfactory.evaluation.segmentor import (
     SegmentationSet,
     build_segmentor,
     loss_function,
@@ -66,7 +66,7 @@ from indusfactory.segmentor import (
     train_segmentor,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.evaluate")  # the name operators filter on, kept from the flat layout
 RECORD_FILE = "record.json"
 SEGMENTOR_DIR = "segmentor"
 BASELINE_FILE = "baseline_check.json"
@@ -199,7 +199,7 @@ def adherence_scores(model, synthetic: LabelledImages) -> list[float]:
 
 
 def pixel_adherence(synthetic: LabelledImages, seed: int) -> tuple[AdherenceSummary, list[float], list[float | None]]:
-    """Whether the samples follow their labels, on the pixels (``indusfactory.adherence``, no model):
+    """Whether the samples follow their labels, on the pixels (``indusfactory.generation.adherence``, no model):
     the summary, each sample's label AUC and its chance AUC (its image with another sample's mask)."""
     images, masks = synthetic.data.images, [label > 0 for label in synthetic.data.labels]
     aucs = [label_auc(image, mask) for image, mask in zip(images, masks)]
@@ -563,7 +563,7 @@ def write_evaluation(folder_uri: str, dataset: DatasetRecord, result: dict, per_
     """Plots, per-sample adherence, the table and the real-data segmentor (``segmentor/``, safetensors;
     usable as ``generation.adherence_scorer: segformer:<folder>`` when ``baseline.learned``) in
     ``evaluation/<fp>/``; the record last."""
-    from indusfactory.plots import adherence_histogram, mask_size_plot, metric_vs_fraction
+    from indusfactory.evaluation.plots import adherence_histogram, mask_size_plot, metric_vs_fraction
 
     plots = {"metric_vs_fraction.png": metric_vs_fraction(result), "adherence_histogram.png": adherence_histogram(result),
              "mask_sizes.png": mask_size_plot(result)}
@@ -618,7 +618,7 @@ def segmentor_adherence_scorer(folder: str):
     pixels with each sample's mask (the same score as the evaluation's adherence)."""
     from transformers import SegformerForSemanticSegmentation
 
-    from indusfactory.errors import ModelLoadError
+    from indusfactory.infra.errors import ModelLoadError
 
     try:
         with storage.local_copy_for_read(folder) as local:

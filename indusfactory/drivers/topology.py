@@ -18,7 +18,7 @@ from skimage.filters import threshold_local
 from skimage.transform import resize
 
 from indusfactory.config import DriverConfig
-from indusfactory.errors import BadInputError
+from indusfactory.infra.errors import BadInputError
 
 CLASS_PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 0, 0),  # 0 red

@@ -23,7 +23,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from indusfactory.errors import BadInputError, IncompleteOutputError
+from indusfactory.infra.errors import BadInputError, IncompleteOutputError
 
 TMP_PREFIX = ".tmp-"
 FILES_LISTING = "files.json"
@@ -71,7 +71,7 @@ def endpoint_of(uri: str) -> str | None:
     """
     if not is_remote(uri):
         return None
-    from indusfactory.redact import scrub
+    from indusfactory.infra.redact import scrub
 
     protocol = uri.split("://", 1)[0]
     if protocol not in ("s3", "s3a"):

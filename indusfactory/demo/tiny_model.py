@@ -204,7 +204,7 @@ def pretrain_tiny_model(path: str | Path, vae_steps: int = 2500, unet_steps: int
     import numpy as np
     import torch.nn.functional as F
 
-    from indusfactory.imaging import to_model_tensor
+    from indusfactory.infra.imaging import to_model_tensor
 
     rng = np.random.default_rng(seed)
     pipe = build_tiny_pipeline(seed)

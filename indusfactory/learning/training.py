@@ -23,12 +23,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from indusfactory import storage
+from indusfactory.infra import storage
 from indusfactory.config import ExecutionConfig, TrainingConfig
-from indusfactory.models import BaseComponents, select_device, select_dtype
+from indusfactory.learning.models import BaseComponents, select_device, select_dtype
 from indusfactory.schema import encode_png
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.training")  # the name operators filter on, kept from the flat layout
 CHECKPOINT_FILE = "checkpoint.pt"
 VALIDATION_DIR = "validation"
 Progress = Callable[[int, int, float], None]

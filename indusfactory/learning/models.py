@@ -28,8 +28,8 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionConfig
-from indusfactory.devices import generation_devices
-from indusfactory.errors import ModelLoadError
+from indusfactory.infra.devices import generation_devices
+from indusfactory.infra.errors import ModelLoadError
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

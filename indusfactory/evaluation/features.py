@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from indusfactory.errors import ConfigError, ModelLoadError
+from indusfactory.infra.errors import ConfigError, ModelLoadError
 
 FeatureExtractor = Callable[[list[np.ndarray]], np.ndarray]
 """uint8 HxWx3 images -> N x D float64 features."""

@@ -66,10 +66,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from skimage.measure import label
 
-from indusfactory import storage
+from indusfactory.infra import storage
 from indusfactory.config import SourceConfig
-from indusfactory.errors import BadInputError
-from indusfactory.fingerprint import fingerprint
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.schema import (
     CATALOG_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -80,7 +80,7 @@ from indusfactory.schema import (
     with_metadata,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.ingest")  # the name operators filter on, kept from the flat layout
 
 INGEST_VERSION = "3"
 """Part of the ingest cache key: bumped when the same sources would give a different catalog."""

@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indusfactory import storage
-from indusfactory.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
-from indusfactory.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
+from indusfactory.infra import storage
+from indusfactory.generation.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
+from indusfactory.infra.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
 from indusfactory.config import FactoryConfig
-from indusfactory.fingerprint import CODE_VERSION, fingerprint
-from indusfactory.imaging import image_grid
+from indusfactory.infra.fingerprint import CODE_VERSION, fingerprint
+from indusfactory.infra.imaging import image_grid
 from indusfactory.schema import (
     DATASET_SCHEMA,
     SCHEMA_VERSION,
@@ -51,7 +51,7 @@ from indusfactory.schema import (
     with_metadata,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.export")  # the name operators filter on, kept from the flat layout
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"

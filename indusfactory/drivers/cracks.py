@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.draw import disk, line
 
-from indusfactory.errors import BadInputError
+from indusfactory.infra.errors import BadInputError
 
 STEP_PX = 1.0
 """Length of one walk step in pixels (at most 1 so the skeleton stays connected)."""

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from indusfactory.config import ExecutionConfig
-from indusfactory.errors import ModelLoadError
+from indusfactory.infra.errors import ModelLoadError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.devices")  # the name operators filter on, kept from the flat layout
 
 LOCK_DIR_ENV = "INDUSFACTORY_DEVICE_LOCK_DIR"
 """Where the per-GPU host locks live (default: the system's temporary folder)."""

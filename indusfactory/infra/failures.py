@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from indusfactory.errors import (BadInputError, StorageAccessError, StorageNotFoundError, StoragePermissionError,
+from indusfactory.infra.errors import (BadInputError, StorageAccessError, StorageNotFoundError, StoragePermissionError,
                                  StorageSpaceError)
 
 CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",

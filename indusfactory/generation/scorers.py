@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 AdherenceScorer = Callable[[list[np.ndarray], list[np.ndarray]], list[float]]
 """Scores how well each generated image (uint8 HxWx3) shows the defect in its mask (bool HxW); higher is better."""
@@ -45,7 +45,7 @@ def register_adherence_scorer(name: str) -> Callable[[AdherenceScorer], Adherenc
 
 
 def _builtins_registered() -> None:
-    import indusfactory.generate  # noqa: F401 - registers the built-in scorers (dark_iou)
+    import indusfactory.generation.generate  # noqa: F401 - registers the built-in scorers (dark_iou)
 
 
 def entry_point_scorers() -> dict[str, importlib.metadata.EntryPoint]:
@@ -70,7 +70,7 @@ def is_import_path(name: str) -> bool:
 
 
 def _how_to_register() -> str:
-    return (f"register it with indusfactory.generate.register_adherence_scorer, or as an entry point of the group "
+    return (f"register it with indusfactory.generation.scorers.register_adherence_scorer, or as an entry point of the group "
             f"'{ENTRY_POINT_GROUP}' of an installed package")
 
 
@@ -86,8 +86,13 @@ def _refused_import(name: str) -> ConfigError:
                        f"or set {ALLOW_IMPORTS_ENV}=1 in the deployment's environment (not the run's parameters)")
 
 
+MOVED_MODULES = {"indusfactory.generate": "indusfactory.generation.generate"}
+"""Import paths configs wrote before the library became sub-packages, and where those modules live now."""
+
+
 def _import(name: str) -> AdherenceScorer:
     module, _, attr = name.partition(":")
+    module = MOVED_MODULES.get(module, module)
     try:
         scorer = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
@@ -134,7 +139,7 @@ def adherence_scorer(name: str | None) -> AdherenceScorer | None:
     if name is None:
         return None
     if name.startswith(SEGFORMER_PREFIX):  # the real-data segmentor an evaluation saved (evaluation/<fp>/segmentor)
-        from indusfactory.evaluate import segmentor_adherence_scorer
+        from indusfactory.evaluation.evaluate import segmentor_adherence_scorer
 
         return segmentor_adherence_scorer(name[len(SEGFORMER_PREFIX):])
     return resolve(name)

@@ -18,21 +18,21 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from indusfactory import storage
+from indusfactory.infra import storage
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
-from indusfactory.errors import BadInputError
-from indusfactory.fingerprint import fingerprint
-from indusfactory.adherence import colourfulness
-from indusfactory.imaging import fit_square, from_model_output, image_grid, to_model_tensor
-from indusfactory.ingest import read_catalog
-from indusfactory.models import (
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.generation.adherence import colourfulness
+from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_model_tensor
+from indusfactory.sources.ingest import read_catalog
+from indusfactory.learning.models import (
     BaseComponents,
     base_model_fingerprint,
     configure_torch,
     load_base_components,
 )
 from indusfactory.schema import CatalogRecord, ModelRecord, decode_image, encode_png
-from indusfactory.training import (
+from indusfactory.learning.training import (
     LatentCache,
     Progress,
     TrainingRuntime,
@@ -53,7 +53,7 @@ from indusfactory.training import (
     write_model_metadata,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.concept")  # the name operators filter on, kept from the flat layout
 RECORD_FILE = "record.json"
 CLASS_IMAGES_RECORD = "class_images.json"
 

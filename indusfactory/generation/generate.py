@@ -49,21 +49,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from indusfactory import storage
-from indusfactory.adherence import label_auc, shard_totals
+from indusfactory.infra import storage
+from indusfactory.generation.adherence import label_auc, shard_totals
 from indusfactory.config import FactoryConfig
-from indusfactory.fingerprint import CODE_VERSION
-from indusfactory.imaging import from_model_output, to_condition_tensor
-from indusfactory.devices import DeviceSlot, device_pool
-from indusfactory.models import configure_torch, load_generation_pipeline, select_dtype
-from indusfactory.export import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
+from indusfactory.infra.fingerprint import CODE_VERSION
+from indusfactory.infra.imaging import from_model_output, to_condition_tensor
+from indusfactory.infra.devices import DeviceSlot, device_pool
+from indusfactory.learning.models import configure_torch, load_generation_pipeline, select_dtype
+from indusfactory.publishing.publish import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
                                  write_shard)
-from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
+from indusfactory.generation.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
-from indusfactory.scorers import (AdherenceScorer, adherence_scorer,  # noqa: F401 - re-exported
+from indusfactory.generation.scorers import (AdherenceScorer, adherence_scorer,  # noqa: F401 - re-exported
                                   register_adherence_scorer)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.generate")  # the name operators filter on, kept from the flat layout
 _PIPELINE_CACHE: dict[tuple, object] = {}
 _SOURCES_CACHE: dict[str, SourceImages] = {}
 

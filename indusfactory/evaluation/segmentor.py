@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from indusfactory.errors import ModelLoadError
+from indusfactory.infra.errors import ModelLoadError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.segmentor")  # the name operators filter on, kept from the flat layout
 
 
 @dataclass

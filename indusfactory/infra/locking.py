@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from indusfactory import storage
+from indusfactory.infra import storage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("indusfactory.locking")  # the name operators filter on, kept from the flat layout
 
 LOCKS_DIR = "locks"
 DEFAULT_STALE_AFTER = 600.0

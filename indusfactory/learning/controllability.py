@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from indusfactory import adherence
+from indusfactory.generation import adherence
 from indusfactory.config import FactoryConfig
-from indusfactory.drivers import extract_topological_driver
-from indusfactory.imaging import from_model_output, to_condition_tensor
+from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.infra.imaging import from_model_output, to_condition_tensor
 
 
 @dataclass
