@@ -1,7 +1,7 @@
 import yaml
 from typer.testing import CliRunner
 
-from indusfactory.cli import app
+from flows.cli import app
 
 runner = CliRunner()
 

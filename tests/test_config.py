@@ -79,7 +79,7 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_pa
 def test_the_cli_prints_a_bad_config_file_in_a_few_lines(tmp_path):
     from typer.testing import CliRunner
 
-    from indusfactory.cli import app
+    from flows.cli import app
 
     for name, data in (("deep.yaml", ("a: " + "[" * 100_000).encode()), ("latin1.yaml", b"factory_root: caf\xe9\n")):
         path = tmp_path / name

@@ -308,7 +308,7 @@ def test_flow_reports_qc_and_images_per_second_in_prefect(prefect_api, make_conf
 def test_cli_shows_generation_progress(prefect_api, make_config, tmp_path):
     from typer.testing import CliRunner
 
-    from indusfactory.cli import app
+    from flows.cli import app
 
     config = make_config()
     path = tmp_path / "config.yaml"

@@ -1,6 +1,8 @@
-"""The ``indusfactory`` command line.
+"""The ``indusfactory`` command line (the console script of pyproject's ``[project.scripts]``).
 
-Commands that run the chain import ``flows`` lazily: the library itself never imports Prefect.
+It lives with the orchestration layer: it runs the flows and sets Prefect's settings, which the
+library (``indusfactory/``) never does. Each command imports what it needs when it runs, so
+``indusfactory --help`` stays quick.
 """
 
 from __future__ import annotations
