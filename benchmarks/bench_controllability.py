@@ -35,18 +35,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from indusfactory.config import parse_config  # noqa: E402
+from indusfactory.demo.surfaces import write_surface_dataset  # noqa: E402
+from indusfactory.evaluation.features import feature_extractor  # noqa: E402
+from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E402
 from indusfactory.generation import adherence  # noqa: E402
+from indusfactory.infra.imaging import fit_square  # noqa: E402
 from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa: E402
 from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
-from indusfactory.config import parse_config  # noqa: E402
 from indusfactory.learning.controllability import probe_cases, sample_probe  # noqa: E402
-from indusfactory.evaluation.features import feature_extractor  # noqa: E402
-from indusfactory.infra.imaging import fit_square  # noqa: E402
-from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
-from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E402
 from indusfactory.learning.models import load_generation_pipeline  # noqa: E402
 from indusfactory.schema import category_index  # noqa: E402
-from indusfactory.demo.surfaces import write_surface_dataset  # noqa: E402
+from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -150,8 +150,8 @@ def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _contact_sheet(result, path: Path) -> None:
-    from indusfactory.learning.condition import mask_overlay
     from indusfactory.infra.imaging import image_grid
+    from indusfactory.learning.condition import mask_overlay
     from indusfactory.schema import encode_png
 
     tiles = []

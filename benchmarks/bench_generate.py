@@ -153,11 +153,11 @@ def make_config(root: Path, base: str, sample: Path, args, factory: Path | None 
 
 def prepare(root: Path, args) -> Setup:
     """Base model, random concept and condition, sample data, catalog and plan under ``root``."""
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from indusfactory.learning.models import resolve_base_model
-    from indusfactory.generation.plan import build_plan, plan_uri_for, read_plan
     from indusfactory.demo.sample_data import write_sample_data
+    from indusfactory.generation.plan import build_plan, plan_uri_for, read_plan
+    from indusfactory.learning.models import resolve_base_model
     from indusfactory.schema import ModelRecord
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     base = str(write_sd15_architecture(root / "sd15-arch")) if args.sd15_architecture else \
         resolve_base_model("embedded:tiny-sd")
@@ -229,8 +229,8 @@ class Clock:
 
 def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
     """Time to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
-    from indusfactory.publishing.publish import publish_dataset
     from indusfactory.generation.generate import GenerationContext, generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
     ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
                             concept=setup.concept, condition=setup.condition)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from indusfactory.config import DriverConfig, SourceConfig
-from indusfactory.drivers.topology import extract_topological_driver
-from indusfactory.sources.ingest import ingest
 from indusfactory.demo.sample_data import write_sample_data
+from indusfactory.drivers.topology import extract_topological_driver
 from indusfactory.schema import rle_to_mask
+from indusfactory.sources.ingest import ingest
 
 RESULTS = Path(__file__).parent / "results" / "ingest.json"
 

@@ -104,8 +104,8 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
     from diffusers import ControlNetModel, DDPMScheduler
 
     from indusfactory.infra import storage
-    from indusfactory.learning.condition import conditioning_channels_for, training_examples
     from indusfactory.infra.imaging import to_condition_tensor
+    from indusfactory.learning.condition import conditioning_channels_for, training_examples
     from indusfactory.learning.models import load_concept_pipeline
 
     c = config.condition
@@ -149,10 +149,10 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
 
 
 def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
+    from indusfactory.demo.sample_data import write_sample_data
     from indusfactory.learning.concept import concept_uri_for, train_concept
     from indusfactory.learning.condition import condition_uri_for, train_condition
     from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from indusfactory.demo.sample_data import write_sample_data
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -49,7 +49,7 @@ class GenerationBar:
         if event.generated:
             self.started = self.started or time.perf_counter()
             self.generated += event.samples
-        if self.generated:
+        if self.generated and self.started is not None:
             self.bar.set_postfix_str(f"{self.generated / max(time.perf_counter() - self.started, 1e-9):.2f} images/s",
                                      refresh=False)
         self.bar.update(event.samples)
@@ -161,8 +161,8 @@ def sample_data(path: Path = typer.Argument(..., help="Output folder."),
                 n_defective: int = typer.Option(24), n_defect_free: int = typer.Option(12),
                 size: int = typer.Option(64), seed: int = typer.Option(0)):
     """Write the sample industrial dataset (COCO defects + defect-free images) made from skimage photos."""
-    from indusfactory.infra.errors import BadInputError
     from indusfactory.demo.sample_data import write_sample_data
+    from indusfactory.infra.errors import BadInputError
 
     try:
         paths = write_sample_data(path, n_defective=n_defective, n_defect_free=n_defect_free, size=size, seed=seed)

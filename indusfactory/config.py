@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from indusfactory.infra.errors import ConfigError
 
@@ -411,6 +410,10 @@ class ExecutionConfig(Section):
     )
 
 
+Control = Literal["shuffled labels", "empty masks"]
+CONTROLS: tuple[Control, ...] = ("shuffled labels", "empty masks")
+
+
 class EvaluationConfig(Section):
     """Flow ``evaluate-dataset``: is the synthetic data worth it for a downstream segmentor?"""
 
@@ -434,8 +437,8 @@ class EvaluationConfig(Section):
     )
     seeds: int = Field(3, ge=1, description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
                        "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).")
-    controls: list[Literal["shuffled labels", "empty masks"]] = Field(
-        default_factory=lambda: ["shuffled labels", "empty masks"],
+    controls: list[Control] = Field(
+        default_factory=lambda: list(CONTROLS),
         description="Control pre-trainings fine-tuned on real data like synthetic + real: the synthetic images "
         "with their labels shuffled between images (a derangement), and with empty masks. 'synthetic helps' "
         "needs synthetic + real to beat real only and the shuffled-labels control.",

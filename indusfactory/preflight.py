@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indusfactory.infra import failures, storage
 from indusfactory.config import EMBEDDED_BASE_MODEL, FactoryConfig
+from indusfactory.infra import failures, storage
 from indusfactory.infra.errors import BadInputError, ConfigError
 from indusfactory.infra.redact import scrub
 

@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
-from indusfactory.infra import failures, redact, storage
 from indusfactory.config import FactoryConfig
+from indusfactory.infra import failures, redact, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.locking import StorageLock, default_owner, lock_uri
@@ -167,7 +167,7 @@ def explaining_permanent_errors(fn: Callable, endpoint: str | None = None) -> Ca
             place = failures.where(exc) or ""
             raise failures.permanent_error(exc, None if place.startswith("/") else endpoint) from exc
 
-    wrapper.__explains_errors__ = True
+    wrapper.__explains_errors__ = True  # type: ignore[attr-defined]  # a marker on the function object
     return wrapper
 
 
@@ -186,7 +186,7 @@ def scrubbing_errors(fn: Callable) -> Callable:
                 raise
             raise replacement from None
 
-    wrapper.__scrubs_errors__ = True
+    wrapper.__scrubs_errors__ = True  # type: ignore[attr-defined]  # a marker on the function object
     return wrapper
 
 

@@ -10,8 +10,8 @@ from contextvars import copy_context
 from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
-from indusfactory.publishing.publish import existing_shard
 from indusfactory.generation.plan import rows_in_shards
+from indusfactory.publishing.publish import existing_shard
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import ShardProgress
@@ -57,7 +57,7 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
     absent = [i for i, r in enumerate(records) if r is None]
     if absent:
         raise ShardRunsFailed(f"child runs completed but shards {absent} are not on storage under {dataset_uri}")
-    return [r.model_copy(update={"reused": r.index not in missing}) for r in records]
+    return [r.model_copy(update={"reused": r.index not in missing}) for r in records if r is not None]
 
 
 def _run_group(deployment: str, common: dict, group: list[int]):

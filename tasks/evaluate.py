@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from indusfactory.infra import storage
 from indusfactory.config import FactoryConfig
 from indusfactory.evaluation.evaluate import RECORD_FILE, evaluate_dataset, evaluation_fingerprint
+from indusfactory.infra import storage
 from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
 from tasks.report import image_markdown

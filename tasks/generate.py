@@ -7,15 +7,15 @@ from collections.abc import Callable, Iterable
 from prefect import Task, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from indusfactory.infra import storage
 from indusfactory.config import FactoryConfig
-from indusfactory.infra.devices import device_pool
-from indusfactory.publishing.publish import publish_dataset, shard_uri
 from indusfactory.generation.generate import GenerationContext, generate_shard
 from indusfactory.generation.plan import RECORD_FILE as PLAN_RECORD
 from indusfactory.generation.plan import build_plan, plan_uri_for, rows_in_shards
-from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
+from indusfactory.infra import storage
+from indusfactory.infra.devices import device_pool
 from indusfactory.infra.locking import StorageLock
+from indusfactory.publishing.publish import publish_dataset, shard_uri
+from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock
 from tasks.report import collect_shards
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 
 from indusfactory.config import FactoryConfig
-from indusfactory.sources.ingest import catalog_marker, catalog_uri_for, ingest
 from indusfactory.demo.sample_data import ensure_sample_data
 from indusfactory.schema import CatalogRecord
+from indusfactory.sources.ingest import catalog_marker, catalog_uri_for, ingest
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
 
 

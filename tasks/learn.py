@@ -1,15 +1,16 @@
-"""Prefect tasks around the two training stages (``indusfactory.learning.concept`` and ``indusfactory.learning.condition``)."""
+"""Prefect tasks around the two training stages (``indusfactory.learning.concept`` and
+``indusfactory.learning.condition``)."""
 
 from __future__ import annotations
 
 from prefect import task
 
+from indusfactory.config import FactoryConfig
 from indusfactory.infra import storage
 from indusfactory.learning.concept import RECORD_FILE as CONCEPT_RECORD
 from indusfactory.learning.concept import concept_uri_for, train_concept
 from indusfactory.learning.condition import RECORD_FILE as CONDITION_RECORD
 from indusfactory.learning.condition import condition_uri_for, train_condition
-from indusfactory.config import FactoryConfig
 from indusfactory.schema import CatalogRecord, ModelRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock, training_progress
 from tasks.report import validation_artifact

@@ -5,12 +5,16 @@ from __future__ import annotations
 import base64
 import time
 
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 
-from indusfactory.infra import storage
 from indusfactory.generation.adherence import FOLLOWS_LABELS
+from indusfactory.infra import storage
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 

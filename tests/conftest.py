@@ -174,12 +174,12 @@ def prepare_generation():
     from types import SimpleNamespace
 
     def prepare(config) -> SimpleNamespace:
+        from indusfactory.generation.generate import GenerationContext
+        from indusfactory.generation.plan import build_plan, plan_uri_for
         from indusfactory.learning.concept import concept_uri_for, train_concept
         from indusfactory.learning.condition import condition_uri_for, train_condition
         from indusfactory.publishing.publish import dataset_uri_for
-        from indusfactory.generation.generate import GenerationContext
         from indusfactory.sources.ingest import catalog_uri_for, ingest
-        from indusfactory.generation.plan import build_plan, plan_uri_for
 
         catalog = ingest(config.source, catalog_uri_for(config))
         concept = train_concept(config, catalog, concept_uri_for(config, catalog))

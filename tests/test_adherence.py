@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from indusfactory.demo.surfaces import defect_mask, surface, write_surface_dataset
 from indusfactory.generation import adherence
 from indusfactory.infra.imaging import fit_square
-from indusfactory.demo.surfaces import defect_mask, surface, write_surface_dataset
 
 
 def _textured(rng: np.random.Generator, size: int = 64) -> np.ndarray:

@@ -14,8 +14,8 @@ from indusfactory.generation import adherence
 
 
 def _generate_all(setup):
-    from indusfactory.publishing.publish import publish_dataset
     from indusfactory.generation.generate import generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
     shards = [generate_shard(setup.ctx, setup.plan, setup.dataset_uri, i) for i in range(setup.plan.shards)]
     dataset = publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,

@@ -92,8 +92,8 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     from pycocotools.coco import COCO
 
     from flows.generate_dataset import generate_dataset
-    from indusfactory.publishing.publish import shard_name
     from indusfactory.generation.plan import read_plan
+    from indusfactory.publishing.publish import shard_name
 
     config = make_config(generation={"steps": 8, "batch_size": 2, "shard_size": 2})
     setup = prepare_generation(config)
@@ -217,8 +217,8 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_ap
 
     from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.publishing.publish import shard_name
     from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.publishing.publish import shard_name
 
     repo = Path(__file__).resolve().parents[1]
     config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})

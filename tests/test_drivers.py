@@ -9,8 +9,8 @@ from skimage.data import brick
 from skimage.filters import threshold_local
 from skimage.transform import resize
 
-from indusfactory.drivers.augment import apply_perturbation, sample_perturbation
 from indusfactory.config import DriverConfig
+from indusfactory.drivers.augment import apply_perturbation, sample_perturbation
 from indusfactory.drivers.topology import (
     CLASS_PALETTE,
     class_colour,

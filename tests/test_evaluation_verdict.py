@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indusfactory.generation.adherence import derangement
 from indusfactory.config import EvaluationConfig
 from indusfactory.evaluation.evaluate import (
     HELPS,
@@ -29,8 +28,9 @@ from indusfactory.evaluation.evaluate import (
     run_protocol,
     write_evaluation,
 )
-from indusfactory.schema import DatasetRecord
 from indusfactory.evaluation.segmentor import SegmentationSet
+from indusfactory.generation.adherence import derangement
+from indusfactory.schema import DatasetRecord
 
 SIZE = 32
 DATASET = DatasetRecord(name="tiny", version="v", uri="unused", manifest_uri="unused", samples=8, shards=1)

@@ -112,9 +112,9 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
     import pandas as pd
 
     from flows.generate_dataset import generate_dataset
+    from indusfactory.generation.generate import generate_shard
     from indusfactory.infra.errors import VersionConflictError
     from indusfactory.publishing.publish import check_dataset_version
-    from indusfactory.generation.generate import generate_shard
 
     def pinned(**overrides):
         return make_config(export={"version": "pinned"}, **{"generation": {"shard_size": 2}, **overrides})

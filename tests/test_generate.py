@@ -161,8 +161,8 @@ def test_driver_encoding_is_computed_once_per_batch_and_changes_no_byte(make_con
 
 
 def _generate_all(setup) -> list:
-    from indusfactory.publishing.publish import publish_dataset
     from indusfactory.generation.generate import generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
     shards = [generate_shard(setup.ctx, setup.plan, setup.dataset_uri, i) for i in range(setup.plan.shards)]
     dataset = publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
@@ -364,8 +364,8 @@ def test_local_fan_out_runs_one_shard_per_device_slot_at_once(prefect_api, make_
     from contextlib import contextmanager
 
     from flows.generate_shards import generate_shards
-    from indusfactory.infra import devices
     from indusfactory.generation.generate import generate_shard
+    from indusfactory.infra import devices
 
     config = make_config(generation={"steps": 2, "shard_size": 2}, execution={"devices": ["cpu", "cpu"]})
     setup = prepare_generation(config)

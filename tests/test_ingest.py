@@ -19,8 +19,8 @@ from skimage.measure import label
 
 from indusfactory.config import SourceConfig, parse_config
 from indusfactory.infra.errors import BadInputError, ConfigError
-from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 ORIENTATION = 0x0112

@@ -15,11 +15,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage.measure import label
 
-from indusfactory.sources import ingest as ingest_module
 from indusfactory.config import SourceConfig
 from indusfactory.infra.errors import BadInputError
-from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
 from indusfactory.schema import mask_to_rle, rle_to_mask
+from indusfactory.sources import ingest as ingest_module
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 H, W = 40, 48

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from indusfactory.generation import adherence
 from indusfactory.config import parse_config
+from indusfactory.generation import adherence
 from indusfactory.infra.imaging import fit_square
 
 pytestmark = pytest.mark.slow

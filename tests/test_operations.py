@@ -335,9 +335,9 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from indusfactory.infra.locking import StorageLock, lock_uri
     from indusfactory.learning.concept import concept_uri_for
     from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from indusfactory.infra.locking import StorageLock, lock_uri
     from tasks._prefect import storage_basename
 
     config = make_config(execution={"torch_threads": 1})
@@ -391,13 +391,12 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
 
 
 def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_api, make_config):
+    from flows.learn_concept import learn_concept
     from indusfactory.infra import storage
+    from indusfactory.infra.locking import lock_uri
     from indusfactory.learning.concept import concept_uri_for
     from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from indusfactory.infra.locking import lock_uri
     from tasks._prefect import storage_basename
-
-    from flows.learn_concept import learn_concept
 
     config = make_config(execution={"lock_stale_seconds": 120})
     catalog = ingest(config.source, catalog_uri_for(config))
@@ -521,7 +520,6 @@ def test_library_loggers_are_routed_and_quiet_outside_runs(recwarn):
     from prefect.logging.handlers import APILogHandler
 
     import tasks._prefect  # noqa: F401 - routes the library loggers on import
-
     from tasks._prefect import LIBRARY_LOGGERS
 
     assert {"indusfactory", "diffusers", "transformers"} <= set(LIBRARY_LOGGERS)

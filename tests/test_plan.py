@@ -1,14 +1,11 @@
 import json
 import os
 
-from indusfactory.drivers.augment import apply_augmentation
-
 import numpy as np
 import pytest
 
+from indusfactory.drivers.augment import apply_augmentation
 from indusfactory.drivers.topology import class_colour
-from indusfactory.infra.errors import BadInputError
-from indusfactory.sources.ingest import catalog_uri_for, ingest
 from indusfactory.generation.plan import (
     PLAN_FILE,
     PREVIEW_FILE,
@@ -20,6 +17,8 @@ from indusfactory.generation.plan import (
     plan_uri_for,
     read_plan,
 )
+from indusfactory.infra.errors import BadInputError
+from indusfactory.sources.ingest import catalog_uri_for, ingest
 
 
 def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):

@@ -11,8 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from skimage.morphology import dilation, disk
 
-from indusfactory.drivers.cracks import CRACK_STYLES, CrackStyle, random_crack_mask
 from indusfactory.demo.sample_data import SampleDataPaths, write_sample_data
+from indusfactory.drivers.cracks import CRACK_STYLES, CrackStyle, random_crack_mask
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -4,9 +4,9 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig
+from indusfactory.demo.tiny_model import VOCABULARY_WORDS, build_clip_tokenizer
 from indusfactory.infra.errors import ModelLoadError
 from indusfactory.learning.models import embedded_model_path, load_base_components, resolve_base_model
-from indusfactory.demo.tiny_model import VOCABULARY_WORDS, build_clip_tokenizer
 
 
 def test_tokenizer_has_one_token_per_factory_word():
@@ -50,8 +50,8 @@ def test_embedded_model_is_pretrained_not_random():
     import skimage.data
     from PIL import Image
 
-    from indusfactory.infra.imaging import to_model_tensor
     from indusfactory.demo.tiny_model import build_tiny_pipeline
+    from indusfactory.infra.imaging import to_model_tensor
 
     assert (embedded_model_path() / "model_index.json").is_file()
     crop = np.asarray(Image.fromarray(skimage.data.gravel()[100:228, 300:428]).resize((64, 64)).convert("RGB"))
@@ -68,8 +68,8 @@ def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
     """A changed local base model (same path, other weights) must not reuse models trained on the old one."""
     import shutil
 
-    from indusfactory.learning.models import base_model_fingerprint
     from indusfactory.demo.tiny_model import write_tiny_model
+    from indusfactory.learning.models import base_model_fingerprint
 
     folder = tmp_path / "base"
     shutil.copytree(tiny_model_path, folder)

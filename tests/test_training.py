@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indusfactory.learning.concept import concept_fingerprint, train_concept
-from indusfactory.learning.models import LORA_WEIGHTS
-from indusfactory.learning.condition import train_condition
 from indusfactory.infra.errors import BadInputError
-from indusfactory.sources.ingest import catalog_uri_for, ingest
+from indusfactory.learning.concept import concept_fingerprint, train_concept
+from indusfactory.learning.condition import train_condition
+from indusfactory.learning.models import LORA_WEIGHTS
 from indusfactory.learning.training import CHECKPOINT_FILE, checkpoint_uri_for
+from indusfactory.sources.ingest import catalog_uri_for, ingest
 
 
 class Crash(Exception):

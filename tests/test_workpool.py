@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

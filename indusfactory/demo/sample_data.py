@@ -161,7 +161,8 @@ def _remove_stale(folder: Path, pattern: re.Pattern[str], keep: set[str]) -> Non
 
 def _write_defective(images_dir: Path, n: int, size: int, rng: np.random.Generator) -> dict[str, Any]:
     """Write the defective images; return their COCO instances document."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(n):
         surface = _crop(SURFACES[index % len(SURFACES)], size, rng)
         cracks = _cracks(size, index, rng)

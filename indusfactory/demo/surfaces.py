@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,7 @@ from skimage.draw import line
 from skimage.morphology import dilation, disk
 
 SURFACE_KINDS = ("fbm", "brushed", "cells", "weave")
-DEFECT_CLASSES = ({"id": 1, "name": "hairline"}, {"id": 2, "name": "crack"}, {"id": 3, "name": "scratch"})
+DEFECT_CLASSES: tuple[dict[str, Any], ...] = ({"id": 1, "name": "hairline"}, {"id": 2, "name": "crack"}, {"id": 3, "name": "scratch"})
 TINTS = {"grey": (1.0, 1.0, 1.0), "teal": (0.55, 0.85, 0.8), "amber": (1.0, 0.75, 0.45)}
 
 
@@ -134,7 +135,8 @@ def write_surface_dataset(path: str | Path, n_defective: int = 60, n_defect_free
         folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colour = TINTS[tint]
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     n_train = round(split_fractions[0] * n_defective)
     n_val = round(split_fractions[1] * n_defective)
     for index in range(n_defective):

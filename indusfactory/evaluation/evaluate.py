@@ -17,27 +17,15 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indusfactory.infra import storage
-from indusfactory.generation.adherence import (
-    AdherenceSummary,
-    auc_histogram,
-    derangement,
-    label_auc,
-    label_contrast,
-    summarise,
-)
 from indusfactory.config import EvaluationConfig, FactoryConfig
-from indusfactory.infra.errors import BadInputError
 from indusfactory.evaluation.features import feature_extractor
-from indusfactory.infra.fingerprint import fingerprint
-from indusfactory.infra.imaging import fit_square
-from indusfactory.sources.ingest import read_catalog
 from indusfactory.evaluation.metrics import (
     OverlapCounts,
     coco_average_precision,
@@ -48,6 +36,26 @@ from indusfactory.evaluation.metrics import (
     mask_iou,
     size_histogram,
 )
+from indusfactory.evaluation.segmentor import (
+    SegmentationSet,
+    build_segmentor,
+    loss_function,
+    predict,
+    train_segmentor,
+)
+from indusfactory.generation.adherence import (
+    AdherenceSummary,
+    auc_histogram,
+    derangement,
+    label_auc,
+    label_contrast,
+    summarise,
+)
+from indusfactory.infra import storage
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.infra.imaging import fit_square
+from indusfactory.learning.models import configure_torch
 from indusfactory.schema import (
     EVALUATION_FILE,
     CatalogRecord,
@@ -57,14 +65,7 @@ from indusfactory.schema import (
     decode_image,
     rle_to_mask,
 )
-from indusfactory.learning.models import configure_torch
-from indusfactory.evaluation.segmentor import (
-    SegmentationSet,
-    build_segmentor,
-    loss_function,
-    predict,
-    train_segmentor,
-)
+from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.evaluate")  # the name operators filter on, kept from the flat layout
 RECORD_FILE = "record.json"
@@ -161,7 +162,7 @@ def score_segmentor(model, test: LabelledImages, category_ids: list[int], binary
             "hd95": float(np.mean(distances)) if distances else None, **{k: _num(v) for k, v in ap.items()}}
 
 
-def _num(value: float) -> float | None:
+def _num(value: float | np.floating | None) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 5)
 
 
@@ -252,7 +253,7 @@ class ProtocolData:
     category_ids: list[int]
 
 
-def pretraining_sets(synthetic: SegmentationSet, controls: list[str], seed: int) -> dict[str, SegmentationSet]:
+def pretraining_sets(synthetic: SegmentationSet, controls: Sequence[str], seed: int) -> dict[str, SegmentationSet]:
     """Pre-training data of each regime fine-tuned on real: the samples with their labels, and the
     controls: labels shuffled between samples (a derangement) and empty masks."""
     sets = {SYNTHETIC_REAL: synthetic}
@@ -304,7 +305,8 @@ def run_seed(e: EvaluationConfig, data: ProtocolData, seed: int) -> tuple[list[d
         real = data.train.data.subset(subset)
         baseline = trained(real, e.steps + e.finetune_steps)
         rows.append(row(REAL_ONLY, fraction, None, len(subset), 0, e.steps + e.finetune_steps, baseline))
-        for ratio in e.synthetic_ratios or [None]:
+        ratios: list[float | None] = list(e.synthetic_ratios or []) or [None]
+        for ratio in ratios:
             indices = synthetic_subset(len(data.synthetic), len(subset), ratio, seed)
             for regime in pretraining_sets(data.synthetic.subset(indices), e.controls, seed):
                 tuned = trained(real, e.finetune_steps, init=pretrained(regime, indices))
@@ -473,7 +475,7 @@ def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: Dat
     }
     log.info("evaluation of %s/%s: %s (%s)", dataset.name, dataset.version, result["verdict"], result["verdict_reason"])
     per_sample = {"sample_id": synthetic.ids, "label_auc": aucs, "chance_auc": chance_aucs,
-                  "adherence_iou": scores or [None] * len(aucs)}
+                  "adherence_iou": list(scores) if scores else [None] * len(aucs)}
     return write_evaluation(folder_uri, dataset, result, per_sample, real_model)
 
 

@@ -16,7 +16,6 @@ from skimage.measure import label
 
 from indusfactory.schema import coco_document, mask_to_rle, rle_bbox_area
 
-
 # --- overlap -----------------------------------------------------------------------------------
 
 
@@ -113,7 +112,9 @@ def coco_average_precision(truth: list[list[tuple[int, np.ndarray]]],
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    images, annotations, results = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    results: list[dict] = []
     for image_id, (gt, pred) in enumerate(zip(truth, predictions), start=1):
         height, width = (gt[0][1] if gt else pred[0][1] if pred else np.zeros((1, 1))).shape
         images.append({"id": image_id, "width": width, "height": height, "file_name": f"{image_id}.png"})

@@ -151,15 +151,15 @@ def auc_histogram(values: Sequence[float]) -> list[int]:
 
 def histogram_median(counts: Sequence[int]) -> float:
     """The median of values binned by ``auc_histogram`` (linear within the bin); 0.5 when empty."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
+    binned = np.asarray(counts, dtype=np.float64)
+    total = binned.sum()
     if total == 0:
         return 0.5
-    cumulative = np.cumsum(counts)
+    cumulative = np.cumsum(binned)
     k = int(np.searchsorted(cumulative, total / 2))
     before = cumulative[k - 1] if k else 0.0
-    width = 1.0 / len(counts)
-    return float(k * width + width * (total / 2 - before) / max(counts[k], 1.0))
+    width = 1.0 / len(binned)
+    return float(k * width + width * (total / 2 - before) / max(binned[k], 1.0))
 
 
 def shard_totals(aucs: Sequence[float], chance: Sequence[float], contrasts: Sequence[float]) -> dict:

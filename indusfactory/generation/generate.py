@@ -49,19 +49,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from indusfactory.infra import storage
-from indusfactory.generation.adherence import label_auc, shard_totals
 from indusfactory.config import FactoryConfig
+from indusfactory.generation.adherence import label_auc, shard_totals
+from indusfactory.generation.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
+from indusfactory.generation.scorers import AdherenceScorer, adherence_scorer, register_adherence_scorer  # noqa: F401 - re-exported
+from indusfactory.infra import storage
+from indusfactory.infra.devices import DeviceSlot, device_pool
 from indusfactory.infra.fingerprint import CODE_VERSION
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
-from indusfactory.infra.devices import DeviceSlot, device_pool
 from indusfactory.learning.models import configure_torch, load_generation_pipeline, select_dtype
-from indusfactory.publishing.publish import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
-                                 write_shard)
-from indusfactory.generation.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
+from indusfactory.publishing.publish import (
+    check_before_writing,
+    check_shard_origin,
+    existing_shard,
+    generation_fingerprint,
+    write_shard,
+)
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
-from indusfactory.generation.scorers import (AdherenceScorer, adherence_scorer,  # noqa: F401 - re-exported
-                                  register_adherence_scorer)
 
 log = logging.getLogger("indusfactory.generate")  # the name operators filter on, kept from the flat layout
 _PIPELINE_CACHE: dict[tuple, object] = {}
@@ -404,7 +408,9 @@ class ChancePairing:
 
     def close(self) -> float | None:
         """The first sample's chance score (needs the last sample's mask)."""
-        return None if self.first_image is None else label_auc(self.first_image, self.last_mask)
+        if self.first_image is None or self.last_mask is None:
+            return None
+        return label_auc(self.first_image, self.last_mask)
 
 
 def _union(sample: SampleInputs, shape: tuple[int, int]) -> np.ndarray:

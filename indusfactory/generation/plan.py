@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from indusfactory.infra import storage
 from skimage.transform import AffineTransform, warp
 
+from indusfactory.config import FactoryConfig
 from indusfactory.drivers.augment import (
     apply_augmentation,
     apply_perturbation,
@@ -26,14 +25,13 @@ from indusfactory.drivers.augment import (
     sample_augmentation,
     sample_perturbation,
 )
-from indusfactory.learning.condition import condition_prompt
-from indusfactory.config import FactoryConfig
 from indusfactory.drivers.cracks import CRACK_STYLES, random_crack_mask
 from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, image_grid
-from indusfactory.sources.ingest import read_catalog
+from indusfactory.learning.condition import condition_prompt
 from indusfactory.schema import (
     PLAN_SCHEMA,
     CatalogRecord,
@@ -43,6 +41,7 @@ from indusfactory.schema import (
     encode_png,
     rle_to_mask,
 )
+from indusfactory.sources.ingest import read_catalog
 
 PLAN_FILE = "plan.parquet"
 RECORD_FILE = "plan.json"
@@ -99,10 +98,10 @@ def _sample_instance(config: FactoryConfig, bank: list[dict], categories: list[d
 def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator,
                    roi: np.ndarray | None, sources: "SourceImages", driver_id: str) -> dict:
     """Sample masks until one falls inside the region of interest (at once when there is none)."""
+    if roi is None:
+        return _sample_instance(config, bank, categories, rng)
     for _ in range(MAX_PLACEMENT_TRIES):
         inst = _sample_instance(config, bank, categories, rng)
-        if roi is None:
-            return inst
         mask = instance_mask(inst, sources, config.base_model.resolution)
         if (mask & roi).sum() >= MIN_INSIDE_ROI * mask.sum():
             return inst
@@ -118,8 +117,8 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceIma
         raise BadInputError("the catalog has no defect-free image to build drivers from")
     drivers = drivers[: config.plan.max_defect_free_images or None]
     bank = _mask_bank(rows)
-    categories = sorted({(b["category_id"], b["category"]) for b in bank})
-    categories = [{"id": cid, "name": name} for cid, name in categories]
+    pairs = sorted({(b["category_id"], b["category"]) for b in bank})
+    categories = [{"id": cid, "name": name} for cid, name in pairs]
     plan: list[dict] = []
     for driver in drivers:
         for aug in range(config.plan.augmentations_per_image):

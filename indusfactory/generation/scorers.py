@@ -70,8 +70,8 @@ def is_import_path(name: str) -> bool:
 
 
 def _how_to_register() -> str:
-    return (f"register it with indusfactory.generation.scorers.register_adherence_scorer, or as an entry point of the group "
-            f"'{ENTRY_POINT_GROUP}' of an installed package")
+    return ("register it with indusfactory.generation.scorers.register_adherence_scorer, or as an entry point of "
+            f"the group '{ENTRY_POINT_GROUP}' of an installed package")
 
 
 def _unknown(name: str, known: list[str]) -> ConfigError:

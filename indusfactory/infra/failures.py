@@ -11,8 +11,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
-from indusfactory.infra.errors import (BadInputError, StorageAccessError, StorageNotFoundError, StoragePermissionError,
-                                 StorageSpaceError)
+from indusfactory.infra.errors import (
+    BadInputError,
+    StorageAccessError,
+    StorageNotFoundError,
+    StoragePermissionError,
+    StorageSpaceError,
+)
 
 CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                               "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException",

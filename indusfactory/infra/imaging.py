@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 MASK_COVERAGE = 0.25
 """A downscaled mask pixel is set when at least this share of the source pixels under it is set."""
 

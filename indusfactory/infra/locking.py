@@ -144,7 +144,7 @@ class StorageLock:
                 new_version = self._backend.replace_if(version, info.dumps())
                 if new_version is not None:
                     age = heartbeat_age if heartbeat_age is not None else silent_for
-                    if dead:
+                    if dead and holder is not None:
                         self.log.warning("took over lock %s from %s at once: its process %d on this host (%s) is "
                                          "gone", self.uri, owner, holder.pid, holder.host)
                     else:

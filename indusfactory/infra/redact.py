@@ -106,7 +106,7 @@ def scrub_exception(exc: BaseException) -> BaseException:
     """Scrub ``exc`` and its cause/context chain in place (messages, OS error fields, notes); returns ``exc``."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    pending = [exc]
+    pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:

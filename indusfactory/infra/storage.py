@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -315,18 +316,18 @@ def local_copy_for_write(uri: str, markers: tuple[str, ...] = COMPLETION_MARKERS
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}"
-    tmp.mkdir()
+    staging = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}"
+    staging.mkdir()
     try:
-        yield str(tmp)
-        (tmp / FILES_LISTING).write_text(json.dumps({"files": folder_files(str(tmp), markers)}, indent=2,
-                                                    sort_keys=True))
+        yield str(staging)
+        (staging / FILES_LISTING).write_text(json.dumps({"files": folder_files(str(staging), markers)}, indent=2,
+                                                        sort_keys=True))
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        staging.rename(target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _name_storage_uri(exc: BaseException, local: str, uri: str) -> None:
@@ -336,7 +337,8 @@ def _name_storage_uri(exc: BaseException, local: str, uri: str) -> None:
         value = getattr(exc, attribute, None)
         if isinstance(value, str):
             setattr(exc, attribute, value.replace(local, uri))
-    exc.add_note(f"(read from a local copy of {uri})")
+    if sys.version_info >= (3, 11):  # exception notes are 3.11+; on 3.10 the message alone names the URI
+        exc.add_note(f"(read from a local copy of {uri})")
 
 
 @contextmanager

@@ -18,20 +18,18 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from indusfactory.infra import storage
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
+from indusfactory.generation.adherence import colourfulness
+from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
-from indusfactory.generation.adherence import colourfulness
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_model_tensor
-from indusfactory.sources.ingest import read_catalog
 from indusfactory.learning.models import (
     BaseComponents,
     base_model_fingerprint,
     configure_torch,
     load_base_components,
 )
-from indusfactory.schema import CatalogRecord, ModelRecord, decode_image, encode_png
 from indusfactory.learning.training import (
     LatentCache,
     Progress,
@@ -52,6 +50,8 @@ from indusfactory.learning.training import (
     validation_due,
     write_model_metadata,
 )
+from indusfactory.schema import CatalogRecord, ModelRecord, decode_image, encode_png
+from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.concept")  # the name operators filter on, kept from the flat layout
 RECORD_FILE = "record.json"
@@ -105,7 +105,7 @@ def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, s
     pipe = sampling_pipeline(base)
     was_training = base.unet.training
     base.unet.eval()
-    images = []
+    images: list[np.ndarray] = []
     for start in range(0, len(seeds), 8):
         chunk = seeds[start : start + 8]
         with runtime.autocast():

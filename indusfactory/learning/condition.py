@@ -14,16 +14,14 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
 
-from indusfactory.infra import storage
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_condition_tensor, to_model_tensor
-from indusfactory.sources.ingest import read_catalog
 from indusfactory.learning.controllability import probe_cases, sample_probe
 from indusfactory.learning.models import BaseComponents, configure_torch, load_concept_pipeline, scheduler_for
-from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
 from indusfactory.learning.training import (
     Progress,
     TrainingRuntime,
@@ -43,6 +41,8 @@ from indusfactory.learning.training import (
     validation_due,
     write_model_metadata,
 )
+from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
+from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.condition")  # the name operators filter on, kept from the flat layout
 RECORD_FILE = "record.json"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from indusfactory.generation import adherence
 from indusfactory.config import FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.generation import adherence
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
 
 

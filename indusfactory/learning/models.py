@@ -17,8 +17,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
-    DDPMScheduler,
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,

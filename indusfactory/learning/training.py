@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,8 +23,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from indusfactory.infra import storage
 from indusfactory.config import ExecutionConfig, TrainingConfig
+from indusfactory.infra import storage
 from indusfactory.learning.models import BaseComponents, select_device, select_dtype
 from indusfactory.schema import encode_png
 
@@ -297,7 +297,7 @@ def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_ite
 
 
 def model_card(title: str, description: str, base_model: str, config: dict, data_fingerprint: str,
-               losses: list[float], seconds: float, extra: str = "", validation: list[str] = ()) -> str:
+               losses: list[float], seconds: float, extra: str = "", validation: Sequence[str] = ()) -> str:
     """A Hugging Face style model card with the training config, data fingerprint and validation images."""
     tail = losses[-max(1, len(losses) // 10):]
     images = [f"![{name}]({name})" for name in validation]

@@ -25,15 +25,16 @@ import json
 import logging
 import posixpath
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indusfactory.infra import storage
-from indusfactory.generation.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
-from indusfactory.infra.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
 from indusfactory.config import FactoryConfig
+from indusfactory.generation.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
+from indusfactory.infra import storage
+from indusfactory.infra.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
 from indusfactory.infra.fingerprint import CODE_VERSION, fingerprint
 from indusfactory.infra.imaging import image_grid
 from indusfactory.schema import (
@@ -128,7 +129,10 @@ def write_shard(dataset_uri: str, split: str, index: int, total: int, rows: list
     uri = shard_uri(dataset_uri, split, index, total)
     if not storage.write_bytes_exclusive(uri, data):
         log.warning("%s was written by another run meanwhile: that one is kept, this run's copy dropped", uri)
-        return existing_shard(dataset_uri, split, index, total)
+        kept = existing_shard(dataset_uri, split, index, total)
+        if kept is None:
+            raise IndusfactoryError(f"{uri} was written by another run but cannot be read back")
+        return kept
     return ShardRecord(index=index, total=total, uri=uri, coco_uri=coco_uri, rows=len(rows),
                        flagged=sum(not r["qc_passed"] for r in rows), dropped=dropped,
                        sha256=storage.sha256_bytes(data), seconds=round(seconds, 3),
@@ -302,7 +306,7 @@ def finalize_dataset(dataset_uri: str, name: str, version: str, split: str, shar
         annotations += doc["annotations"]
     storage.write_json_atomic(storage.join(dataset_uri, "annotations", f"instances_{split}.json"),
                               coco_document(images, annotations, categories, f"{name} {version}"))
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": name, "version": version, "split": split, "schema_version": SCHEMA_VERSION,
         "code_version": CODE_VERSION, "created": datetime.now(timezone.utc).isoformat(),
         "counts": {"samples": sum(s.rows for s in shards), "shards": len(shards),

@@ -54,10 +54,11 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from contextlib import contextmanager
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -66,8 +67,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from skimage.measure import label
 
-from indusfactory.infra import storage
 from indusfactory.config import SourceConfig
+from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.schema import (
@@ -800,8 +801,9 @@ def _fill_candidate(candidate: Candidate, entry: object, index: int, source: Sou
     """Set a candidate's URI, split and expected size from its COCO entry; any fault is a Refusal."""
     try:
         candidate.uri = _check_coco_entry(entry, index, source, id_counts)
-        candidate.split = _given_split(entry, source)  # a dict, once checked
-        candidate.expected_size = _entry_size(entry)
+        checked = cast(dict, entry)  # a dict, once checked
+        candidate.split = _given_split(checked, source)
+        candidate.expected_size = _entry_size(checked)
     except (Refusal, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - one malformed entry must not stop the ingest
