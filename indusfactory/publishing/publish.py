@@ -243,7 +243,8 @@ def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
         f"- samples: {counts['samples']} in {counts['shards']} shards ({counts['flagged']} flagged by QC; "
         f"{counts['dropped']} of {counts['planned']} planned dropped by QC)",
         f"- categories: {', '.join(c['name'] for c in manifest['categories'])}",
-        f"- base model: `{manifest['lineage']['base_model']}`; concept `{manifest['lineage']['concept_fingerprint']}`;"
+        f"- base model: `{manifest['lineage']['base_model']}`;"
+        f" concept `{manifest['lineage']['concept_fingerprint']}`;"
         f" condition `{manifest['lineage']['condition_fingerprint']}`",
         *adherence_lines(manifest.get("adherence")), "",
         "## Load it", "", "```python", "import pandas as pd",
