@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
-# `make lint` (run by CI before the tests): ruff, mypy, hadolint.
+# `make lint` (run by CI before the tests): ruff check, ruff format --check, mypy, hadolint.
 PYTHON ?= python3
 VENV ?= .venv
 # CPU machines pin torch to the CPU build; on a GPU machine install your CUDA torch into the
@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
