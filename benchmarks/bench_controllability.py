@@ -89,10 +89,16 @@ def _test_split(data, resolution: int, categories: list[dict]):
 
 def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int, seed: int) -> dict:
     data = write_surface_dataset(workdir / f"data-{tint}", tint=tint, seed=seed)
-    raw = {"factory_root": str(workdir / f"factory-{tint}"),
-           "source": {"coco_annotations": str(data.coco_annotations), "images_dir": str(data.images_dir),
-                      "defect_free_dir": str(data.defect_free_dir), "split_field": "split",
-                      "make_sample_data": False}}
+    raw = {
+        "factory_root": str(workdir / f"factory-{tint}"),
+        "source": {
+            "coco_annotations": str(data.coco_annotations),
+            "images_dir": str(data.images_dir),
+            "defect_free_dir": str(data.defect_free_dir),
+            "split_field": "split",
+            "make_sample_data": False,
+        },
+    }
     for item in overrides:
         _set(raw, item)
     config = parse_config(raw, origin="benchmark")
@@ -122,18 +128,28 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     real = adherence.measure(real_images, real_masks)
     through_vae = adherence.measure(_vae_round_trip(pipe, real_images), real_masks)
     extract = feature_extractor(config.evaluation.feature_extractor)
-    kid = kernel_inception_distance(extract(result.images), extract(real_images),
-                                    subset_size=min(len(result.images), len(real_images), 50))
+    kid = kernel_inception_distance(
+        extract(result.images), extract(real_images), subset_size=min(len(result.images), len(real_images), 50)
+    )
     sheet_path = RESULTS / f"controllability-{tint}.png"
     _contact_sheet(result, sheet_path)
     return {
-        "tint": tint, "resolution": resolution, "probe_samples": len(cases),
-        "generated": result.summary.as_dict(), "real": real.as_dict(), "real_through_vae": through_vae.as_dict(),
-        "colourfulness": {"generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
-                          "real": float(np.median([adherence.colourfulness(i) for i in real_images]))},
-        "mean_rgb": {"generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
-                     "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist()},
-        "kid_small_features": kid, "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "tint": tint,
+        "resolution": resolution,
+        "probe_samples": len(cases),
+        "generated": result.summary.as_dict(),
+        "real": real.as_dict(),
+        "real_through_vae": through_vae.as_dict(),
+        "colourfulness": {
+            "generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
+            "real": float(np.median([adherence.colourfulness(i) for i in real_images])),
+        },
+        "mean_rgb": {
+            "generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
+            "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist(),
+        },
+        "kid_small_features": kid,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
         "contact_sheet": sheet_path.name,
     }
 
@@ -164,8 +180,13 @@ def _contact_sheet(result, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tints", nargs="+", default=["grey", "teal"], help="Datasets to run (surface tints).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="Config override, e.g. condition.steps=300 (YAML value).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Config override, e.g. condition.steps=300 (YAML value).",
+    )
     parser.add_argument("--probe", type=int, default=48, help="Held-out probe samples per dataset.")
     parser.add_argument("--seed", type=int, default=0, help="Dataset seed.")
     parser.add_argument("--label", default="default", help="Name of the results file.")
@@ -178,17 +199,24 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-controllability-"))
     # each tint its own dataset (seed + its position), so the grey and colour runs share no geometry
     runs = [run_dataset(t, args.overrides, workdir, args.probe, args.seed + i) for i, t in enumerate(args.tints)]
-    report = {"label": args.label, "overrides": args.overrides, "machine": f"{platform.machine()} x{os.cpu_count()}",
-              "load_avg": os.getloadavg(), "runs": runs}
+    report = {
+        "label": args.label,
+        "overrides": args.overrides,
+        "machine": f"{platform.machine()} x{os.cpu_count()}",
+        "load_avg": os.getloadavg(),
+        "runs": runs,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"controllability-{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
     for run in runs:
         g, r = run["generated"], run["real"]
         v = run["real_through_vae"]
-        print(f"{run['tint']:>5}: AUC {g['median_auc']:.3f} (chance {g['chance_auc']:.3f}, real {r['median_auc']:.3f}, "
-              f"real through the VAE {v['median_auc']:.3f}) "
-              f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
-              f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}")
+        print(
+            f"{run['tint']:>5}: AUC {g['median_auc']:.3f} (chance {g['chance_auc']:.3f}, real {r['median_auc']:.3f}, "
+            f"real through the VAE {v['median_auc']:.3f}) "
+            f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
+            f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,14 +44,16 @@ class GenerationBar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=event.planned, desc="generate", bar_format=self.FORMAT, file=self.file,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=event.planned, desc="generate", bar_format=self.FORMAT, file=self.file, dynamic_ncols=True
+            )
         if event.generated:
             self.started = self.started or time.perf_counter()
             self.generated += event.samples
         if self.generated and self.started is not None:
-            self.bar.set_postfix_str(f"{self.generated / max(time.perf_counter() - self.started, 1e-9):.2f} images/s",
-                                     refresh=False)
+            self.bar.set_postfix_str(
+                f"{self.generated / max(time.perf_counter() - self.started, 1e-9):.2f} images/s", refresh=False
+            )
         self.bar.update(event.samples)
 
     def close(self) -> None:
@@ -100,30 +102,44 @@ def _print_dataset(record) -> None:
     typer.echo(f"  pycocotools: COCO('{record.uri}/annotations/instances_train.json')")
     adherence = getattr(record, "adherence", None)
     if adherence:
-        typer.echo(f"  labels:      {adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
-                   f"{adherence['chance_auc']:.3f}; {adherence['fraction_darker']:.0%} of samples darker inside "
-                   "their label)")
+        typer.echo(
+            f"  labels:      {adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
+            f"{adherence['chance_auc']:.3f}; {adherence['fraction_darker']:.0%} of samples darker inside "
+            "their label)"
+        )
         if adherence["verdict"] != "follows labels":
-            typer.echo("  WARNING: the defects are not where the labels say; do not train on this dataset "
-                       "(see the condition model card's held-out adherence).", err=True)
+            typer.echo(
+                "  WARNING: the defects are not where the labels say; do not train on this dataset "
+                "(see the condition model card's held-out adherence).",
+                err=True,
+            )
 
 
 @app.command()
-def demo(factory_root: str = typer.Option("./factory", help="Where everything is written."),
-         sample_data: str = typer.Option("./sample-data", help="Where the sample dataset is made if missing.")):
+def demo(
+    factory_root: str = typer.Option("./factory", help="Where everything is written."),
+    sample_data: str = typer.Option("./sample-data", help="Where the sample dataset is made if missing."),
+):
     """Run the whole chain on the embedded default: sample data, tiny model, CPU, local Prefect."""
     from indusfactory.config import FactoryConfig, SourceConfig
 
     root = Path(sample_data)
-    config = FactoryConfig(factory_root=factory_root, source=SourceConfig(
-        coco_annotations=str(root / "defective" / "annotations.json"),
-        images_dir=str(root / "defective" / "images"), defect_free_dir=str(root / "defect_free")))
+    config = FactoryConfig(
+        factory_root=factory_root,
+        source=SourceConfig(
+            coco_annotations=str(root / "defective" / "annotations.json"),
+            images_dir=str(root / "defective" / "images"),
+            defect_free_dir=str(root / "defect_free"),
+        ),
+    )
     _print_dataset(_run_flow(config, "generate-dataset"))
 
 
 @app.command()
-def run(config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
-        stage: str = typer.Option("generate-dataset", help=f"One of: {', '.join(STAGES)}.")):
+def run(
+    config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
+    stage: str = typer.Option("generate-dataset", help=f"One of: {', '.join(STAGES)}."),
+):
     """Run the chain (or one stage flow) on a YAML configuration."""
     from indusfactory.config import load_config
     from indusfactory.infra.errors import ConfigError
@@ -141,11 +157,17 @@ def run(config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
 
 
 @app.command("tiny-model")
-def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
-               pretrain: bool = typer.Option(False, help="Pretrain VAE and UNet on scikit-image photographs "
-                                             "(how the shipped model was made; ~25 min on 2 CPU cores)."),
-               vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(3000),
-               seed: int = typer.Option(0)):
+def tiny_model(
+    path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
+    pretrain: bool = typer.Option(
+        False,
+        help="Pretrain VAE and UNet on scikit-image photographs "
+        "(how the shipped model was made; ~25 min on 2 CPU cores).",
+    ),
+    vae_steps: int = typer.Option(2500),
+    unet_steps: int = typer.Option(3000),
+    seed: int = typer.Option(0),
+):
     """Write a tiny Stable Diffusion 1.x pipeline (random, or pretrained with --pretrain)."""
     from indusfactory.demo.tiny_model import pretrain_tiny_model, write_tiny_model
 
@@ -157,9 +179,13 @@ def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers l
 
 
 @app.command("sample-data")
-def sample_data(path: Path = typer.Argument(..., help="Output folder."),
-                n_defective: int = typer.Option(24), n_defect_free: int = typer.Option(12),
-                size: int = typer.Option(64), seed: int = typer.Option(0)):
+def sample_data(
+    path: Path = typer.Argument(..., help="Output folder."),
+    n_defective: int = typer.Option(24),
+    n_defect_free: int = typer.Option(12),
+    size: int = typer.Option(64),
+    seed: int = typer.Option(0),
+):
     """Write the sample industrial dataset (COCO defects + defect-free images) made from skimage photos."""
     from indusfactory.demo.sample_data import write_sample_data
     from indusfactory.infra.errors import BadInputError

@@ -38,8 +38,9 @@ def generate_dataset(config: FactoryConfig = FactoryConfig()) -> DatasetRecord:
             if config.execution.fan_out == "work_pool":
                 shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
             else:
-                shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
-                                                 range(plan.shards))
+                shards = generate_shards_locally(
+                    run, config, catalog, plan, concept, condition, dataset_uri, range(plan.shards)
+                )
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
         summarise_run(catalog, concept, condition, plan, shards, dataset)
         if config.evaluation.enabled:

@@ -69,18 +69,21 @@ class SourceConfig(Section):
         64_000_000, gt=0, description="Images above this many pixels are refused (decompression bombs)."
     )
     max_file_bytes: int = Field(
-        256 * 1024 * 1024, gt=0,
+        256 * 1024 * 1024,
+        gt=0,
         description="Image and mask files larger than this many bytes are refused from their size, unread.",
     )
     max_annotations_per_image: int = Field(
-        1000, gt=0,
+        1000,
+        gt=0,
         description="Images with more annotations (COCO) or mask components (mask_folder) are refused.",
     )
     max_polygon_points: int = Field(
         100_000, gt=0, description="COCO annotations whose polygons have more x,y points in all are refused."
     )
     max_rle_length: int = Field(
-        10_000_000, gt=0,
+        10_000_000,
+        gt=0,
         description="COCO RLE segmentations with a longer counts string (characters) or list (runs) are refused.",
     )
     bbox_policy: Literal["correct", "refuse"] = Field(
@@ -111,19 +114,27 @@ class SourceConfig(Section):
             if not self.coco_annotations:
                 raise ValueError("source.coco_annotations is required when source.format is 'coco'")
             if self.masks_dir is not None or self.mask_values:
-                raise ValueError("source.masks_dir and source.mask_values are only used with format "
-                                 "'mask_folder' (source.format is 'coco')")
+                raise ValueError(
+                    "source.masks_dir and source.mask_values are only used with format "
+                    "'mask_folder' (source.format is 'coco')"
+                )
             if self.split_field is not None and not self.split_field.strip():
                 raise ValueError("source.split_field must be a non-empty key of the COCO image entries")
             return self
-        missing = [name for name, value in (("source.masks_dir", self.masks_dir),
-                                            ("source.mask_values", self.mask_values)) if not value]
+        missing = [
+            name
+            for name, value in (("source.masks_dir", self.masks_dir), ("source.mask_values", self.mask_values))
+            if not value
+        ]
         if missing:
-            raise ValueError(f"{' and '.join(missing)} required when source.format is 'mask_folder' "
-                             "(mask_values maps mask pixel values to class names, e.g. {1: crack})")
+            raise ValueError(
+                f"{' and '.join(missing)} required when source.format is 'mask_folder' "
+                "(mask_values maps mask pixel values to class names, e.g. {1: crack})"
+            )
         if self.split_field is not None:
-            raise ValueError("source.split_field is read from COCO image entries only; "
-                             "format 'mask_folder' uses the seeded split")
+            raise ValueError(
+                "source.split_field is read from COCO image entries only; format 'mask_folder' uses the seeded split"
+            )
         bad = sorted(v for v in self.mask_values if not 1 <= v <= 65535)
         if bad:
             raise ValueError(f"source.mask_values keys must be pixel values 1..65535 (0 is background), got {bad}")
@@ -143,8 +154,9 @@ class BaseModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision, when `pretrained` is a hub id.")
     allow_pickle_weights: bool = Field(
-        False, description="Also load .bin/.ckpt pickle weights (loaded with weights_only); by default only "
-        "safetensors are loaded and a pickle-only component is refused."
+        False,
+        description="Also load .bin/.ckpt pickle weights (loaded with weights_only); by default only "
+        "safetensors are loaded and a pickle-only component is refused.",
     )
     resolution: int = Field(64, gt=0, description="Training and generation resolution in pixels (512 for SD 1.5).")
 
@@ -165,13 +177,15 @@ class TrainingConfig(Section):
         1, ge=1, description="Micro-batches per optimiser step (effective batch = batch_size x this)."
     )
     learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = Field("constant", description="diffusers' get_scheduler name.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="diffusers' get_scheduler name.")
     lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Mixed precision of training ('auto' follows execution.precision: fp32 on CPU, "
-        "bf16 or fp16 on GPU). Frozen models run in it; trained weights stay fp32."
+        "auto",
+        description="Mixed precision of training ('auto' follows execution.precision: fp32 on CPU, "
+        "bf16 or fp16 on GPU). Frozen models run in it; trained weights stay fp32.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
     snr_gamma: float | None = Field(
@@ -190,8 +204,13 @@ class TrainingConfig(Section):
     validation_inference_steps: int = Field(20, gt=0, description="Sampling steps of the validation images.")
 
 
-TRAINING_ONLY_FIELDS = {"checkpoint_every", "validation_images", "validation_every", "validation_inference_steps",
-                        "validation_probe_samples"}
+TRAINING_ONLY_FIELDS = {
+    "checkpoint_every",
+    "validation_images",
+    "validation_every",
+    "validation_inference_steps",
+    "validation_probe_samples",
+}
 """Settings that do not change the trained weights, so not part of a model's fingerprint."""
 
 
@@ -213,8 +232,9 @@ class ConceptConfig(TrainingConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
     prior_preservation: bool = Field(
-        False, description="DreamBooth class-prior preservation: also fit images the base model makes for the "
-        "class prompt, so the class keeps its meaning."
+        False,
+        description="DreamBooth class-prior preservation: also fit images the base model makes for the "
+        "class prompt, so the class keeps its meaning.",
     )
     class_noun: str = Field("surface", min_length=1, description="The class the concept belongs to.")
     class_prompt_template: str = Field("a {class_noun}", description="Class prompt; {class_noun} is replaced.")
@@ -222,7 +242,9 @@ class ConceptConfig(TrainingConfig):
     class_image_inference_steps: int = Field(25, gt=0)
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-prior loss.")
     empty_prompt_probability: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="Share of instance examples trained with the empty prompt. Classifier-free guidance pushes "
         "samples away from what the empty prompt makes; when that is still the base model's look (colour, "
         "content), guided samples drift away from it in the other direction (grey sources come out coloured). "
@@ -245,18 +267,24 @@ class ConditionConfig(TrainingConfig):
         0.0, ge=0, le=1, description="Share of examples trained with the empty prompt (ControlNet uses 0.5)."
     )
     mask_loss_weight: float = Field(
-        4.0, ge=0, description="Extra weight of the diffusion loss on latent pixels a defect mask touches (1 + this "
+        4.0,
+        ge=0,
+        description="Extra weight of the diffusion loss on latent pixels a defect mask touches (1 + this "
         "there, 1 elsewhere; 0: plain loss). A defect covers a few percent of an image, so without it the loss is "
         "spent on the texture and the network learns late where the mask says the defect goes (as in "
         "AnomalyDiffusion and DefectFill).",
     )
     validation_probe_samples: int = Field(
-        16, ge=0, le=512, description="After training, samples generated from defect-free images with validation-split "
+        16,
+        ge=0,
+        le=512,
+        description="After training, samples generated from defect-free images with validation-split "
         "masks (never trained on) to measure whether defects land where the masks say; the verdict goes into the "
         "model card and the run summary (0: no probe).",
     )
     augmentation: Literal["none", "flip", "dihedral"] = Field(
-        "dihedral", description="Views of each defective training image (with its driver and mask): 'flip' adds "
+        "dihedral",
+        description="Views of each defective training image (with its driver and mask): 'flip' adds "
         "its mirror, 'dihedral' its 8 rotations and mirrors (surfaces have no up), 'none' the image only.",
     )
 
@@ -265,7 +293,9 @@ class DriverConfig(Section):
     """The paper's topological driver recipe."""
 
     downscale: int | None = Field(
-        None, ge=1, description="Downscale factor before the adaptive threshold. None: scales with the image, "
+        None,
+        ge=1,
+        description="Downscale factor before the adaptive threshold. None: scales with the image, "
         "max(2, side // 64): 2 at 64-128 px, 4 at 256 px, 8 at 512 px (the texture pattern keeps its size "
         "relative to the image).",
     )
@@ -289,7 +319,9 @@ class DriverConfig(Section):
 class PlanConfig(Section):
     """What to generate: drivers from defect-free images paired with sampled masks."""
 
-    augmentations_per_image: int = Field(2, ge=1, description="Offline augmentations per defect-free image (paper: 10).")
+    augmentations_per_image: int = Field(
+        2, ge=1, description="Offline augmentations per defect-free image (paper: 10)."
+    )
     images_per_driver: int = Field(4, ge=1, le=15, description="Images generated per driver (paper: at most 15).")
     max_defect_free_images: int | None = Field(None, gt=0, description="Use at most this many defect-free images.")
     max_instances_per_image: int = Field(1, ge=1, le=8, description="Each sample gets 1..this many defect masks.")
@@ -302,7 +334,9 @@ class PlanConfig(Section):
         "style uses it, others default to 'hairline'.",
     )
     roi_min_intensity: int | None = Field(
-        None, ge=0, le=255,
+        None,
+        ge=0,
+        le=255,
         description="Region of interest: masks are placed only where the (augmented) driver image is brighter "
         "than this grey level, e.g. 20 to keep defects off a black borescope border.",
     )
@@ -319,7 +353,8 @@ class GenerationConfig(Section):
     steps: int = Field(20, gt=0)
     guidance_scale: float = Field(7.5, ge=0)
     conditioning_scale: float = Field(
-        2.0, ge=0,
+        2.0,
+        ge=0,
         description="Strength of the conditioning network's residuals. The demo's briefly trained network needs 2.0 "
         "for defects to follow the masks; a fully trained SD 1.5 network usually runs at 1.0.",
     )
@@ -329,11 +364,13 @@ class GenerationConfig(Section):
         0.0, description="Samples whose defect is not this much darker than its surroundings fail QC (qc_passed=false)."
     )
     qc_action: Literal["flag", "drop"] = Field(
-        "flag", description="What happens to a sample that fails QC: 'flag' keeps it with qc_passed=false, 'drop' "
+        "flag",
+        description="What happens to a sample that fails QC: 'flag' keeps it with qc_passed=false, 'drop' "
         "leaves it out of the dataset (counted as dropped in the shard records and the manifest).",
     )
     adherence_scorer: str | None = Field(
-        None, description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
+        None,
+        description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
         "indusfactory.generation.scorers.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
         "segmentor an evaluation saved in evaluation/<fp>/segmentor) or 'package.module:function'.",
     )
@@ -341,7 +378,9 @@ class GenerationConfig(Section):
         None, description="Samples whose adherence score is below this fail QC (needs adherence_scorer)."
     )
     min_label_auc: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="Samples whose label AUC (how often a pixel inside the label is darker than one in the ring "
         "around it; 0.5 is no relation) is below this fail QC. None: no per-sample threshold.",
     )
@@ -352,7 +391,9 @@ class GenerationConfig(Section):
         "figures. False: such a dataset is published and marked 'near chance' in its manifest, card and summary.",
     )
     adherence_margin: float = Field(
-        0.1, ge=0, le=0.5,
+        0.1,
+        ge=0,
+        le=0.5,
         description="A set of samples follows its labels when its median label AUC (a label pixel darker than "
         "the ring around it) is at least this far above the chance level (the same images with other samples' "
         "masks); otherwise it is marked 'near chance'.",
@@ -370,7 +411,8 @@ class ExportConfig(Section):
 
     dataset_name: str = Field("demo-cracks", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Dataset version (a folder name: letters, digits, . _ -); default: derived from plan and models.",
     )
     split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
@@ -382,31 +424,41 @@ class ExecutionConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     devices: list[Annotated[str, StringConstraints(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] | None = Field(
-        None, min_length=1, description="Devices the local fan-out generates on, one shard at a time each (e.g. "
+        None,
+        min_length=1,
+        description="Devices the local fan-out generates on, one shard at a time each (e.g. "
         "['cuda:0', 'cuda:1']; 'cpu' twice runs two CPU shards at once); training uses the first. Default: every "
-        "visible GPU for device auto/cuda, else the CPU."
+        "visible GPU for device auto/cuda, else the CPU.",
     )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
     fan_out: Literal["local", "work_pool"] = Field(
-        "local", description="'local': shards run inside the flow, one at a time per device; 'work_pool': the flow "
-        "dispatches groups of shards as runs of `shard_deployment` on a work pool (one worker per GPU) and waits."
+        "local",
+        description="'local': shards run inside the flow, one at a time per device; 'work_pool': the flow "
+        "dispatches groups of shards as runs of `shard_deployment` on a work pool (one worker per GPU) and waits.",
     )
     shard_deployment: str = Field(
-        "generate-shards/gpu", pattern=r"^[^/]+/[^/]+$",
+        "generate-shards/gpu",
+        pattern=r"^[^/]+/[^/]+$",
         description="'flow-name/deployment-name' of the child deployment that generates a group of shards.",
     )
     shards_per_run: int = Field(1, ge=1, description="Shards per child flow run (fan_out 'work_pool').")
     lock_stale_seconds: float = Field(
-        600.0, gt=0, description="A training lock (<factory_root>/locks/) whose holder sent no heartbeat for this "
-        "long is taken over (its holder died). The holder beats every quarter of it."
+        600.0,
+        gt=0,
+        description="A training lock (<factory_root>/locks/) whose holder sent no heartbeat for this "
+        "long is taken over (its holder died). The holder beats every quarter of it.",
     )
     lock_wait_seconds: float | None = Field(
-        None, gt=0, description="Fail instead of waiting longer than this for a training lock held by another "
-        "run (default: wait until it is released or goes stale)."
+        None,
+        gt=0,
+        description="Fail instead of waiting longer than this for a training lock held by another "
+        "run (default: wait until it is released or goes stale).",
     )
     preflight_min_free_mb: float = Field(
-        512.0, ge=0, description="Preflight refuses a local factory root whose volume has less free space than "
-        "this many MiB (0: no check)."
+        512.0,
+        ge=0,
+        description="Preflight refuses a local factory root whose volume has less free space than "
+        "this many MiB (0: no check).",
     )
 
 
@@ -419,24 +471,37 @@ class EvaluationConfig(Section):
 
     enabled: bool = Field(True, description="Evaluate every dataset generate-dataset publishes.")
     real_fractions: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0], min_length=1,
+        default_factory=lambda: [0.1, 1.0],
+        min_length=1,
         description="Fractions of the real training split each regime is trained with (paper: 10% and 100%).",
     )
     segmentor_pretrained: str | None = Field(
-        None, description="A SegFormer checkpoint (e.g. nvidia/mit-b0 or a local folder); None: a small seeded "
-        "SegFormer trained from scratch (CPU-sized)."
+        None,
+        description="A SegFormer checkpoint (e.g. nvidia/mit-b0 or a local folder); None: a small seeded "
+        "SegFormer trained from scratch (CPU-sized).",
     )
     resolution: int | None = Field(None, gt=0, description="Segmentor input size (default: base_model.resolution).")
     steps: int = Field(120, gt=0, description="Training steps on synthetic data (pre-training, and synthetic only).")
-    finetune_steps: int = Field(60, gt=0, description="Fine-tuning steps on real data after synthetic pre-training. "
-                                "The real-only baseline gets the same total budget: steps + finetune_steps.")
-    binary: bool = Field(True, description="Train a defect-vs-background head (IoU of the defect pixels is the "
-                         "headline); False: one output per category (argmax over background and classes).")
+    finetune_steps: int = Field(
+        60,
+        gt=0,
+        description="Fine-tuning steps on real data after synthetic pre-training. "
+        "The real-only baseline gets the same total budget: steps + finetune_steps.",
+    )
+    binary: bool = Field(
+        True,
+        description="Train a defect-vs-background head (IoU of the defect pixels is the "
+        "headline); False: one output per category (argmax over background and classes).",
+    )
     loss: Literal["dice_bce", "dice_focal"] = Field(
         "dice_bce", description="Loss of the binary head: soft Dice plus BCE, or plus focal loss (gamma 2)."
     )
-    seeds: int = Field(3, ge=1, description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
-                       "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).")
+    seeds: int = Field(
+        3,
+        ge=1,
+        description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
+        "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).",
+    )
     controls: list[Control] = Field(
         default_factory=lambda: list(CONTROLS),
         description="Control pre-trainings fine-tuned on real data like synthetic + real: the synthetic images "
@@ -444,24 +509,30 @@ class EvaluationConfig(Section):
         "needs synthetic + real to beat real only and the shuffled-labels control.",
     )
     synthetic_ratios: list[float] | None = Field(
-        None, description="Synthetic:real ratio sweep: synthetic images per real training image for synthetic + "
-        "real (capped by the QC-passed samples); None: every QC-passed sample, one setting."
+        None,
+        description="Synthetic:real ratio sweep: synthetic images per real training image for synthetic + "
+        "real (capped by the QC-passed samples); None: every QC-passed sample, one setting.",
     )
     chance_margin: float = Field(
-        0.05, ge=0, description="The real-only baseline has learned when its mean defect IoU minus its std exceeds "
+        0.05,
+        ge=0,
+        description="The real-only baseline has learned when its mean defect IoU minus its std exceeds "
         "the chance IoU (best of an empty, an all-defect and a shuffled-mask prediction) by this much; otherwise "
-        "the evaluation is 'inconclusive: the baseline did not learn'."
+        "the evaluation is 'inconclusive: the baseline did not learn'.",
     )
     min_difference: float = Field(
-        0.02, ge=0, description="Smallest mean defect-IoU difference a verdict counts, on top of the spread rule "
-        "(difference of means greater than the larger of the two stds)."
+        0.02,
+        ge=0,
+        description="Smallest mean defect-IoU difference a verdict counts, on top of the spread rule "
+        "(difference of means greater than the larger of the two stds).",
     )
     batch_size: int = Field(8, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     max_synthetic_images: int | None = Field(None, gt=0, description="Use at most this many synthetic images.")
     feature_extractor: str = Field(
-        "small", description="FID/KID features: 'small' (seeded random CNN, no weights; offline demo) or "
-        "'clip:<folder or hub id>'."
+        "small",
+        description="FID/KID features: 'small' (seeded random CNN, no weights; offline demo) or "
+        "'clip:<folder or hub id>'.",
     )
     kid_subset_size: int = Field(100, ge=2)
     seed: int = 0
@@ -515,8 +586,10 @@ def load_config(path: str | Path) -> FactoryConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        bad = exc.object[exc.start:exc.start + 1]
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8") from None
+        bad = exc.object[exc.start : exc.start + 1]
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     try:

@@ -273,8 +273,11 @@ class Record(BaseModel):
         folder = storage.parent(record_uri)
         problems = storage.incomplete(folder, cls.required_suffix)
         if problems:
-            log.warning("%s has its completion marker but is incomplete (%s): not reused, made again", folder,
-                        "; ".join(problems))
+            log.warning(
+                "%s has its completion marker but is incomplete (%s): not reused, made again",
+                folder,
+                "; ".join(problems),
+            )
             return None
         return cls.model_validate({**storage.read_json(record_uri), "reused": True})
 

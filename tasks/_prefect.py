@@ -142,8 +142,12 @@ def recording_cache(cache_key_fn: Callable, fn: Callable) -> Callable:
                 cached = result.model_copy(update={"reused": True}) if "reused" in fields else result
                 context.result_store.write(obj=cached, key=key)
         except Exception as exc:  # noqa: BLE001 - a missing cache record only costs a rerun that reuses
-            run_logger().warning("cache record of %s not written (%s: %s); the next run finds the output instead",
-                                 context.task.name, type(exc).__name__, redact.scrub(str(exc)))
+            run_logger().warning(
+                "cache record of %s not written (%s: %s); the next run finds the output instead",
+                context.task.name,
+                type(exc).__name__,
+                redact.scrub(str(exc)),
+            )
         return result
 
     return wrapper
@@ -201,9 +205,14 @@ def _scrubbed(exc: BaseException) -> BaseException:
 
 # -- logs ------------------------------------------------------------------------------------------
 
-LIBRARY_LOGGERS: dict[str, int] = {"indusfactory": logging.INFO, "diffusers": logging.WARNING,
-                                   "transformers": logging.WARNING, "peft": logging.WARNING,
-                                   "accelerate": logging.WARNING, "huggingface_hub": logging.WARNING}
+LIBRARY_LOGGERS: dict[str, int] = {
+    "indusfactory": logging.INFO,
+    "diffusers": logging.WARNING,
+    "transformers": logging.WARNING,
+    "peft": logging.WARNING,
+    "accelerate": logging.WARNING,
+    "huggingface_hub": logging.WARNING,
+}
 """Library loggers whose records go to the Prefect run they happen in (like ``PREFECT_LOGGING_EXTRA_LOGGERS``)."""
 
 
@@ -253,9 +262,11 @@ def refuse_uri_credentials(config: FactoryConfig) -> None:
     keys = redact.uri_credentials(dump)
     if keys:
         redact.register_uri_credentials(dump)
-        raise BadInputError(f"{', '.join(keys)}: credentials in a URI (user:password@ before the host) are refused; "
-                            "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                            "HF_TOKEN) or a Prefect block, never the config")
+        raise BadInputError(
+            f"{', '.join(keys)}: credentials in a URI (user:password@ before the host) are refused; "
+            "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "HF_TOKEN) or a Prefect block, never the config"
+        )
 
 
 @contextmanager
@@ -291,9 +302,13 @@ def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLoc
     if flow_run is not None and flow_run.flow_run is not None:
         owner += f", flow run {flow_run.flow_run.name!r}"
     name = f"{stage}-{storage_basename(output_uri)}"
-    return StorageLock(lock_uri(config.factory_root, name), owner=owner,
-                       stale_after=config.execution.lock_stale_seconds,
-                       wait_timeout=config.execution.lock_wait_seconds, logger=run_logger())
+    return StorageLock(
+        lock_uri(config.factory_root, name),
+        owner=owner,
+        stale_after=config.execution.lock_stale_seconds,
+        wait_timeout=config.execution.lock_wait_seconds,
+        logger=run_logger(),
+    )
 
 
 def storage_basename(uri: str) -> str:

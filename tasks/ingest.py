@@ -26,7 +26,15 @@ def ingest_task(config: FactoryConfig) -> CatalogRecord:
         logger.info("sources were missing: wrote the sample dataset to %s", made)
     record = ingest(config.source, catalog_uri_for(config))
     verb = "reused" if record.reused else "built"
-    logger.info("catalog %s %s: found %d = ingested %d + quarantined %d + duplicates %d (%d defective, %d defect-free)",
-                record.fingerprint, verb, record.found, record.ingested, record.quarantined, record.duplicates,
-                record.defective, record.defect_free)
+    logger.info(
+        "catalog %s %s: found %d = ingested %d + quarantined %d + duplicates %d (%d defective, %d defect-free)",
+        record.fingerprint,
+        verb,
+        record.found,
+        record.ingested,
+        record.quarantined,
+        record.duplicates,
+        record.defective,
+        record.defect_free,
+    )
     return record

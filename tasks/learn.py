@@ -20,15 +20,18 @@ def _report(record: ModelRecord) -> ModelRecord:
     if record.reused:
         run_logger().info("%s model %s reused from %s: not trained again", record.kind, record.fingerprint, record.uri)
     else:
-        run_logger().info("%s model %s trained in %.1f s -> %s", record.kind, record.fingerprint, record.seconds,
-                          record.uri)
+        run_logger().info(
+            "%s model %s trained in %.1f s -> %s", record.kind, record.fingerprint, record.seconds, record.uri
+        )
         validation_artifact(record)
     return record
 
 
-@task(name="learn-concept",
-      cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
-      **TASK_DEFAULTS)
+@task(
+    name="learn-concept",
+    cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
+    **TASK_DEFAULTS,
+)
 def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRecord:
     """DreamBooth LoRA of the defective concept (cached by data, config and code version).
 
@@ -38,15 +41,17 @@ def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRe
         return _report(train_concept(config, catalog, uri, progress=training_progress("learn-concept")))
 
 
-@task(name="learn-condition",
-      cache_key_fn=cache_when_present(
-          lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)),
-      **TASK_DEFAULTS)
+@task(
+    name="learn-condition",
+    cache_key_fn=cache_when_present(
+        lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)
+    ),
+    **TASK_DEFAULTS,
+)
 def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelRecord:
     """The conditioning network on topological drivers (cached by data, concept, config and code version).
 
     Under a storage lock, like ``learn-concept``."""
     uri = condition_uri_for(config, catalog, concept)
     with stage_lock(config, "learn-condition", uri):
-        return _report(train_condition(config, catalog, concept, uri,
-                                       progress=training_progress("learn-condition")))
+        return _report(train_condition(config, catalog, concept, uri, progress=training_progress("learn-condition")))

@@ -23,30 +23,63 @@ def _stage_line(name: str, reused: bool, detail: str) -> str:
     return f"| {name} | {'reused (cached)' if reused else 'ran'} | {detail} |"
 
 
-def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: ModelRecord, plan: PlanRecord,
-                  shards: list[ShardRecord], dataset: DatasetRecord) -> str:
+def summarise_run(
+    catalog: CatalogRecord,
+    concept: ModelRecord,
+    condition: ModelRecord,
+    plan: PlanRecord,
+    shards: list[ShardRecord],
+    dataset: DatasetRecord,
+) -> str:
     """Log and publish the run summary; returns the markdown."""
     reused_shards = sum(s.reused for s in shards)
     flagged, dropped = sum(s.flagged for s in shards), sum(s.dropped for s in shards)
-    markdown = "\n".join([
-        f"# Dataset `{dataset.name}/{dataset.version}`", "",
-        f"Written to `{dataset.uri}` ({dataset.samples} samples, {dataset.shards} shards).", "",
-        *_adherence_lines(dataset, condition),
-        "| stage | status | detail |", "| --- | --- | --- |",
-        _stage_line("ingest", catalog.reused, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"),
-        _stage_line("learn-concept", concept.reused, f"`{concept.fingerprint}`, {concept.steps} steps"
-                    + (f"; colourfulness {concept.look['generated']['colourfulness']} vs sources "
-                       f"{concept.look['sources']['colourfulness']}" if concept.look else "")),
-        _stage_line("learn-condition", condition.reused, f"`{condition.fingerprint}`, {condition.steps} steps"
-                    + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else "")),
-        _stage_line("plan", plan.reused, f"{plan.samples} samples"),
-        _stage_line("generate", reused_shards == len(shards), f"{len(shards) - reused_shards} shards generated, "
-                    f"{reused_shards} reused; {_rate(shards)}; QC: {flagged} flagged, {dropped} dropped"),
-        _stage_line("publish", dataset.reused, "manifest.json written last"), "",
-        "## Load it", "", "```python", "import pandas as pd",
-        f"df = pd.read_parquet('{dataset.uri}/data/')", "from pycocotools.coco import COCO",
-        f"coco = COCO('{dataset.uri}/annotations/instances_train.json')", "```",
-    ])
+    markdown = "\n".join(
+        [
+            f"# Dataset `{dataset.name}/{dataset.version}`",
+            "",
+            f"Written to `{dataset.uri}` ({dataset.samples} samples, {dataset.shards} shards).",
+            "",
+            *_adherence_lines(dataset, condition),
+            "| stage | status | detail |",
+            "| --- | --- | --- |",
+            _stage_line("ingest", catalog.reused, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"),
+            _stage_line(
+                "learn-concept",
+                concept.reused,
+                f"`{concept.fingerprint}`, {concept.steps} steps"
+                + (
+                    f"; colourfulness {concept.look['generated']['colourfulness']} vs sources "
+                    f"{concept.look['sources']['colourfulness']}"
+                    if concept.look
+                    else ""
+                ),
+            ),
+            _stage_line(
+                "learn-condition",
+                condition.reused,
+                f"`{condition.fingerprint}`, {condition.steps} steps"
+                + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else ""),
+            ),
+            _stage_line("plan", plan.reused, f"{plan.samples} samples"),
+            _stage_line(
+                "generate",
+                reused_shards == len(shards),
+                f"{len(shards) - reused_shards} shards generated, "
+                f"{reused_shards} reused; {_rate(shards)}; QC: {flagged} flagged, {dropped} dropped",
+            ),
+            _stage_line("publish", dataset.reused, "manifest.json written last"),
+            "",
+            "## Load it",
+            "",
+            "```python",
+            "import pandas as pd",
+            f"df = pd.read_parquet('{dataset.uri}/data/')",
+            "from pycocotools.coco import COCO",
+            f"coco = COCO('{dataset.uri}/annotations/instances_train.json')",
+            "```",
+        ]
+    )
     key = "".join(ch if ch.isalnum() else "-" for ch in dataset.name.lower())
     create_markdown_artifact(markdown, key=f"{key}-summary", description="indusfactory dataset run")
     create_table_artifact([_shard_row(s) for s in shards], key=f"{key}-shards", description="per-shard figures")
@@ -60,8 +93,10 @@ def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: Model
 
 
 def _headline(adherence: dict) -> str:
-    return (f"{adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
-            f"{adherence['chance_auc']:.3f}, {adherence['samples']} samples)")
+    return (
+        f"{adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
+        f"{adherence['chance_auc']:.3f}, {adherence['samples']} samples)"
+    )
 
 
 def _adherence_lines(dataset: DatasetRecord, condition: ModelRecord) -> list[str]:
@@ -70,9 +105,12 @@ def _adherence_lines(dataset: DatasetRecord, condition: ModelRecord) -> list[str
         return []
     lines = [f"**Labels: {_headline(dataset.adherence)}.**", ""]
     if dataset.adherence["verdict"] != FOLLOWS_LABELS:
-        lines += ["> **Warning: the defects are not where the labels say.** Do not train on this dataset; the "
-                  "conditioning network did not learn the condition (see its validation in the model card). "
-                  "`generation.refuse_near_chance: true` refuses to publish such a dataset.", ""]
+        lines += [
+            "> **Warning: the defects are not where the labels say.** Do not train on this dataset; the "
+            "conditioning network did not learn the condition (see its validation in the model card). "
+            "`generation.refuse_near_chance: true` refuses to publish such a dataset.",
+            "",
+        ]
     return lines
 
 
@@ -95,8 +133,10 @@ def _shard_row(shard: ShardRecord) -> dict:
 def progress_description(done: int, total: int, generated: int, seconds: float, reused: int, dropped: int) -> str:
     """``6 / 8 samples done: 4 generated at 1.93 images/s, 2 reused, 0 dropped by QC``."""
     rate = generated / seconds if seconds > 0 else 0.0
-    return (f"{done} / {total} samples done: {generated} generated at {rate:.2f} images/s, {reused} reused, "
-            f"{dropped} dropped by QC")
+    return (
+        f"{done} / {total} samples done: {generated} generated at {rate:.2f} images/s, {reused} reused, "
+        f"{dropped} dropped by QC"
+    )
 
 
 class ShardProgress:
@@ -112,8 +152,9 @@ class ShardProgress:
         return 100.0 * self.done / max(self.total, 1)
 
     def description(self) -> str:
-        return progress_description(self.done, self.total, self.generated, time.perf_counter() - self.started,
-                                    self.reused, self.dropped)
+        return progress_description(
+            self.done, self.total, self.generated, time.perf_counter() - self.started, self.reused, self.dropped
+        )
 
     def add(self, samples: int, reused: bool, dropped: int = 0) -> None:
         """``samples`` more plan rows are done (``reused``: found on storage, not generated)."""
@@ -153,13 +194,20 @@ def validation_artifact(record: ModelRecord) -> str | None:
     """A markdown artifact of a trained model's validation grids (the last one shown first)."""
     if not record.validation:
         return None
-    what = {"concept": "concept samples (instance prompt; class prompt below with prior preservation)",
-            "condition": "driver | generated | mask overlay"}.get(record.kind, record.kind)
-    lines = [f"# Validation of {record.kind} `{record.fingerprint}`", "", f"{what}; final loss "
-             f"{record.final_loss}, {record.steps} steps, {'reused' if record.reused else 'trained'}.", ""]
+    what = {
+        "concept": "concept samples (instance prompt; class prompt below with prior preservation)",
+        "condition": "driver | generated | mask overlay",
+    }.get(record.kind, record.kind)
+    lines = [
+        f"# Validation of {record.kind} `{record.fingerprint}`",
+        "",
+        f"{what}; final loss {record.final_loss}, {record.steps} steps, {'reused' if record.reused else 'trained'}.",
+        "",
+    ]
     for name in reversed(record.validation):
         lines += [f"## {name}", "", image_markdown(storage.join(record.uri, name), name), ""]
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=f"{record.kind}-validation",
-                             description=f"validation images of the {record.kind} model")
+    create_markdown_artifact(
+        markdown, key=f"{record.kind}-validation", description=f"validation images of the {record.kind} model"
+    )
     return markdown

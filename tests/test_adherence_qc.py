@@ -18,8 +18,9 @@ def _generate_all(setup):
     from indusfactory.publishing.publish import publish_dataset
 
     shards = [generate_shard(setup.ctx, setup.plan, setup.dataset_uri, i) for i in range(setup.plan.shards)]
-    dataset = publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
-                              setup.dataset_uri, shards)
+    dataset = publish_dataset(
+        setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, setup.dataset_uri, shards
+    )
     return shards, dataset
 
 

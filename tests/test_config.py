@@ -55,11 +55,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("text", [
-    "a: " + "[" * 100_000 + "]" * 100_000,  # flow sequences 100,000 deep
-    "factory_root: " + "{a: " * 20_000 + "1" + "}" * 20_000,  # flow mappings
-    "\n".join("  " * i + f"k{i}:" for i in range(5_000)) + " 1",  # block mappings, 5,000 levels of indentation
-], ids=["sequences", "mappings", "blocks"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 100_000 + "]" * 100_000,  # flow sequences 100,000 deep
+        "factory_root: " + "{a: " * 20_000 + "1" + "}" * 20_000,  # flow mappings
+        "\n".join("  " * i + f"k{i}:" for i in range(5_000)) + " 1",  # block mappings, 5,000 levels of indentation
+    ],
+    ids=["sequences", "mappings", "blocks"],
+)
 def test_yaml_nested_too_deep_is_a_config_error_naming_the_file(tmp_path, text):
     path = tmp_path / "deep.yaml"
     path.write_text(text)

@@ -120,8 +120,9 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
         return make_config(export={"version": "pinned"}, **{"generation": {"shard_size": 2}, **overrides})
 
     def check(setup):
-        check_dataset_version(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
-                              setup.dataset_uri)
+        check_dataset_version(
+            setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, setup.dataset_uri
+        )
 
     first = prepare_generation(pinned())
     root = Path(first.dataset_uri)
@@ -147,14 +148,19 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
     assert datasets.load_dataset(str(root), split="train").num_rows == planned
     card = (root / "README.md").read_text()
     assert [line.strip("- ") for line in card.splitlines() if line.startswith("    - data/")] == [
-        s["path"] for s in manifest["shards"]]
+        s["path"] for s in manifest["shards"]
+    ]
 
     # The first config (a larger plan) and a changed generation config, against the published version.
     published = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     changed = prepare_generation(pinned(plan={"max_defect_free_images": 1}, generation={"shard_size": 2, "steps": 3}))
-    for attempt in (lambda: check(first), lambda: generate_shard(first.ctx, first.plan, str(root), 2),
-                    lambda: generate_dataset(config=first.config), lambda: check(changed),
-                    lambda: generate_dataset(config=changed.config)):
+    for attempt in (
+        lambda: check(first),
+        lambda: generate_shard(first.ctx, first.plan, str(root), 2),
+        lambda: generate_dataset(config=first.config),
+        lambda: check(changed),
+        lambda: generate_dataset(config=changed.config),
+    ):
         with pytest.raises(VersionConflictError, match="published"):
             attempt()
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == published, "nothing written into it"

@@ -96,8 +96,9 @@ def s3_via_proxy(s3_endpoint, s3_bucket, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(prefect_api, s3_via_proxy, make_config,
-                                                                              monkeypatch):
+def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(
+    prefect_api, s3_via_proxy, make_config, monkeypatch
+):
     import fsspec
     import pandas as pd
 
@@ -140,8 +141,11 @@ def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(pref
     assert f"127.0.0.1:{proxy.port}" in str(info.value) or "connect" in str(info.value).lower(), str(info.value)
     proxy.up()
     monkeypatch.setattr("indusfactory.publishing.publish.finalize_dataset", real_publish)
-    shards_before = {p: fs.info(p)["LastModified"] for p in fs.find(f"{bucket}/factory/datasets")
-                     if p.endswith(".parquet") and "/data/" in p}
+    shards_before = {
+        p: fs.info(p)["LastModified"]
+        for p in fs.find(f"{bucket}/factory/datasets")
+        if p.endswith(".parquet") and "/data/" in p
+    }
     again = generate_dataset(config=other)
     assert again.samples == 6
     assert not fs.exists(f"{again.uri}/manifest.json.tmp")

@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_library_never_imports_prefect():
-    offenders = [str(p) for p in (ROOT / "indusfactory").rglob("*.py")
-                 if re.search(r"^\s*(from|import) prefect", p.read_text(), re.MULTILINE)]
+    offenders = [
+        str(p)
+        for p in (ROOT / "indusfactory").rglob("*.py")
+        if re.search(r"^\s*(from|import) prefect", p.read_text(), re.MULTILINE)
+    ]
     assert offenders == []
 
 
@@ -29,16 +32,20 @@ def _orchestration_imports(path: Path) -> list[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        elif isinstance(node, ast.Call) and node.args and (
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and (
                 (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module"))
-                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")):
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            )
+        ):
             arg = node.args[0]
             if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
                 arg = arg.values[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 names = [arg.value]
-        found += [f"{path}:{node.lineno}: {name}" for name in names
-                  if name.split(".")[0] in ORCHESTRATION]
+        found += [f"{path}:{node.lineno}: {name}" for name in names if name.split(".")[0] in ORCHESTRATION]
     return found
 
 
@@ -49,8 +56,10 @@ def test_library_never_imports_prefect_tasks_or_flows_not_even_lazily():
 
 def test_the_import_check_sees_lazy_and_by_name_imports(tmp_path):
     module = tmp_path / "probe.py"
-    module.write_text("def run(stage):\n    from prefect import flow\n    import tasks.ingest\n"
-                      "    return __import__(f'flows.{stage}', fromlist=['*'])\n")
+    module.write_text(
+        "def run(stage):\n    from prefect import flow\n    import tasks.ingest\n"
+        "    return __import__(f'flows.{stage}', fromlist=['*'])\n"
+    )
     assert [hit.rsplit(": ", 1)[1] for hit in _orchestration_imports(module)] == ["prefect", "tasks.ingest", "flows."]
 
 
@@ -63,8 +72,13 @@ def test_deployment_entrypoints_resolve_to_named_flows():
         flow = getattr(module, attr)
         names.add(f"{flow.name}/{deployment['name']}")
         assert deployment["enforce_parameter_schema"] is True
-    assert {"generate-dataset/local", "generate-dataset/nightly", "ingest/local", "learn-concept/local",
-            "learn-condition/local"} <= names
+    assert {
+        "generate-dataset/local",
+        "generate-dataset/nightly",
+        "ingest/local",
+        "learn-concept/local",
+        "learn-condition/local",
+    } <= names
 
 
 def test_flow_parameters_are_the_factory_config_form():

@@ -24,11 +24,18 @@ BUDGET = {"concept": {"steps": 150}, "condition": {"steps": 500, "validation_ima
 
 
 def _config(data, root, **sections) -> "FactoryConfig":  # noqa: F821
-    raw = {"factory_root": str(root),
-           "source": {"coco_annotations": str(data.coco_annotations), "images_dir": str(data.images_dir),
-                      "defect_free_dir": str(data.defect_free_dir), "split_field": "split"},
-           "concept": {"validation_images": 0}, "generation": {"steps": 12},
-           "evaluation": {"enabled": False}}
+    raw = {
+        "factory_root": str(root),
+        "source": {
+            "coco_annotations": str(data.coco_annotations),
+            "images_dir": str(data.images_dir),
+            "defect_free_dir": str(data.defect_free_dir),
+            "split_field": "split",
+        },
+        "concept": {"validation_images": 0},
+        "generation": {"steps": 12},
+        "evaluation": {"enabled": False},
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_config(raw)
@@ -39,8 +46,15 @@ def surfaces(tmp_path_factory):
     from indusfactory.demo.surfaces import write_surface_dataset
 
     # A seed the benchmark does not use: these exact images were never looked at while tuning.
-    return write_surface_dataset(tmp_path_factory.mktemp("surfaces"), n_defective=32, n_defect_free=8,
-                                 n_heldout=8, size=128, tint="grey", seed=11)
+    return write_surface_dataset(
+        tmp_path_factory.mktemp("surfaces"),
+        n_defective=32,
+        n_defect_free=8,
+        n_heldout=8,
+        size=128,
+        tint="grey",
+        seed=11,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +82,24 @@ def _held_out(surfaces, categories):
     test_ids = {i["id"] for i in coco["images"] if i["split"] == "test"}
     names = {c["id"]: c["name"] for c in coco["categories"]}
     to_class = category_index(categories)
-    masks = [(to_class[a["category_id"]], names[a["category_id"]],
-              fit_square(mask_utils.decode({"size": a["segmentation"]["size"],
-                                            "counts": a["segmentation"]["counts"].encode()}).astype(bool), RESOLUTION))
-             for a in coco["annotations"] if a["image_id"] in test_ids]
-    images = [fit_square(np.asarray(Image.open(p).convert("RGB")), RESOLUTION)
-              for p in sorted(surfaces.heldout_defect_free_dir.glob("*.png"))]
+    masks = [
+        (
+            to_class[a["category_id"]],
+            names[a["category_id"]],
+            fit_square(
+                mask_utils.decode(
+                    {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+                ).astype(bool),
+                RESOLUTION,
+            ),
+        )
+        for a in coco["annotations"]
+        if a["image_id"] in test_ids
+    ]
+    images = [
+        fit_square(np.asarray(Image.open(p).convert("RGB")), RESOLUTION)
+        for p in sorted(surfaces.heldout_defect_free_dir.glob("*.png"))
+    ]
     return images, masks
 
 
@@ -103,8 +129,9 @@ def test_a_conditioning_network_that_learned_nothing_is_near_chance(learned, sur
     from indusfactory.learning.condition import condition_uri_for, train_condition
 
     config, catalog, concept, _ = learned
-    untrained = config.model_copy(update={"factory_root": str(tmp_path),
-                                          "condition": config.condition.model_copy(update={"steps": 1})})
+    untrained = config.model_copy(
+        update={"factory_root": str(tmp_path), "condition": config.condition.model_copy(update={"steps": 1})}
+    )
     record = train_condition(untrained, catalog, concept, condition_uri_for(untrained, catalog, concept))
     assert record.adherence["verdict"] == adherence.NEAR_CHANCE
     summary = _probe(untrained, catalog, concept.uri, record.uri, surfaces).summary
@@ -119,8 +146,11 @@ def test_the_concept_measures_its_look_against_its_sources(learned):
     assert "colourfulness" in card
 
 
-@pytest.mark.xfail(strict=True, reason="known open goal of issue 13: the shipped base model's VAE adds colour "
-                   "noise to grey images (colourfulness 9 after a round trip), so grey in does not yet give grey out")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known open goal of issue 13: the shipped base model's VAE adds colour "
+    "noise to grey images (colourfulness 9 after a round trip), so grey in does not yet give grey out",
+)
 def test_grey_sources_give_grey_images(learned):
     _, _, concept, _ = learned
     assert concept.look["generated"]["colourfulness"] <= 6, concept.look

@@ -97,8 +97,11 @@ def bordered(sample_root, tmp_path, make_config):
         image = np.asarray(Image.open(path).convert("RGB")).copy()
         image[:, : image.shape[1] // 3] = 0
         Image.fromarray(image).save(path)
-    source = {"coco_annotations": str(root / "defective" / "annotations.json"),
-              "images_dir": str(root / "defective" / "images"), "defect_free_dir": str(root / "defect_free")}
+    source = {
+        "coco_annotations": str(root / "defective" / "annotations.json"),
+        "images_dir": str(root / "defective" / "images"),
+        "defect_free_dir": str(root / "defect_free"),
+    }
     return root, source
 
 
@@ -107,10 +110,12 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
     from indusfactory.sources.ingest import read_catalog
 
     root, source = bordered
-    config = make_config(source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6,
-                                              "procedural_fraction": procedural})
+    config = make_config(
+        source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6, "procedural_fraction": procedural}
+    )
     catalog = ingest(config.source, catalog_uri_for(config))
     sources = SourceImages(catalog.uri, catalog.categories)
+
     def dark_region(row):
         image = apply_augmentation(sources.image(row["driver_image_id"], 64), json.loads(row["augmentation"]))
         return image.mean(axis=2) <= 20
@@ -124,8 +129,11 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
     # Without the constraint, masks do land on the border: the constraint is what keeps them off.
     free = make_config(source=source, plan={"images_per_driver": 6, "procedural_fraction": procedural})
     unconstrained = build_plan_rows(free, read_catalog(catalog.uri).to_pylist(), sources)
-    assert any((mask & dark_region(row)).any() for row in unconstrained
-               for _, mask in materialise(row, sources, free).instances)
+    assert any(
+        (mask & dark_region(row)).any()
+        for row in unconstrained
+        for _, mask in materialise(row, sources, free).instances
+    )
 
 
 def test_roi_files_constrain_placement(bordered, make_config, tmp_path):

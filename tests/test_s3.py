@@ -16,10 +16,14 @@ def test_ingest_from_s3_sources_and_publish_to_s3(prefect_api, s3_bucket, sample
 
     fs = fsspec.filesystem("s3")
     fs.put(str(sample_root) + "/", f"{s3_bucket}/sources/", recursive=True)
-    config = make_config(factory_root=f"{s3_bucket}/factory", source={
-        "coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
-        "images_dir": f"{s3_bucket}/sources/defective/images",
-        "defect_free_dir": f"{s3_bucket}/sources/defect_free"})
+    config = make_config(
+        factory_root=f"{s3_bucket}/factory",
+        source={
+            "coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
+            "images_dir": f"{s3_bucket}/sources/defective/images",
+            "defect_free_dir": f"{s3_bucket}/sources/defect_free",
+        },
+    )
     record = generate_dataset(config=config)
     assert record.uri.startswith(f"{s3_bucket}/factory/datasets/demo-cracks/")
 

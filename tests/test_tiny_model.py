@@ -23,11 +23,22 @@ def test_tokenizer_has_one_token_per_factory_word():
 def test_written_model_loads_like_sd15(tiny_model_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("an image of a sks", num_inference_steps=2, height=64, width=64, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "an image of a sks",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.shape == (64, 64, 3)
     assert sorted(p.name for p in tiny_model_path.iterdir() if p.is_dir()) == [
-        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     assert not list(tiny_model_path.rglob("*.bin")), "weights must be safetensors only"
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 96))
     assert controlnet.config.block_out_channels == pipe.unet.config.block_out_channels
@@ -59,8 +70,10 @@ def test_embedded_model_is_pretrained_not_random():
     shipped = load_base_components(BaseModelConfig(pretrained=EMBEDDED_BASE_MODEL)).vae
     random_vae = build_tiny_pipeline(seed=1).vae
     with torch.no_grad():
-        errors = [float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
-                  for vae in (shipped, random_vae)]
+        errors = [
+            float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
+            for vae in (shipped, random_vae)
+        ]
     assert errors[0] < 0.15 < errors[1], errors
 
 
@@ -79,7 +92,9 @@ def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
     other = write_tiny_model(tmp_path / "other", seed=5)
     assert base_model_fingerprint(BaseModelConfig(pretrained=str(other))) != before
     assert base_model_fingerprint(BaseModelConfig(pretrained="org/model", revision="v2")) == {
-        "hub_id": "org/model", "revision": "v2"}
+        "hub_id": "org/model",
+        "revision": "v2",
+    }
 
 
 def _copy(src, dst):
@@ -128,14 +143,21 @@ def test_lora_for_another_architecture_is_refused(tmp_path, tiny_model_path):
     # Another UNet layout (other block names): diffusers would skip these keys silently.
     foreign = tmp_path / "foreign"
     StableDiffusionPipeline.save_lora_weights(
-        foreign, unet_lora_layers={k.replace("down_blocks", "encoder_stages"): v for k, v in layers.items()},
-        safe_serialization=True)
+        foreign,
+        unet_lora_layers={k.replace("down_blocks", "encoder_stages"): v for k, v in layers.items()},
+        safe_serialization=True,
+    )
     with pytest.raises(ModelLoadError, match="made for another architecture"):
         load_concept_pipeline(config, str(foreign))
     # Same names, other shapes (another width).
     resized = tmp_path / "resized"
     StableDiffusionPipeline.save_lora_weights(
-        resized, unet_lora_layers={k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ("lora_A" in k or "lora.down" in k) else v
-                                   for k, v in layers.items()}, safe_serialization=True)
+        resized,
+        unet_lora_layers={
+            k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ("lora_A" in k or "lora.down" in k) else v
+            for k, v in layers.items()
+        },
+        safe_serialization=True,
+    )
     with pytest.raises(ModelLoadError, match="does not fit base model"):
         load_concept_pipeline(config, str(resized))

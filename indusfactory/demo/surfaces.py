@@ -30,7 +30,11 @@ from skimage.draw import line
 from skimage.morphology import dilation, disk
 
 SURFACE_KINDS = ("fbm", "brushed", "cells", "weave")
-DEFECT_CLASSES: tuple[dict[str, Any], ...] = ({"id": 1, "name": "hairline"}, {"id": 2, "name": "crack"}, {"id": 3, "name": "scratch"})
+DEFECT_CLASSES: tuple[dict[str, Any], ...] = (
+    {"id": 1, "name": "hairline"},
+    {"id": 2, "name": "crack"},
+    {"id": 3, "name": "scratch"},
+)
 TINTS = {"grey": (1.0, 1.0, 1.0), "teal": (0.55, 0.85, 0.8), "amber": (1.0, 0.75, 0.45)}
 
 
@@ -51,16 +55,17 @@ def _normalise(a: np.ndarray) -> np.ndarray:
 def surface(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A procedural grey surface in 0..1 (float HxW)."""
     if kind == "fbm":
-        out = sum(gaussian_filter(rng.normal(size=(size, size)), s, mode="wrap") * s ** 0.9
-                  for s in (1, 2, 4, 8, 16))
+        out = sum(gaussian_filter(rng.normal(size=(size, size)), s, mode="wrap") * s**0.9 for s in (1, 2, 4, 8, 16))
     elif kind == "brushed":
         noise = gaussian_filter(rng.normal(size=(size, size)), (0.6, 14.0), mode="wrap")
         angle = rng.uniform(0, np.pi)
         rows, cols = np.mgrid[0:size, 0:size] - size / 2
         c, s = np.cos(angle), np.sin(angle)
         coords = np.stack([rows * c - cols * s, rows * s + cols * c]) + size / 2
-        out = map_coordinates(noise, coords, order=1, mode="wrap") + 0.3 * gaussian_filter(
-            rng.normal(size=(size, size)), 20, mode="wrap") * 20
+        out = (
+            map_coordinates(noise, coords, order=1, mode="wrap")
+            + 0.3 * gaussian_filter(rng.normal(size=(size, size)), 20, mode="wrap") * 20
+        )
     elif kind == "cells":
         points = rng.uniform(0, size, size=(int(rng.integers(20, 60)), 2))
         rows, cols = np.mgrid[0:size, 0:size]
@@ -69,8 +74,10 @@ def surface(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     elif kind == "weave":
         period = rng.uniform(10, 24)
         rows, cols = np.mgrid[0:size, 0:size]
-        out = (np.sin(2 * np.pi * rows / period) * np.sin(2 * np.pi * cols / period)
-               + 0.4 * gaussian_filter(rng.normal(size=(size, size)), 2) * 4)
+        out = (
+            np.sin(2 * np.pi * rows / period) * np.sin(2 * np.pi * cols / period)
+            + 0.4 * gaussian_filter(rng.normal(size=(size, size)), 2) * 4
+        )
     else:
         raise ValueError(f"unknown surface kind {kind!r}; known: {SURFACE_KINDS}")
     return 0.35 + 0.5 * _normalise(out)
@@ -124,13 +131,26 @@ def _rgb(grey: np.ndarray, tint: tuple[float, float, float]) -> np.ndarray:
     return np.round(np.clip(grey[..., None] * np.asarray(tint), 0, 1) * 255).astype(np.uint8)
 
 
-def write_surface_dataset(path: str | Path, n_defective: int = 60, n_defect_free: int = 30, n_heldout: int = 16,
-                          size: int = 256, tint: str = "grey", kinds: tuple[str, ...] = SURFACE_KINDS,
-                          split_fractions: tuple[float, float] = (0.6, 0.15), seed: int = 0) -> SurfaceDataset:
+def write_surface_dataset(
+    path: str | Path,
+    n_defective: int = 60,
+    n_defect_free: int = 30,
+    n_heldout: int = 16,
+    size: int = 256,
+    tint: str = "grey",
+    kinds: tuple[str, ...] = SURFACE_KINDS,
+    split_fractions: tuple[float, float] = (0.6, 0.15),
+    seed: int = 0,
+) -> SurfaceDataset:
     """Write a dataset of ``tint`` surfaces with 1-2 dark defects per defective image (see module doc)."""
     root = Path(path)
-    data = SurfaceDataset(root, root / "defective" / "annotations.json", root / "defective" / "images",
-                          root / "defect_free", root / "heldout_defect_free")
+    data = SurfaceDataset(
+        root,
+        root / "defective" / "annotations.json",
+        root / "defective" / "images",
+        root / "defect_free",
+        root / "heldout_defect_free",
+    )
     for folder in (data.images_dir, data.defect_free_dir, data.heldout_defect_free_dir):
         folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -150,19 +170,31 @@ def write_surface_dataset(path: str | Path, n_defective: int = 60, n_defect_free
             depth = rng.uniform(0.25, 0.5)
             factor = np.minimum(factor, np.where(mask, depth + rng.normal(0, 0.04, mask.shape), 1.0))
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": category["id"],
-                                "iscrowd": 0, "area": int(mask_utils.area(rle)),
-                                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")}})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": category["id"],
+                    "iscrowd": 0,
+                    "area": int(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                }
+            )
         name = f"defect_{index:04d}.png"
         Image.fromarray(_rgb(grey * factor, colour)).save(data.images_dir / name)
         split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
         images.append({"id": index + 1, "file_name": name, "width": size, "height": size, "split": split})
-    coco = {"images": images, "annotations": annotations, "categories": [dict(c, supercategory="defect")
-                                                                         for c in DEFECT_CLASSES]}
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c, supercategory="defect") for c in DEFECT_CLASSES],
+    }
     data.coco_annotations.write_text(json.dumps(coco) + "\n")
-    for folder, count, prefix in ((data.defect_free_dir, n_defect_free, "clean"),
-                                  (data.heldout_defect_free_dir, n_heldout, "heldout")):
+    for folder, count, prefix in (
+        (data.defect_free_dir, n_defect_free, "clean"),
+        (data.heldout_defect_free_dir, n_heldout, "heldout"),
+    ):
         for index in range(count):
             grey = surface(kinds[index % len(kinds)], size, rng)
             Image.fromarray(_rgb(grey, colour)).save(folder / f"{prefix}_{index:04d}.png")

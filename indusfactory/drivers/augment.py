@@ -213,7 +213,9 @@ def _perturb(mask: np.ndarray, p: dict) -> np.ndarray:
     linear = _rotation(p["rotation_deg"]) @ np.array(
         [[p["scale"], p["shear"] * p["scale"], 0.0], [0.0, p["scale"], 0.0], [0.0, 0.0, 1.0]]
     )
-    forward = _translation(cx + p["translate_x"] * width, cy + p["translate_y"] * height) @ linear @ _translation(-cx, -cy)
+    forward = (
+        _translation(cx + p["translate_x"] * width, cy + p["translate_y"] * height) @ linear @ _translation(-cx, -cy)
+    )
     if not np.allclose(forward, np.eye(3), rtol=0.0, atol=1e-12):
         inverse = AffineTransform(matrix=np.linalg.inv(forward))
         out = warp(out.astype(np.float64), inverse, order=0, mode="constant", cval=0.0, preserve_range=True) > 0.5

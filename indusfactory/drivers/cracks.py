@@ -56,12 +56,22 @@ class CrackStyle:
 
 CRACK_STYLES: dict[str, CrackStyle] = {
     "hairline": CrackStyle(
-        length=(0.55, 0.9), width=(1.0, 2.0), branches=(0, 1),
-        turn_std=0.07, straightness=0.08, taper=0.3, branch_length=(0.15, 0.3),
+        length=(0.55, 0.9),
+        width=(1.0, 2.0),
+        branches=(0, 1),
+        turn_std=0.07,
+        straightness=0.08,
+        taper=0.3,
+        branch_length=(0.15, 0.3),
     ),
     "branched": CrackStyle(
-        length=(0.4, 0.7), width=(2.0, 4.0), branches=(2, 4),
-        turn_std=0.2, straightness=0.04, taper=0.7, branch_length=(0.25, 0.5),
+        length=(0.4, 0.7),
+        width=(2.0, 4.0),
+        branches=(2, 4),
+        turn_std=0.2,
+        straightness=0.04,
+        taper=0.7,
+        branch_length=(0.25, 0.5),
     ),
 }
 """The named crack styles; ``random_crack_mask`` accepts these names or a ``CrackStyle``."""
@@ -94,7 +104,11 @@ def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def _walk(
-    start: np.ndarray, heading: float, n_steps: int, style: CrackStyle, shape: tuple[int, int],
+    start: np.ndarray,
+    heading: float,
+    n_steps: int,
+    style: CrackStyle,
+    shape: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A wandering walk from ``start``; stops at the last point inside the image."""
@@ -105,10 +119,7 @@ def _walk(
         angles[i + 1] = angles[i] + turns[i] - style.straightness * (angles[i] - heading)
     steps = STEP_PX * np.stack([np.sin(angles[1:]), np.cos(angles[1:])], axis=1)
     points = np.vstack([start, start + np.cumsum(steps, axis=0)])
-    inside = (
-        (points[:, 0] >= 0) & (points[:, 0] <= shape[0] - 1)
-        & (points[:, 1] >= 0) & (points[:, 1] <= shape[1] - 1)
-    )
+    inside = (points[:, 0] >= 0) & (points[:, 0] <= shape[0] - 1) & (points[:, 1] >= 0) & (points[:, 1] <= shape[1] - 1)
     end = len(points) if inside.all() else int(np.argmin(inside))
     return points[: max(end, 1)], angles[: max(end, 1)]
 
@@ -154,9 +165,7 @@ def _draw(mask: np.ndarray, walk: _Walk, style: CrackStyle) -> None:
             mask[disk((r, c), width / 2.0, shape=mask.shape)] = True
 
 
-def random_crack_mask(
-    shape: tuple[int, int], style: str | CrackStyle, rng: np.random.Generator
-) -> np.ndarray:
+def random_crack_mask(shape: tuple[int, int], style: str | CrackStyle, rng: np.random.Generator) -> np.ndarray:
     """A boolean (H, W) mask of one crack: never empty, reproducible for a given ``rng`` state."""
     shape = _check_shape(shape)
     crack_style = resolve_style(style)

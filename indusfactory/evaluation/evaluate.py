@@ -111,22 +111,25 @@ def _collect(rows, to_class, resolution, id_field) -> LabelledImages:
 def real_split(catalog: CatalogRecord, split: str, resolution: int) -> LabelledImages:
     """Annotated defective images of one split of the catalog."""
     to_class = category_index(catalog.categories)
-    rows = [r for r in read_catalog(catalog.uri).to_pylist()
-            if r["defective"] and r["split"] == split and r["instances"]]
+    rows = [
+        r for r in read_catalog(catalog.uri).to_pylist() if r["defective"] and r["split"] == split and r["instances"]
+    ]
     return _collect(rows, to_class, resolution, "image_id")
 
 
-def synthetic_images(dataset: DatasetRecord, categories: list[dict], resolution: int,
-                     limit: int | None) -> tuple[LabelledImages, list[bool]]:
+def synthetic_images(
+    dataset: DatasetRecord, categories: list[dict], resolution: int, limit: int | None
+) -> tuple[LabelledImages, list[bool]]:
     """The published samples with the masks they were conditioned on, and whether each passed QC."""
     fs, path = storage.filesystem(storage.join(dataset.uri, "data"))
     files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(f)), columns=["sample_id", "image", "instances", "qc_passed"])
-              for f in files]
+    tables = [
+        pq.read_table(io.BytesIO(fs.cat_file(f)), columns=["sample_id", "image", "instances", "qc_passed"])
+        for f in files
+    ]
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     rows = rows[:limit] if limit else rows
-    return (_collect(rows, category_index(categories), resolution, "sample_id"),
-            [bool(r["qc_passed"]) for r in rows])
+    return (_collect(rows, category_index(categories), resolution, "sample_id"), [bool(r["qc_passed"]) for r in rows])
 
 
 def fraction_subsets(n: int, fractions: list[float], seed: int) -> dict[float, list[int]]:
@@ -155,11 +158,19 @@ def score_segmentor(model, test: LabelledImages, category_ids: list[int], binary
                 distances.append(d)
     iou, dice = counts.iou()[1:], counts.dice()[1:]
     truth_instances = [[(1, m) for _, m in image] for image in test.instances] if binary else test.instances
-    ap = coco_average_precision(truth_instances, [instances_of(m, p) for m, p in zip(maps, probs)],
-                                [1] if binary else category_ids)
-    return {"iou": _num(defect.iou()[1]), "dice": _num(defect.dice()[1]), "iou_per_class": _clean(iou),
-            "dice_per_class": _clean(dice), "miou": _mean(iou), "mdice": _mean(dice),
-            "hd95": float(np.mean(distances)) if distances else None, **{k: _num(v) for k, v in ap.items()}}
+    ap = coco_average_precision(
+        truth_instances, [instances_of(m, p) for m, p in zip(maps, probs)], [1] if binary else category_ids
+    )
+    return {
+        "iou": _num(defect.iou()[1]),
+        "dice": _num(defect.dice()[1]),
+        "iou_per_class": _clean(iou),
+        "dice_per_class": _clean(dice),
+        "miou": _mean(iou),
+        "mdice": _mean(dice),
+        "hd95": float(np.mean(distances)) if distances else None,
+        **{k: _num(v) for k, v in ap.items()},
+    }
 
 
 def _num(value: float | np.floating | None) -> float | None:
@@ -188,8 +199,11 @@ def chance_levels(test: LabelledImages, seed: int, pairings: int = 20) -> dict:
             union = sum(int((truths[i] | truths[j]).sum()) for i, j in enumerate(other))
             values.append(inter / union if union else 0.0)
         shuffled = float(np.mean(values))
-    levels = {"empty": 0.0, "all_defect": _num(all_defect), "shuffled_masks": _num(shuffled) if shuffled is not None
-              else None}
+    levels = {
+        "empty": 0.0,
+        "all_defect": _num(all_defect),
+        "shuffled_masks": _num(shuffled) if shuffled is not None else None,
+    }
     return {**levels, "chance": max(v for v in levels.values() if v is not None)}
 
 
@@ -211,13 +225,20 @@ def pixel_adherence(synthetic: LabelledImages, seed: int) -> tuple[AdherenceSumm
     summary = summarise(aucs, [c for c in chance if c is not None], contrasts)
     return summary, aucs, chance
 
+
 def fidelity(config: FactoryConfig, real: list[np.ndarray], synthetic: list[np.ndarray]) -> dict:
     e = config.evaluation
     extract = feature_extractor(e.feature_extractor, e.seed)
     a, b = extract(real), extract(synthetic)
     kid, kid_std = kernel_inception_distance(a, b, subset_size=e.kid_subset_size, seed=e.seed)
-    return {"feature_extractor": e.feature_extractor, "real_images": len(real), "synthetic_images": len(synthetic),
-            "fid": _num(frechet_distance(a, b)), "kid": _num(kid), "kid_std": _num(kid_std)}
+    return {
+        "feature_extractor": e.feature_extractor,
+        "real_images": len(real),
+        "synthetic_images": len(synthetic),
+        "fid": _num(frechet_distance(a, b)),
+        "kid": _num(kid),
+        "kid_std": _num(kid_std),
+    }
 
 
 def distribution(name_of: dict[int, str], instances: list[list[tuple[int, np.ndarray]]]) -> dict:
@@ -232,8 +253,14 @@ def distribution(name_of: dict[int, str], instances: list[list[tuple[int, np.nda
 
 
 def evaluation_fingerprint(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> str:
-    return fingerprint("evaluation", catalog.content_fingerprint, dataset.uri, dataset.samples,
-                       config.evaluation.model_dump(mode="json", exclude={"enabled"}), config.base_model.resolution)
+    return fingerprint(
+        "evaluation",
+        catalog.content_fingerprint,
+        dataset.uri,
+        dataset.samples,
+        config.evaluation.model_dump(mode="json", exclude={"enabled"}),
+        config.base_model.resolution,
+    )
 
 
 REAL_ONLY, SYNTHETIC_ONLY, SYNTHETIC_REAL = "real only", "synthetic only", "synthetic + real"
@@ -294,9 +321,16 @@ def run_seed(e: EvaluationConfig, data: ProtocolData, seed: int) -> tuple[list[d
         return cache[(regime, tuple(indices))]
 
     def row(regime, fraction, ratio, n_real, n_synthetic, steps, model) -> dict:
-        return {"regime": regime, "real_fraction": fraction, "synthetic_ratio": ratio, "real_images": n_real,
-                "synthetic_images": n_synthetic, "steps": steps, "seed": seed,
-                **score_segmentor(model, data.test, data.category_ids, e.binary)}
+        return {
+            "regime": regime,
+            "real_fraction": fraction,
+            "synthetic_ratio": ratio,
+            "real_images": n_real,
+            "synthetic_images": n_synthetic,
+            "steps": steps,
+            "seed": seed,
+            **score_segmentor(model, data.test, data.category_ids, e.binary),
+        }
 
     everything = list(range(len(data.synthetic)))
     rows = [row(SYNTHETIC_ONLY, 0.0, None, 0, len(everything), e.steps, pretrained(SYNTHETIC_REAL, everything))]
@@ -331,8 +365,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
     out = []
     for rows in groups.values():
         first = rows[0]
-        row = {k: first[k] for k in ("regime", "real_fraction", "synthetic_ratio", "real_images",
-                                     "synthetic_images", "steps")}
+        row = {
+            k: first[k]
+            for k in ("regime", "real_fraction", "synthetic_ratio", "real_images", "synthetic_images", "steps")
+        }
         row["seeds"] = len(rows)
         for key in METRICS:
             row[key], row[f"{key}_std"] = mean_std([r[key] for r in rows])
@@ -348,8 +384,13 @@ def baseline_checks(results: list[dict], chance: float, margin: float) -> dict[f
     for r in results:
         if r["regime"] == REAL_ONLY:
             lower = None if r["iou"] is None else r["iou"] - (r["iou_std"] or 0.0)
-            checks[r["real_fraction"]] = {"iou": r["iou"], "iou_std": r["iou_std"], "chance_iou": chance,
-                                          "margin": margin, "learned": lower is not None and lower > chance + margin}
+            checks[r["real_fraction"]] = {
+                "iou": r["iou"],
+                "iou_std": r["iou_std"],
+                "chance_iou": chance,
+                "margin": margin,
+                "learned": lower is not None and lower > chance + margin,
+            }
     return checks
 
 
@@ -366,8 +407,14 @@ def compare(a: dict, b: dict | None, min_difference: float) -> dict | None:
 
 
 def _find(results: list[dict], regime: str, fraction: float, ratio: float | None = None) -> dict | None:
-    return next((r for r in results if r["regime"] == regime and r["real_fraction"] == fraction
-                 and r["synthetic_ratio"] == ratio), None)
+    return next(
+        (
+            r
+            for r in results
+            if r["regime"] == regime and r["real_fraction"] == fraction and r["synthetic_ratio"] == ratio
+        ),
+        None,
+    )
 
 
 def comparisons(results: list[dict], checks: dict[float, dict], min_difference: float) -> list[dict]:
@@ -377,10 +424,14 @@ def comparisons(results: list[dict], checks: dict[float, dict], min_difference: 
         if r["regime"] != SYNTHETIC_REAL:
             continue
         fraction, ratio = r["real_fraction"], r["synthetic_ratio"]
-        c = {"real_fraction": fraction, "synthetic_ratio": ratio, "baseline_learned": checks[fraction]["learned"],
-             "vs_real_only": compare(r, _find(results, REAL_ONLY, fraction), min_difference),
-             "vs_shuffled_labels": compare(r, _find(results, f"{SHUFFLED} + real", fraction, ratio), min_difference),
-             "vs_empty_masks": compare(r, _find(results, f"{EMPTY} + real", fraction, ratio), min_difference)}
+        c = {
+            "real_fraction": fraction,
+            "synthetic_ratio": ratio,
+            "baseline_learned": checks[fraction]["learned"],
+            "vs_real_only": compare(r, _find(results, REAL_ONLY, fraction), min_difference),
+            "vs_shuffled_labels": compare(r, _find(results, f"{SHUFFLED} + real", fraction, ratio), min_difference),
+            "vs_empty_masks": compare(r, _find(results, f"{EMPTY} + real", fraction, ratio), min_difference),
+        }
         beats = [c["vs_real_only"], c["vs_shuffled_labels"]]
         helps = all(x is not None and x["beyond_spread"] for x in beats)
         c["verdict"] = INCONCLUSIVE if not c["baseline_learned"] else HELPS if helps else NO_BENEFIT
@@ -393,18 +444,25 @@ def decide(compared: list[dict], checks: dict[float, dict], seeds: int) -> tuple
     a setting whose baseline learned beats real only and the shuffled-labels control beyond the spread."""
     if not any(c["learned"] for c in checks.values()):
         fraction, check = max(checks.items())
-        return INCONCLUSIVE, (f"the real-only segmentor's defect IoU ({_pm(check['iou'], check['iou_std'])} at "
-                              f"{100 * fraction:.0f}% real) is not above chance ({check['chance_iou']:.3f} + "
-                              f"margin {check['margin']})")
+        return INCONCLUSIVE, (
+            f"the real-only segmentor's defect IoU ({_pm(check['iou'], check['iou_std'])} at "
+            f"{100 * fraction:.0f}% real) is not above chance ({check['chance_iou']:.3f} + "
+            f"margin {check['margin']})"
+        )
     helping = [c for c in compared if c["verdict"] == HELPS]
     if helping:
-        where = ", ".join(f"{100 * c['real_fraction']:.0f}% real" + (f" (ratio {c['synthetic_ratio']})"
-                          if c["synthetic_ratio"] is not None else "") for c in helping)
+        where = ", ".join(
+            f"{100 * c['real_fraction']:.0f}% real"
+            + (f" (ratio {c['synthetic_ratio']})" if c["synthetic_ratio"] is not None else "")
+            for c in helping
+        )
         return HELPS, f"synthetic + real beats real only and the shuffled-labels control beyond the spread at {where}"
     if seeds < 2:
         return NO_BENEFIT, "one seed: no spread to tell a difference from noise"
-    return NO_BENEFIT, ("synthetic + real does not beat both real only and the shuffled-labels control by more than "
-                        "the spread over seeds at any setting whose baseline learned")
+    return NO_BENEFIT, (
+        "synthetic + real does not beat both real only and the shuffled-labels control by more than "
+        "the spread over seeds at any setting whose baseline learned"
+    )
 
 
 def run_protocol(e: EvaluationConfig, data: ProtocolData) -> tuple[dict, object]:
@@ -421,10 +479,18 @@ def run_protocol(e: EvaluationConfig, data: ProtocolData) -> tuple[dict, object]
     compared = comparisons(results, checks, e.min_difference)
     verdict, reason = decide(compared, checks, e.seeds)
     largest = max(checks)
-    out = {"results": results, "runs": runs, "chance": chance,
-           "baseline": {"learned": checks[largest]["learned"], "by_fraction": [{"real_fraction": f, **c}
-                                                                                for f, c in checks.items()]},
-           "comparisons": compared, "verdict": verdict, "verdict_reason": reason}
+    out = {
+        "results": results,
+        "runs": runs,
+        "chance": chance,
+        "baseline": {
+            "learned": checks[largest]["learned"],
+            "by_fraction": [{"real_fraction": f, **c} for f, c in checks.items()],
+        },
+        "comparisons": compared,
+        "verdict": verdict,
+        "verdict_reason": reason,
+    }
     return out, first_baseline
 
 
@@ -440,8 +506,10 @@ def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: Dat
     resolution = e.resolution or config.base_model.resolution
     train, test = real_split(catalog, "train", resolution), real_split(catalog, "test", resolution)
     if not len(train.data) or not len(test.data):
-        raise BadInputError(f"catalog {catalog.uri} needs annotated defective images in both its train split "
-                            f"({len(train.data)}) and its test split ({len(test.data)}) to evaluate")
+        raise BadInputError(
+            f"catalog {catalog.uri} needs annotated defective images in both its train split "
+            f"({len(train.data)}) and its test split ({len(test.data)}) to evaluate"
+        )
     synthetic, passed = synthetic_images(dataset, catalog.categories, resolution, e.max_synthetic_images)
     training_synthetic = synthetic.data.subset([i for i, ok in enumerate(passed) if ok])
     if not len(training_synthetic):
@@ -454,50 +522,85 @@ def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: Dat
     real_all = real_split(catalog, "val", resolution)
     real_images = train.data.images + real_all.data.images + test.data.images
     result = {
-        "fingerprint": fp, "dataset": {"name": dataset.name, "version": dataset.version, "uri": dataset.uri},
-        "protocol": {"test_images": len(test.data), "train_images": len(train.data),
-                     "segmentor": e.segmentor_pretrained or "SegFormer (small, from scratch)",
-                     "head": f"binary (defect vs background), {e.loss}" if e.binary else "per category, CE + Dice",
-                     "steps": e.steps, "finetune_steps": e.finetune_steps,
-                     "real_only_steps": e.steps + e.finetune_steps,
-                     "resolution": resolution, "real_fractions": e.real_fractions, "seed": e.seed,
-                     "seeds": [e.seed + i for i in range(e.seeds)], "controls": e.controls,
-                     "synthetic_ratios": e.synthetic_ratios,
-                     "spread_rule": f"difference of mean defect IoU > max(std of the two) and > {e.min_difference}, "
-                                    "two seeds or more"},
+        "fingerprint": fp,
+        "dataset": {"name": dataset.name, "version": dataset.version, "uri": dataset.uri},
+        "protocol": {
+            "test_images": len(test.data),
+            "train_images": len(train.data),
+            "segmentor": e.segmentor_pretrained or "SegFormer (small, from scratch)",
+            "head": f"binary (defect vs background), {e.loss}" if e.binary else "per category, CE + Dice",
+            "steps": e.steps,
+            "finetune_steps": e.finetune_steps,
+            "real_only_steps": e.steps + e.finetune_steps,
+            "resolution": resolution,
+            "real_fractions": e.real_fractions,
+            "seed": e.seed,
+            "seeds": [e.seed + i for i in range(e.seeds)],
+            "controls": e.controls,
+            "synthetic_ratios": e.synthetic_ratios,
+            "spread_rule": f"difference of mean defect IoU > max(std of the two) and > {e.min_difference}, "
+            "two seeds or more",
+        },
         **protocol,
         "adherence": adherence_report(pixels, aucs, chance_aucs, dataset, scores),
         "fidelity": fidelity(config, real_images, training_synthetic.images),
-        "distributions": {"size_bins": SIZE_BINS.round(6).tolist(),
-                          "real": distribution(name_of, train.instances + real_all.instances + test.instances),
-                          "synthetic": distribution(name_of, synthetic.instances)},
+        "distributions": {
+            "size_bins": SIZE_BINS.round(6).tolist(),
+            "real": distribution(name_of, train.instances + real_all.instances + test.instances),
+            "synthetic": distribution(name_of, synthetic.instances),
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     log.info("evaluation of %s/%s: %s (%s)", dataset.name, dataset.version, result["verdict"], result["verdict_reason"])
-    per_sample = {"sample_id": synthetic.ids, "label_auc": aucs, "chance_auc": chance_aucs,
-                  "adherence_iou": list(scores) if scores else [None] * len(aucs)}
+    per_sample = {
+        "sample_id": synthetic.ids,
+        "label_auc": aucs,
+        "chance_auc": chance_aucs,
+        "adherence_iou": list(scores) if scores else [None] * len(aucs),
+    }
     return write_evaluation(folder_uri, dataset, result, per_sample, real_model)
 
 
-def adherence_report(pixels: AdherenceSummary, aucs: list[float], chance: list[float | None],
-                     dataset: DatasetRecord, scores: list[float] | None) -> dict:
+def adherence_report(
+    pixels: AdherenceSummary,
+    aucs: list[float],
+    chance: list[float | None],
+    dataset: DatasetRecord,
+    scores: list[float] | None,
+) -> dict:
     """Adherence measured on the pixels (the headline, with its chance level), the published manifest's,
     and the real-only segmentor's IoU only when that segmentor passed its check."""
-    segmentor = (_adherence_summary(scores) if scores is not None else
-                 {"skipped": "the real-only segmentor did not learn (baseline check failed): its IoU with the "
-                             "labels would measure the segmentor, not the data"})
-    return {**pixels.as_dict(), "method": "pixels (label AUC vs a chance pairing; indusfactory.adherence)",
-            "headline": pixels.headline(), "auc_histogram": auc_histogram(aucs),
-            "chance_histogram": auc_histogram([c for c in chance if c is not None]),
-            "published": dataset.adherence or None, "segmentor": segmentor}
+    segmentor = (
+        _adherence_summary(scores)
+        if scores is not None
+        else {
+            "skipped": "the real-only segmentor did not learn (baseline check failed): its IoU with the "
+            "labels would measure the segmentor, not the data"
+        }
+    )
+    return {
+        **pixels.as_dict(),
+        "method": "pixels (label AUC vs a chance pairing; indusfactory.adherence)",
+        "headline": pixels.headline(),
+        "auc_histogram": auc_histogram(aucs),
+        "chance_histogram": auc_histogram([c for c in chance if c is not None]),
+        "published": dataset.adherence or None,
+        "segmentor": segmentor,
+    }
 
 
 def _adherence_summary(scores: list[float]) -> dict:
     values = np.asarray(scores, dtype=np.float64)
     counts, _ = np.histogram(values, bins=np.linspace(0, 1, 11))
-    return {"samples": len(values), "mean": _num(values.mean()), "median": _num(np.median(values)),
-            "p10": _num(np.percentile(values, 10)), "p90": _num(np.percentile(values, 90)),
-            "histogram_bins": np.linspace(0, 1, 11).round(2).tolist(), "histogram": counts.tolist()}
+    return {
+        "samples": len(values),
+        "mean": _num(values.mean()),
+        "median": _num(np.median(values)),
+        "p10": _num(np.percentile(values, 10)),
+        "p90": _num(np.percentile(values, 90)),
+        "histogram_bins": np.linspace(0, 1, 11).round(2).tolist(),
+        "histogram": counts.tolist(),
+    }
 
 
 def _check_of(result: dict, r: dict) -> str:
@@ -506,20 +609,46 @@ def _check_of(result: dict, r: dict) -> str:
         c = next(b for b in result["baseline"]["by_fraction"] if b["real_fraction"] == r["real_fraction"])
         return "learned" if c["learned"] else "did not learn"
     if r["regime"] == SYNTHETIC_REAL:
-        return next(c["verdict"] for c in result["comparisons"] if c["real_fraction"] == r["real_fraction"]
-                    and c["synthetic_ratio"] == r["synthetic_ratio"])
+        return next(
+            c["verdict"]
+            for c in result["comparisons"]
+            if c["real_fraction"] == r["real_fraction"] and c["synthetic_ratio"] == r["synthetic_ratio"]
+        )
     return ""
 
 
 def results_table(result: dict) -> list[dict]:
     """Rows like the paper's Tables 1 and 2, over seeds: regime x real fraction -> mean and std of each
     metric (``iou`` is the defect IoU, the headline), and the check of each row."""
-    keys = ("iou", "iou_std", "dice", "dice_std", "miou", "mdice", "hd95", "hd95_std", "mask_ap", "mask_ap_std",
-            "mask_ap50", "box_ap", "box_ap50")
-    return [{"regime": r["regime"], "real fraction": f"{100 * r['real_fraction']:.0f}%",
-             "synthetic ratio": r["synthetic_ratio"], "real images": r["real_images"],
-             "synthetic images": r["synthetic_images"], "steps": r["steps"], "seeds": r["seeds"],
-             **{k: r[k] for k in keys}, "check": _check_of(result, r)} for r in result["results"]]
+    keys = (
+        "iou",
+        "iou_std",
+        "dice",
+        "dice_std",
+        "miou",
+        "mdice",
+        "hd95",
+        "hd95_std",
+        "mask_ap",
+        "mask_ap_std",
+        "mask_ap50",
+        "box_ap",
+        "box_ap50",
+    )
+    return [
+        {
+            "regime": r["regime"],
+            "real fraction": f"{100 * r['real_fraction']:.0f}%",
+            "synthetic ratio": r["synthetic_ratio"],
+            "real images": r["real_images"],
+            "synthetic images": r["synthetic_images"],
+            "steps": r["steps"],
+            "seeds": r["seeds"],
+            **{k: r[k] for k in keys},
+            "check": _check_of(result, r),
+        }
+        for r in result["results"]
+    ]
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -532,61 +661,117 @@ def results_markdown(result: dict) -> str:
     """``table.md``: the verdict first, then mean ± std over seeds of each regime, the chance level,
     adherence on the pixels and fidelity."""
     sweep = result["protocol"].get("synthetic_ratios") is not None
-    header = ["regime", "real fraction", *(["synthetic ratio"] if sweep else []), "real images", "synthetic images",
-              "steps", "seeds", "defect IoU", "Dice", "HD95", "mask AP", "mask AP50", "box AP", "check"]
+    header = [
+        "regime",
+        "real fraction",
+        *(["synthetic ratio"] if sweep else []),
+        "real images",
+        "synthetic images",
+        "steps",
+        "seeds",
+        "defect IoU",
+        "Dice",
+        "HD95",
+        "mask AP",
+        "mask AP50",
+        "box AP",
+        "check",
+    ]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r, t in zip(result["results"], results_table(result)):
-        cells = [r["regime"], t["real fraction"], *([str(r["synthetic_ratio"])] if sweep else []),
-                 str(r["real_images"]), str(r["synthetic_images"]), str(r["steps"]), str(r["seeds"]),
-                 _pm(r["iou"], r["iou_std"]), _pm(r["dice"], r["dice_std"]), _pm(r["hd95"], r["hd95_std"]),
-                 _pm(r["mask_ap"], r["mask_ap_std"]), _pm(r["mask_ap50"], r["mask_ap50_std"]),
-                 _pm(r["box_ap"], r["box_ap_std"]), t["check"]]
+        cells = [
+            r["regime"],
+            t["real fraction"],
+            *([str(r["synthetic_ratio"])] if sweep else []),
+            str(r["real_images"]),
+            str(r["synthetic_images"]),
+            str(r["steps"]),
+            str(r["seeds"]),
+            _pm(r["iou"], r["iou_std"]),
+            _pm(r["dice"], r["dice_std"]),
+            _pm(r["hd95"], r["hd95_std"]),
+            _pm(r["mask_ap"], r["mask_ap_std"]),
+            _pm(r["mask_ap50"], r["mask_ap50_std"]),
+            _pm(r["box_ap"], r["box_ap_std"]),
+            t["check"],
+        ]
         lines.append(" | ".join(cells))
     a, f, c, p = result["adherence"], result["fidelity"], result["chance"], result["protocol"]
     segmentor = a["segmentor"]
-    segmentor_line = (f"skipped: {segmentor['skipped']}." if "skipped" in segmentor else
-                      f"mean {segmentor['mean']}, median {segmentor['median']} ({segmentor['samples']} samples).")
-    return "\n".join([
-        f"# Evaluation of `{result['dataset']['name']}/{result['dataset']['version']}`", "",
-        f"**Verdict: {result['verdict']}** — {result['verdict_reason']}.", "",
-        f"Real test split: {p['test_images']} images; segmentor: {p['segmentor']}, head {p['head']}; "
-        f"{len(p['seeds'])} seeds (mean ± std); real only trains {p['real_only_steps']} steps, the budget of "
-        f"pre-training ({p['steps']}) + fine-tuning ({p['finetune_steps']}). Spread rule: {p['spread_rule']}.", "",
-        f"Chance defect IoU on the test split: {c['chance']:.3f} (empty 0, all defect {c['all_defect']}, "
-        f"shuffled test masks {c['shuffled_masks']}); a baseline has learned when IoU − std > chance + "
-        f"{result['baseline']['by_fraction'][0]['margin']}.", "", *lines, "",
-        f"Adherence on the pixels: {a['headline']}.", "",
-        f"Adherence by the real-only segmentor: {segmentor_line}", "",
-        f"Fidelity ({f['feature_extractor']} features): FID {f['fid']}, KID {f['kid']} ± {f['kid_std']}.", ""])
+    segmentor_line = (
+        f"skipped: {segmentor['skipped']}."
+        if "skipped" in segmentor
+        else f"mean {segmentor['mean']}, median {segmentor['median']} ({segmentor['samples']} samples)."
+    )
+    return "\n".join(
+        [
+            f"# Evaluation of `{result['dataset']['name']}/{result['dataset']['version']}`",
+            "",
+            f"**Verdict: {result['verdict']}** — {result['verdict_reason']}.",
+            "",
+            f"Real test split: {p['test_images']} images; segmentor: {p['segmentor']}, head {p['head']}; "
+            f"{len(p['seeds'])} seeds (mean ± std); real only trains {p['real_only_steps']} steps, the budget of "
+            f"pre-training ({p['steps']}) + fine-tuning ({p['finetune_steps']}). Spread rule: {p['spread_rule']}.",
+            "",
+            f"Chance defect IoU on the test split: {c['chance']:.3f} (empty 0, all defect {c['all_defect']}, "
+            f"shuffled test masks {c['shuffled_masks']}); a baseline has learned when IoU − std > chance + "
+            f"{result['baseline']['by_fraction'][0]['margin']}.",
+            "",
+            *lines,
+            "",
+            f"Adherence on the pixels: {a['headline']}.",
+            "",
+            f"Adherence by the real-only segmentor: {segmentor_line}",
+            "",
+            f"Fidelity ({f['feature_extractor']} features): FID {f['fid']}, KID {f['kid']} ± {f['kid_std']}.",
+            "",
+        ]
+    )
 
 
-def write_evaluation(folder_uri: str, dataset: DatasetRecord, result: dict, per_sample: dict,
-                     segmentor) -> EvaluationRecord:
+def write_evaluation(
+    folder_uri: str, dataset: DatasetRecord, result: dict, per_sample: dict, segmentor
+) -> EvaluationRecord:
     """Plots, per-sample adherence, the table and the real-data segmentor (``segmentor/``, safetensors;
     usable as ``generation.adherence_scorer: segformer:<folder>`` when ``baseline.learned``) in
     ``evaluation/<fp>/``; the record last."""
     from indusfactory.evaluation.plots import adherence_histogram, mask_size_plot, metric_vs_fraction
 
-    plots = {"metric_vs_fraction.png": metric_vs_fraction(result), "adherence_histogram.png": adherence_histogram(result),
-             "mask_sizes.png": mask_size_plot(result)}
+    plots = {
+        "metric_vs_fraction.png": metric_vs_fraction(result),
+        "adherence_histogram.png": adherence_histogram(result),
+        "mask_sizes.png": mask_size_plot(result),
+    }
     with storage.local_copy_for_write(folder_uri) as folder:
         for name, png in plots.items():
             with open(os.path.join(folder, name), "wb") as handle:
                 handle.write(png)
-        table = pa.table({"sample_id": pa.array(per_sample["sample_id"], pa.string()),
-                          **{k: pa.array(per_sample[k], pa.float64()) for k in ("label_auc", "chance_auc",
-                                                                                  "adherence_iou")}})
+        table = pa.table(
+            {
+                "sample_id": pa.array(per_sample["sample_id"], pa.string()),
+                **{k: pa.array(per_sample[k], pa.float64()) for k in ("label_auc", "chance_auc", "adherence_iou")},
+            }
+        )
         pq.write_table(table, os.path.join(folder, "adherence.parquet"))
         with open(os.path.join(folder, "table.md"), "w", encoding="utf-8") as handle:
             handle.write(results_markdown(result))
         segmentor.save_pretrained(os.path.join(folder, SEGMENTOR_DIR), safe_serialization=True)
         with open(os.path.join(folder, SEGMENTOR_DIR, BASELINE_FILE), "w", encoding="utf-8") as handle:
             json.dump(result["baseline"], handle, indent=1)
-    record = EvaluationRecord(uri=folder_uri, fingerprint=result["fingerprint"], dataset_uri=dataset.uri,
-                              table=results_table(result), adherence=result["adherence"],
-                              fidelity=result["fidelity"], plots=sorted(plots), seconds=result["seconds"],
-                              verdict=result["verdict"], verdict_reason=result["verdict_reason"],
-                              baseline=result["baseline"], chance=result["chance"])
+    record = EvaluationRecord(
+        uri=folder_uri,
+        fingerprint=result["fingerprint"],
+        dataset_uri=dataset.uri,
+        table=results_table(result),
+        adherence=result["adherence"],
+        fidelity=result["fidelity"],
+        plots=sorted(plots),
+        seconds=result["seconds"],
+        verdict=result["verdict"],
+        verdict_reason=result["verdict_reason"],
+        baseline=result["baseline"],
+        chance=result["chance"],
+    )
     document = {**result, **record.model_dump(mode="json", exclude={"reused"})}
     storage.write_json_atomic(storage.join(folder_uri, EVALUATION_FILE), document)
     storage.write_json_atomic(storage.join(dataset.uri, EVALUATION_FILE), document)
@@ -594,15 +779,23 @@ def write_evaluation(folder_uri: str, dataset: DatasetRecord, result: dict, per_
     log.info("evaluation written to %s", storage.join(dataset.uri, EVALUATION_FILE))
     return record
 
+
 def published_dataset(dataset_uri: str) -> DatasetRecord:
     """The record of a published dataset version, read from its manifest."""
     manifest_uri = storage.join(dataset_uri, "manifest.json")
     if not storage.exists(manifest_uri):
         raise BadInputError(f"dataset {dataset_uri} is not published (no manifest.json): run generate-dataset first")
     manifest = storage.read_json(manifest_uri)
-    return DatasetRecord(name=manifest["name"], version=manifest["version"], uri=dataset_uri,
-                         manifest_uri=manifest_uri, samples=manifest["counts"]["samples"],
-                         shards=manifest["counts"]["shards"], adherence=manifest.get("adherence") or {}, reused=True)
+    return DatasetRecord(
+        name=manifest["name"],
+        version=manifest["version"],
+        uri=dataset_uri,
+        manifest_uri=manifest_uri,
+        samples=manifest["counts"]["samples"],
+        shards=manifest["counts"]["shards"],
+        adherence=manifest.get("adherence") or {},
+        reused=True,
+    )
 
 
 def _baseline_learned(folder: str) -> bool | None:
@@ -629,8 +822,11 @@ def segmentor_adherence_scorer(folder: str):
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"adherence segmentor {folder} cannot be loaded: {exc}") from exc
     if learned is False:
-        log.warning("adherence segmentor %s did not learn in its evaluation (no better than chance on the real "
-                    "test split): its scores measure the segmentor, not the samples", folder)
+        log.warning(
+            "adherence segmentor %s did not learn in its evaluation (no better than chance on the real "
+            "test split): its scores measure the segmentor, not the samples",
+            folder,
+        )
 
     def score(images: list[np.ndarray], masks: list[np.ndarray]) -> list[float]:
         maps, _ = predict(model, images)

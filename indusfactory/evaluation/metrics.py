@@ -101,9 +101,11 @@ def instances_of(class_map: np.ndarray, scores: np.ndarray | None = None) -> lis
     return out
 
 
-def coco_average_precision(truth: list[list[tuple[int, np.ndarray]]],
-                           predictions: list[list[tuple[int, np.ndarray, float]]],
-                           category_ids: list[int]) -> dict[str, float]:
+def coco_average_precision(
+    truth: list[list[tuple[int, np.ndarray]]],
+    predictions: list[list[tuple[int, np.ndarray, float]]],
+    category_ids: list[int],
+) -> dict[str, float]:
     """Mask and box AP (COCO AP@[.5:.95] and AP@.5) of instance predictions, through ``COCOeval``.
 
     ``truth[i]`` and ``predictions[i]`` are the instances of image i, with class indices 1..K
@@ -121,13 +123,29 @@ def coco_average_precision(truth: list[list[tuple[int, np.ndarray]]],
         for k, mask in gt:
             rle = mask_to_rle(mask)
             bbox, area = rle_bbox_area(rle)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[k - 1],
-                                "segmentation": rle, "bbox": bbox, "area": area, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_ids[k - 1],
+                    "segmentation": rle,
+                    "bbox": bbox,
+                    "area": area,
+                    "iscrowd": 0,
+                }
+            )
         for k, mask, score in pred:
             rle = mask_to_rle(mask)
             bbox, _ = rle_bbox_area(rle)
-            results.append({"image_id": image_id, "category_id": category_ids[k - 1], "segmentation": rle,
-                            "bbox": bbox, "score": score})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category_ids[k - 1],
+                    "segmentation": rle,
+                    "bbox": bbox,
+                    "score": score,
+                }
+            )
     if not annotations:
         return {"mask_ap": float("nan"), "mask_ap50": float("nan"), "box_ap": float("nan"), "box_ap50": float("nan")}
     categories = [{"id": c, "name": str(c)} for c in category_ids]
@@ -164,8 +182,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
 
 
-def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 10, subset_size: int = 100,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    a: np.ndarray, b: np.ndarray, subsets: int = 10, subset_size: int = 100, seed: int = 0
+) -> tuple[float, float]:
     """KID (unbiased MMD^2 with the cubic polynomial kernel), mean and std over random subsets."""
     rng = np.random.default_rng(seed)
     size = min(subset_size, len(a), len(b))
@@ -177,8 +196,7 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 10, s
         x, y = a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)]
         kxx, kyy, kxy = ((x @ x.T) / dim + 1) ** 3, ((y @ y.T) / dim + 1) ** 3, ((x @ y.T) / dim + 1) ** 3
         m = size
-        mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-               - 2 * kxy.mean())
+        mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
         values.append(mmd)
     return float(np.mean(values)), float(np.std(values))
 

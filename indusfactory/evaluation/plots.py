@@ -37,8 +37,14 @@ def metric_vs_fraction(result: dict) -> bytes:
         for i, (name, rows) in enumerate(series.items()):
             rows = [r for r in rows if r[key] is not None]
             shift = 1.2 * (i - (len(series) - 1) / 2)  # side by side, so that error bars do not hide each other
-            ax.errorbar([100 * r["real_fraction"] + shift for r in rows], [r[key] for r in rows],
-                        yerr=[r.get(f"{key}_std") or 0.0 for r in rows], marker="o", capsize=3, label=name)
+            ax.errorbar(
+                [100 * r["real_fraction"] + shift for r in rows],
+                [r[key] for r in rows],
+                yerr=[r.get(f"{key}_std") or 0.0 for r in rows],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
         synthetic = [r for r in result["results"] if r["regime"] == "synthetic only" and r[key] is not None]
         if synthetic:
             mean, std = synthetic[0][key], synthetic[0].get(f"{key}_std") or 0.0

@@ -47,12 +47,22 @@ def build_segmentor(n_classes: int, pretrained: str | None, seed: int) -> Segfor
     if pretrained:
         try:
             return SegformerForSemanticSegmentation.from_pretrained(
-                pretrained, num_labels=n_classes, ignore_mismatched_sizes=True, use_safetensors=True)
+                pretrained, num_labels=n_classes, ignore_mismatched_sizes=True, use_safetensors=True
+            )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"segmentor {pretrained} cannot be loaded: {exc}") from exc
-    config = SegformerConfig(num_channels=3, num_encoder_blocks=4, depths=[1, 1, 2, 1], hidden_sizes=[16, 32, 64, 128],
-                             num_attention_heads=[1, 2, 4, 8], sr_ratios=[8, 4, 2, 1], patch_sizes=[7, 3, 3, 3],
-                             strides=[2, 2, 2, 2], decoder_hidden_size=64, num_labels=n_classes)
+    config = SegformerConfig(
+        num_channels=3,
+        num_encoder_blocks=4,
+        depths=[1, 1, 2, 1],
+        hidden_sizes=[16, 32, 64, 128],
+        num_attention_heads=[1, 2, 4, 8],
+        sr_ratios=[8, 4, 2, 1],
+        patch_sizes=[7, 3, 3, 3],
+        strides=[2, 2, 2, 2],
+        decoder_hidden_size=64,
+        num_labels=n_classes,
+    )
     return SegformerForSemanticSegmentation(config)
 
 
@@ -103,8 +113,15 @@ def loss_function(binary: bool, kind: str = "dice_bce"):
     return segmentation_loss
 
 
-def train_segmentor(model: SegformerForSemanticSegmentation, data: SegmentationSet, steps: int, batch_size: int,
-                    learning_rate: float, seed: int, loss_fn=segmentation_loss) -> list[float]:
+def train_segmentor(
+    model: SegformerForSemanticSegmentation,
+    data: SegmentationSet,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    loss_fn=segmentation_loss,
+) -> list[float]:
     """AdamW for ``steps`` steps on random flipped batches of ``data``; returns the losses."""
     if not len(data):
         raise ValueError("no training images for the segmentor")
@@ -130,8 +147,9 @@ def train_segmentor(model: SegformerForSemanticSegmentation, data: SegmentationS
 
 
 @torch.no_grad()
-def predict(model: SegformerForSemanticSegmentation, images: list[np.ndarray],
-            batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def predict(
+    model: SegformerForSemanticSegmentation, images: list[np.ndarray], batch_size: int = 32
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Class maps (argmax) and class probabilities (K x H x W) of each image."""
     model.eval()
     maps, probs = [], []

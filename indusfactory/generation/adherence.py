@@ -38,8 +38,9 @@ def luminance(image: np.ndarray) -> np.ndarray:
     return image[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
 
 
-def label_and_ring_pixels(image: np.ndarray, mask: np.ndarray, ring: int | None = None
-                          ) -> tuple[np.ndarray, np.ndarray] | None:
+def label_and_ring_pixels(
+    image: np.ndarray, mask: np.ndarray, ring: int | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Luminance of the label's pixels and of the ring around it; None when either is empty."""
     ring = ring or ring_width(image.shape[0])
     inside = mask.astype(bool)
@@ -58,7 +59,7 @@ def label_auc(image: np.ndarray, mask: np.ndarray, ring: int | None = None) -> f
     a, b = pixels
     ranks = rankdata(np.concatenate([a, b]))
     # Mann-Whitney U of the ring pixels: how often a ring pixel is brighter than a label pixel.
-    u_ring = ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2
+    u_ring = ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2
     return float(u_ring / (len(a) * len(b)))
 
 
@@ -104,30 +105,44 @@ class AdherenceSummary:
         return self.verdict == FOLLOWS_LABELS
 
     def headline(self) -> str:
-        return (f"{self.verdict}: median label AUC {self.median_auc:.3f} vs chance {self.chance_auc:.3f} "
-                f"({self.fraction_darker:.0%} of {self.samples} samples darker inside their label)")
+        return (
+            f"{self.verdict}: median label AUC {self.median_auc:.3f} vs chance {self.chance_auc:.3f} "
+            f"({self.fraction_darker:.0%} of {self.samples} samples darker inside their label)"
+        )
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "median_auc": round(self.median_auc, 4),
-                "chance_auc": round(self.chance_auc, 4), "fraction_darker": round(self.fraction_darker, 4),
-                "median_contrast": None if np.isnan(self.median_contrast) else round(self.median_contrast, 4),
-                "margin": self.margin, "verdict": self.verdict}
+        return {
+            "samples": self.samples,
+            "median_auc": round(self.median_auc, 4),
+            "chance_auc": round(self.chance_auc, 4),
+            "fraction_darker": round(self.fraction_darker, 4),
+            "median_contrast": None if np.isnan(self.median_contrast) else round(self.median_contrast, 4),
+            "margin": self.margin,
+            "verdict": self.verdict,
+        }
 
 
-def summarise(aucs: Sequence[float], chance_aucs: Sequence[float], contrasts: Sequence[float],
-              margin: float = DEFAULT_MARGIN) -> AdherenceSummary:
+def summarise(
+    aucs: Sequence[float], chance_aucs: Sequence[float], contrasts: Sequence[float], margin: float = DEFAULT_MARGIN
+) -> AdherenceSummary:
     """The verdict of a set from per-sample AUCs, their chance pairing and contrasts."""
     median_auc = float(np.median(aucs)) if len(aucs) else 0.5
     chance = float(np.median(chance_aucs)) if len(chance_aucs) else 0.5
     verdict = FOLLOWS_LABELS if len(aucs) and median_auc >= chance + margin else NEAR_CHANCE
     return AdherenceSummary(
-        samples=len(aucs), median_auc=median_auc, chance_auc=chance,
+        samples=len(aucs),
+        median_auc=median_auc,
+        chance_auc=chance,
         fraction_darker=float(np.mean(np.asarray(contrasts) > 0)) if len(contrasts) else 0.0,
-        median_contrast=float(np.median(contrasts)) if len(contrasts) else 0.0, margin=margin, verdict=verdict)
+        median_contrast=float(np.median(contrasts)) if len(contrasts) else 0.0,
+        margin=margin,
+        verdict=verdict,
+    )
 
 
-def measure(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], margin: float = DEFAULT_MARGIN,
-            seed: int = 0) -> AdherenceSummary:
+def measure(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], margin: float = DEFAULT_MARGIN, seed: int = 0
+) -> AdherenceSummary:
     """Adherence of images to their own masks against the chance pairing (each image, another's mask)."""
     aucs = [label_auc(image, mask) for image, mask in zip(images, masks)]
     contrasts = [label_contrast(image, mask) for image, mask in zip(images, masks)]
@@ -164,8 +179,12 @@ def histogram_median(counts: Sequence[int]) -> float:
 
 def shard_totals(aucs: Sequence[float], chance: Sequence[float], contrasts: Sequence[float]) -> dict:
     """What a shard keeps so that a dataset's summary merges from its shards."""
-    return {"auc_histogram": auc_histogram(aucs), "chance_histogram": auc_histogram(chance),
-            "darker": int(np.sum(np.asarray(contrasts) > 0)), "scored": len(aucs)}
+    return {
+        "auc_histogram": auc_histogram(aucs),
+        "chance_histogram": auc_histogram(chance),
+        "darker": int(np.sum(np.asarray(contrasts) > 0)),
+        "scored": len(aucs),
+    }
 
 
 def summarise_totals(totals: Sequence[dict], margin: float = DEFAULT_MARGIN) -> AdherenceSummary:
@@ -177,6 +196,12 @@ def summarise_totals(totals: Sequence[dict], margin: float = DEFAULT_MARGIN) -> 
     scored = int(sum(t["scored"] for t in totals))
     median_auc, chance_auc = histogram_median(aucs), histogram_median(chance)
     verdict = FOLLOWS_LABELS if scored and median_auc >= chance_auc + margin else NEAR_CHANCE
-    return AdherenceSummary(samples=scored, median_auc=median_auc, chance_auc=chance_auc,
-                            fraction_darker=sum(t["darker"] for t in totals) / scored if scored else 0.0,
-                            median_contrast=float("nan"), margin=margin, verdict=verdict)
+    return AdherenceSummary(
+        samples=scored,
+        median_auc=median_auc,
+        chance_auc=chance_auc,
+        fraction_darker=sum(t["darker"] for t in totals) / scored if scored else 0.0,
+        median_contrast=float("nan"),
+        margin=margin,
+        verdict=verdict,
+    )

@@ -72,7 +72,6 @@ _PIPELINE_CACHE: dict[tuple, object] = {}
 _SOURCES_CACHE: dict[str, SourceImages] = {}
 
 
-
 @dataclass
 class GenerationContext:
     """Everything a worker needs besides the plan rows."""
@@ -198,17 +197,25 @@ def get_pipeline(ctx: GenerationContext, slot: DeviceSlot | None = None):
     """
     slot = slot or device_pool(ctx.config.execution).slots[0]
     dtype = select_dtype(ctx.config.execution, slot.device)
-    models = (ctx.config.base_model.model_dump_json(), ctx.concept.uri, ctx.condition.uri,
-              ctx.config.generation.scheduler, str(dtype))
+    models = (
+        ctx.config.base_model.model_dump_json(),
+        ctx.concept.uri,
+        ctx.condition.uri,
+        ctx.config.generation.scheduler,
+        str(dtype),
+    )
     key = (models, slot.name)
     with _PIPELINE_CACHE_LOCK:
         for stale in [k for k in _PIPELINE_CACHE if k[0] != models]:
             del _PIPELINE_CACHE[stale]
         if key not in _PIPELINE_CACHE:
-            with storage.local_copy_for_read(ctx.concept.uri) as concept_dir, \
-                    storage.local_copy_for_read(ctx.condition.uri) as condition_dir:
-                pipe = load_generation_pipeline(ctx.config.base_model, concept_dir, condition_dir,
-                                                ctx.config.generation.scheduler)
+            with (
+                storage.local_copy_for_read(ctx.concept.uri) as concept_dir,
+                storage.local_copy_for_read(ctx.condition.uri) as condition_dir,
+            ):
+                pipe = load_generation_pipeline(
+                    ctx.config.base_model, concept_dir, condition_dir, ctx.config.generation.scheduler
+                )
             for model in (pipe.unet, pipe.controlnet, pipe.vae):
                 make_batch_invariant(model)
             pipe.driver_cache = DriverEncodingCache(pipe.controlnet.controlnet_cond_embedding)
@@ -282,8 +289,13 @@ def apply_qc_action(rows: list[dict], action: str) -> tuple[list[dict], int]:
 def _prompt_embeds(pipe, prompts: list[str], device) -> dict[str, torch.Tensor]:
     embeds = {}
     for prompt in sorted(set(prompts)) + [""]:
-        tokens = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+        tokens = pipe.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         embeds[prompt] = pipe.text_encoder(tokens.input_ids.to(device))[0].to(pipe.unet.dtype)
     return embeds
 
@@ -293,8 +305,14 @@ def padded(items: list, size: int) -> list:
     return items + [items[-1]] * (size - len(items))
 
 
-def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], rows: list[dict],
-                 inputs: list[SampleInputs], shape: int | None = None) -> np.ndarray:
+def sample_batch(
+    ctx: GenerationContext,
+    pipe,
+    embeds: dict[str, torch.Tensor],
+    rows: list[dict],
+    inputs: list[SampleInputs],
+    shape: int | None = None,
+) -> np.ndarray:
     """uint8 images of up to ``shape`` rows (default ``batch_size``), always sampled at that batch shape."""
     gen = ctx.config.generation
     resolution = ctx.config.base_model.resolution
@@ -311,8 +329,11 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
                 prompt_embeds=torch.cat([embeds[r["prompt"]] for r in full_rows]),
                 negative_prompt_embeds=embeds[""].expand(len(full_rows), -1, -1),
                 image=to_condition_tensor(drivers).to(device, dtype),
-                height=resolution, width=resolution, num_inference_steps=gen.steps,
-                guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=gen.steps,
+                guidance_scale=gen.guidance_scale,
+                controlnet_conditioning_scale=gen.conditioning_scale,
                 # one generator per row, padding included: a shared one would shift the real rows' noise
                 generator=[torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows],
                 output_type="np",
@@ -324,12 +345,19 @@ def sample_batch(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], 
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
-                                                       and "out of memory" in str(exc).lower())
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
-def sample_splitting_on_oom(ctx: GenerationContext, pipe, embeds: dict[str, torch.Tensor], rows: list[dict],
-                            inputs: list[SampleInputs], shape: int) -> tuple[np.ndarray, int]:
+def sample_splitting_on_oom(
+    ctx: GenerationContext,
+    pipe,
+    embeds: dict[str, torch.Tensor],
+    rows: list[dict],
+    inputs: list[SampleInputs],
+    shape: int,
+) -> tuple[np.ndarray, int]:
     """``sample_batch`` at batch shape ``shape``; out of memory halves the shape and retries the rows in
     smaller batches. Returns the images and the shape that fitted (kept for the rest of the shard)."""
     try:
@@ -338,21 +366,24 @@ def sample_splitting_on_oom(ctx: GenerationContext, pipe, embeds: dict[str, torc
         if not is_out_of_memory(exc) or shape == 1:
             raise
     smaller = shape // 2
-    log.warning("out of memory sampling %d rows at batch size %d: splitting into batches of %d", len(rows), shape,
-                smaller)
+    log.warning(
+        "out of memory sampling %d rows at batch size %d: splitting into batches of %d", len(rows), shape, smaller
+    )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     images, start = [], 0
     while start < len(rows):
-        part, smaller = sample_splitting_on_oom(ctx, pipe, embeds, rows[start : start + smaller],
-                                                inputs[start : start + smaller], smaller)
+        part, smaller = sample_splitting_on_oom(
+            ctx, pipe, embeds, rows[start : start + smaller], inputs[start : start + smaller], smaller
+        )
         images.append(part)
         start += len(part)
     return np.concatenate(images), smaller
 
 
-def generate_rows(ctx: GenerationContext, rows: list[dict],
-                  on_batch: Callable[[int], None] | None = None) -> list[dict]:
+def generate_rows(
+    ctx: GenerationContext, rows: list[dict], on_batch: Callable[[int], None] | None = None
+) -> list[dict]:
     """Generate every plan row and return dataset rows (see ``schema.DATASET_SCHEMA``), QC included.
 
     The rows are sampled on a device slot leased for the whole call (two callers never share a GPU).
@@ -367,8 +398,14 @@ def generate_rows(ctx: GenerationContext, rows: list[dict],
         return _generate_on(ctx, rows, slot, sources, worker, on_batch)
 
 
-def _generate_on(ctx: GenerationContext, rows: list[dict], slot: DeviceSlot, sources: SourceImages, worker: str,
-                 on_batch: Callable[[int], None] | None) -> list[dict]:
+def _generate_on(
+    ctx: GenerationContext,
+    rows: list[dict],
+    slot: DeviceSlot,
+    sources: SourceImages,
+    worker: str,
+    on_batch: Callable[[int], None] | None,
+) -> list[dict]:
     gen = ctx.config.generation
     scorer = adherence_scorer(gen.adherence_scorer)
     pipe = get_pipeline(ctx, slot)
@@ -420,28 +457,57 @@ def _union(sample: SampleInputs, shape: tuple[int, int]) -> np.ndarray:
     return union
 
 
-def _dataset_row(ctx: GenerationContext, row: dict, sample: SampleInputs, image: np.ndarray, union: np.ndarray,
-                 adherence: float | None, worker: str, chance_auc: float | None = None) -> dict:
+def _dataset_row(
+    ctx: GenerationContext,
+    row: dict,
+    sample: SampleInputs,
+    image: np.ndarray,
+    union: np.ndarray,
+    adherence: float | None,
+    worker: str,
+    chance_auc: float | None = None,
+) -> dict:
     instances = []
     for inst, mask in sample.instances:
         rle = mask_to_rle(mask)
         bbox, area = rle_bbox_area(rle)
-        instances.append({"category_id": inst["category_id"], "category": inst["category"], "rle": rle,
-                          "bbox": bbox, "area": area, "mask_source": inst["mask_source"]})
+        instances.append(
+            {
+                "category_id": inst["category_id"],
+                "category": inst["category"],
+                "rle": rle,
+                "bbox": bbox,
+                "area": area,
+                "mask_source": inst["mask_source"],
+            }
+        )
     contrast = mask_contrast(image, union)
     auc = label_auc(image, union)
     adherence = None if adherence is None else float(adherence)
     return {
-        "sample_id": row["sample_id"], "sample_index": row["sample_index"],
+        "sample_id": row["sample_id"],
+        "sample_index": row["sample_index"],
         "image": {"bytes": encode_png(image), "path": f"{row['sample_id']}.png"},
-        "width": image.shape[1], "height": image.shape[0], "instances": instances,
-        "driver": {"bytes": encode_png((sample.driver * 255).round().astype(np.uint8)),
-                   "path": f"{row['sample_id']}_driver.png"},
-        "prompt": row["prompt"], "seed": row["seed"], "driver_image_id": row["driver_image_id"],
-        "qc_mask_contrast": contrast, "qc_adherence": adherence, "qc_label_auc": auc, "qc_chance_auc": chance_auc,
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "instances": instances,
+        "driver": {
+            "bytes": encode_png((sample.driver * 255).round().astype(np.uint8)),
+            "path": f"{row['sample_id']}_driver.png",
+        },
+        "prompt": row["prompt"],
+        "seed": row["seed"],
+        "driver_image_id": row["driver_image_id"],
+        "qc_mask_contrast": contrast,
+        "qc_adherence": adherence,
+        "qc_label_auc": auc,
+        "qc_chance_auc": chance_auc,
         "qc_passed": qc_verdict(ctx, contrast, adherence, auc),
-        "base_model": ctx.config.base_model.pretrained, "concept_fingerprint": ctx.concept.fingerprint,
-        "condition_fingerprint": ctx.condition.fingerprint, "code_version": CODE_VERSION, "worker": worker,
+        "base_model": ctx.config.base_model.pretrained,
+        "concept_fingerprint": ctx.concept.fingerprint,
+        "condition_fingerprint": ctx.condition.fingerprint,
+        "code_version": CODE_VERSION,
+        "worker": worker,
     }
 
 
@@ -462,12 +528,26 @@ def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, s
     check_before_writing(dataset_uri, split, plan.shards)
     started = time.perf_counter()
     _report(GenerationProgress(0, plan.samples, generated=True))
-    rows = generate_rows(ctx, read_plan(plan, shard),
-                         on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True)))
+    rows = generate_rows(
+        ctx, read_plan(plan, shard), on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True))
+    )
     kept, dropped = apply_qc_action(rows, ctx.config.generation.qc_action)
     worker = rows[0]["worker"] if rows else worker_name()
-    totals = shard_totals([r["qc_label_auc"] for r in rows],
-                          [r["qc_chance_auc"] for r in rows if r["qc_chance_auc"] is not None],
-                          [r["qc_mask_contrast"] for r in rows])
-    return write_shard(dataset_uri, split, shard, plan.shards, kept, ctx.categories, time.perf_counter() - started,
-                       dropped=dropped, worker=worker, adherence=totals, generation_fingerprint=made_by)
+    totals = shard_totals(
+        [r["qc_label_auc"] for r in rows],
+        [r["qc_chance_auc"] for r in rows if r["qc_chance_auc"] is not None],
+        [r["qc_mask_contrast"] for r in rows],
+    )
+    return write_shard(
+        dataset_uri,
+        split,
+        shard,
+        plan.shards,
+        kept,
+        ctx.categories,
+        time.perf_counter() - started,
+        dropped=dropped,
+        worker=worker,
+        adherence=totals,
+        generation_fingerprint=made_by,
+    )

@@ -53,8 +53,15 @@ MIN_INSIDE_ROI = 0.95
 
 
 def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    parts = [catalog.content_fingerprint, config.plan, config.generation.shard_size, config.concept.token,
-             config.condition.prompt_template, config.base_model.resolution, storage.normalise_uri(config.factory_root)]
+    parts = [
+        catalog.content_fingerprint,
+        config.plan,
+        config.generation.shard_size,
+        config.concept.token,
+        config.condition.prompt_template,
+        config.base_model.resolution,
+        storage.normalise_uri(config.factory_root),
+    ]
     if config.plan.roi_dir:  # the ROI files' contents decide the placements, not only their folder's name
         parts.append(storage.folder_listing(config.plan.roi_dir))
     return fingerprint("plan", *parts)
@@ -67,8 +74,12 @@ def _rng(*parts: object) -> np.random.Generator:
 
 def _mask_bank(rows: list[dict]) -> list[dict]:
     """Every instance of the defective train split, in a stable order."""
-    bank = [{"image_id": r["image_id"], **inst} for r in rows if r["defective"] and r["split"] == "train"
-            for inst in r["instances"]]
+    bank = [
+        {"image_id": r["image_id"], **inst}
+        for r in rows
+        if r["defective"] and r["split"] == "train"
+        for inst in r["instances"]
+    ]
     if not bank:
         raise BadInputError("the catalog's train split has no annotated instance to sample masks from")
     return sorted(bank, key=lambda b: (b["image_id"], b["annotation_id"]))
@@ -86,17 +97,32 @@ def _sample_instance(config: FactoryConfig, bank: list[dict], categories: list[d
     """One mask of a sample: a perturbed mask from the bank, or a procedural crack of a sampled class."""
     if rng.random() < config.plan.procedural_fraction:
         category = categories[int(rng.integers(len(categories)))]
-        return {"category_id": category["id"], "category": category["name"], "mask_source": MASK_SOURCE_PROCEDURAL,
-                "mask_source_id": crack_style_for(config, category["name"]),
-                "perturbation": json.dumps({"crack_seed": int(rng.integers(0, 2**31 - 1))})}
+        return {
+            "category_id": category["id"],
+            "category": category["name"],
+            "mask_source": MASK_SOURCE_PROCEDURAL,
+            "mask_source_id": crack_style_for(config, category["name"]),
+            "perturbation": json.dumps({"crack_seed": int(rng.integers(0, 2**31 - 1))}),
+        }
     source = bank[int(rng.integers(len(bank)))]
-    return {"category_id": source["category_id"], "category": source["category"], "mask_source": MASK_SOURCE_BANK,
-            "mask_source_id": f"{source['image_id']}:{source['annotation_id']}",
-            "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True)}
+    return {
+        "category_id": source["category_id"],
+        "category": source["category"],
+        "mask_source": MASK_SOURCE_BANK,
+        "mask_source_id": f"{source['image_id']}:{source['annotation_id']}",
+        "perturbation": json.dumps(sample_perturbation(rng), sort_keys=True),
+    }
 
 
-def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dict], rng: np.random.Generator,
-                   roi: np.ndarray | None, sources: "SourceImages", driver_id: str) -> dict:
+def _plan_instance(
+    config: FactoryConfig,
+    bank: list[dict],
+    categories: list[dict],
+    rng: np.random.Generator,
+    roi: np.ndarray | None,
+    sources: "SourceImages",
+    driver_id: str,
+) -> dict:
     """Sample masks until one falls inside the region of interest (at once when there is none)."""
     if roi is None:
         return _sample_instance(config, bank, categories, rng)
@@ -107,7 +133,8 @@ def _plan_instance(config: FactoryConfig, bank: list[dict], categories: list[dic
             return inst
     raise BadInputError(
         f"no sampled mask falls inside the region of interest of defect-free image {driver_id} after "
-        f"{MAX_PLACEMENT_TRIES} tries (the region covers {roi.mean():.0%} of the image)")
+        f"{MAX_PLACEMENT_TRIES} tries (the region covers {roi.mean():.0%} of the image)"
+    )
 
 
 def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceImages") -> list[dict]:
@@ -127,16 +154,23 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceIma
             roi = driver_roi(config, sources, driver["image_id"], augmentation)
             for slot in range(config.plan.images_per_driver):
                 n_instances = int(rng.integers(1, config.plan.max_instances_per_image + 1))
-                instances = [_plan_instance(config, bank, categories, rng, roi, sources, driver["image_id"])
-                             for _ in range(n_instances)]
-                plan.append({
-                    "sample_id": fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot),
-                    "sample_index": len(plan), "shard": len(plan) // config.generation.shard_size,
-                    "driver_image_id": driver["image_id"], "augmentation_index": aug,
-                    "augmentation": json.dumps(augmentation, sort_keys=True), "instances": instances,
-                    "prompt": condition_prompt(config, [i["category"] for i in instances]),
-                    "seed": int(rng.integers(0, 2**31 - 1)),
-                })
+                instances = [
+                    _plan_instance(config, bank, categories, rng, roi, sources, driver["image_id"])
+                    for _ in range(n_instances)
+                ]
+                plan.append(
+                    {
+                        "sample_id": fingerprint("sample", config.plan.seed, driver["image_id"], aug, slot),
+                        "sample_index": len(plan),
+                        "shard": len(plan) // config.generation.shard_size,
+                        "driver_image_id": driver["image_id"],
+                        "augmentation_index": aug,
+                        "augmentation": json.dumps(augmentation, sort_keys=True),
+                        "instances": instances,
+                        "prompt": condition_prompt(config, [i["category"] for i in instances]),
+                        "seed": int(rng.integers(0, 2**31 - 1)),
+                    }
+                )
     return plan
 
 
@@ -153,8 +187,12 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
     pq.write_table(table, sink)
     storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), sink.getvalue().to_pybytes())
     storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
-    record = PlanRecord(uri=plan_uri, fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1], samples=len(rows),
-                        shards=rows[-1]["shard"] + 1)
+    record = PlanRecord(
+        uri=plan_uri,
+        fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1],
+        samples=len(rows),
+        shards=rows[-1]["shard"] + 1,
+    )
     storage.write_json_atomic(record_uri, record.model_dump(mode="json", exclude={"reused"}))
     return record
 
@@ -180,12 +218,14 @@ def check_references(rows: list[dict], sources: "SourceImages") -> None:
     """Every image and bank mask the rows name exists in the catalog (checked before any model loads)."""
     for row in rows:
         if not sources.has_image(row["driver_image_id"]):
-            raise BadInputError(f"plan row {row['sample_id']} references image {row['driver_image_id']}, "
-                                "which is not in the catalog")
+            raise BadInputError(
+                f"plan row {row['sample_id']} references image {row['driver_image_id']}, which is not in the catalog"
+            )
         for inst in row["instances"]:
             if inst["mask_source"] != MASK_SOURCE_PROCEDURAL and not sources.has_mask(inst["mask_source_id"]):
-                raise BadInputError(f"plan row {row['sample_id']} references mask {inst['mask_source_id']}, "
-                                    "which is not in the catalog")
+                raise BadInputError(
+                    f"plan row {row['sample_id']} references mask {inst['mask_source_id']}, which is not in the catalog"
+                )
 
 
 @dataclass
@@ -218,7 +258,8 @@ class SourceImages:
     def has_mask(self, source_id: str) -> bool:
         image_id, _, annotation_id = source_id.rpartition(":")
         return annotation_id.isdigit() and any(
-            inst["annotation_id"] == int(annotation_id) for inst in self._rows.get(image_id, {}).get("instances", []))
+            inst["annotation_id"] == int(annotation_id) for inst in self._rows.get(image_id, {}).get("instances", [])
+        )
 
     def file_name(self, image_id: str) -> str:
         return self._rows[image_id]["file_name"]
@@ -235,8 +276,9 @@ def instance_mask(inst: dict, sources: SourceImages, resolution: int, roi: np.nd
     """The mask a plan instance paints: a perturbed bank mask or a procedural crack (within ``roi``)."""
     params = json.loads(inst["perturbation"])
     if inst["mask_source"] == MASK_SOURCE_PROCEDURAL:
-        mask = random_crack_mask((resolution, resolution), inst["mask_source_id"],
-                                 np.random.default_rng(params["crack_seed"]))
+        mask = random_crack_mask(
+            (resolution, resolution), inst["mask_source_id"], np.random.default_rng(params["crack_seed"])
+        )
         return mask & roi if roi is not None else mask
     return apply_perturbation(sources.mask(inst["mask_source_id"], resolution), params, roi=roi)
 
@@ -272,7 +314,8 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
     roi = driver_roi(config, sources, row["driver_image_id"], augmentation)
     instances = [(inst, instance_mask(inst, sources, resolution, roi)) for inst in row["instances"]]
     driver = extract_topological_driver(
-        image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
+        image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver
+    )
     return SampleInputs(driver=driver, instances=instances)
 
 

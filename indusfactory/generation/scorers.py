@@ -70,20 +70,26 @@ def is_import_path(name: str) -> bool:
 
 
 def _how_to_register() -> str:
-    return ("register it with indusfactory.generation.scorers.register_adherence_scorer, or as an entry point of "
-            f"the group '{ENTRY_POINT_GROUP}' of an installed package")
+    return (
+        "register it with indusfactory.generation.scorers.register_adherence_scorer, or as an entry point of "
+        f"the group '{ENTRY_POINT_GROUP}' of an installed package"
+    )
 
 
 def _unknown(name: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{KEY} {name!r} is not a registered scorer{hint}; known: {', '.join(known) or 'none'}. "
-                       f"To use your own, {_how_to_register()}")
+    return ConfigError(
+        f"{KEY} {name!r} is not a registered scorer{hint}; known: {', '.join(known) or 'none'}. "
+        f"To use your own, {_how_to_register()}"
+    )
 
 
 def _refused_import(name: str) -> ConfigError:
-    return ConfigError(f"{KEY} {name!r} is an import path, which this worker does not allow: {_how_to_register()}, "
-                       f"or set {ALLOW_IMPORTS_ENV}=1 in the deployment's environment (not the run's parameters)")
+    return ConfigError(
+        f"{KEY} {name!r} is an import path, which this worker does not allow: {_how_to_register()}, "
+        f"or set {ALLOW_IMPORTS_ENV}=1 in the deployment's environment (not the run's parameters)"
+    )
 
 
 MOVED_MODULES = {"indusfactory.generate": "indusfactory.generation.generate"}
@@ -106,8 +112,9 @@ def _load_entry_point(name: str, entry: importlib.metadata.EntryPoint) -> Adhere
     try:
         scorer = entry.load()
     except Exception as exc:  # noqa: BLE001 - a broken installed package: name it
-        raise ConfigError(f"{KEY} {name!r}: its entry point {entry.value!r} cannot be loaded: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ConfigError(
+            f"{KEY} {name!r}: its entry point {entry.value!r} cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     if not callable(scorer):
         raise ConfigError(f"{KEY} {name!r}: its entry point {entry.value!r} is not a function")
     return scorer
@@ -141,5 +148,5 @@ def adherence_scorer(name: str | None) -> AdherenceScorer | None:
     if name.startswith(SEGFORMER_PREFIX):  # the real-data segmentor an evaluation saved (evaluation/<fp>/segmentor)
         from indusfactory.evaluation.evaluate import segmentor_adherence_scorer
 
-        return segmentor_adherence_scorer(name[len(SEGFORMER_PREFIX):])
+        return segmentor_adherence_scorer(name[len(SEGFORMER_PREFIX) :])
     return resolve(name)

@@ -46,8 +46,10 @@ def _check_cuda(device: torch.device) -> None:
     if not torch.cuda.is_available():
         raise ModelLoadError(f"execution device {device} is a GPU but no CUDA device is available")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"execution device {device} does not exist: {torch.cuda.device_count()} CUDA "
-                             "device(s) are visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
+        raise ModelLoadError(
+            f"execution device {device} does not exist: {torch.cuda.device_count()} CUDA "
+            "device(s) are visible (CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
 
 
 def generation_devices(execution: ExecutionConfig) -> list[torch.device]:

@@ -19,29 +19,65 @@ from indusfactory.infra.errors import (
     StorageSpaceError,
 )
 
-CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                              "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException",
-                              "AuthFailure", "NotSignedUp", "AccountProblem", "RequestTimeTooSkewed"})
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "AuthFailure",
+        "NotSignedUp",
+        "AccountProblem",
+        "RequestTimeTooSkewed",
+    }
+)
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403", "Forbidden"})
 NO_BUCKET_CODES = frozenset({"NoSuchBucket", "InvalidBucketName"})
 NO_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
-                             "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException", "InternalError",
-                             "ServiceUnavailable", "503", "500", "502", "504", "429", "408"})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+        "429",
+        "408",
+    }
+)
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
-CREDENTIAL_EXCEPTIONS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-                                   "NoAuthTokenError", "ProfileNotFound", "SSOTokenLoadError",
-                                   "UnauthorizedSSOTokenError"})
+CREDENTIAL_EXCEPTIONS = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "NoAuthTokenError",
+        "ProfileNotFound",
+        "SSOTokenLoadError",
+        "UnauthorizedSSOTokenError",
+    }
+)
 
 PERMANENT_KINDS = frozenset({"bad_input", "credentials", "denied", "no_bucket", "no_key", "no_space"})
 
 HINTS: dict[str, str] = {
     "credentials": "the credentials were refused or are missing: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                   "(or AWS_PROFILE, AWS_SESSION_TOKEN) in the worker's environment, and the machine's clock",
+    "(or AWS_PROFILE, AWS_SESSION_TOKEN) in the worker's environment, and the machine's clock",
     "denied": "access denied: check that the credentials (or the local user) may read and write there "
-              "(s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject)",
+    "(s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject)",
     "no_bucket": "no such bucket: check the bucket name and the endpoint (AWS_ENDPOINT_URL, region)",
     "no_key": "no such key or file: check the path",
     "no_space": "no space left: free space or give the factory root another volume",
@@ -148,8 +184,11 @@ def explain(exc: BaseException, endpoint: str | None = None) -> str:
 
 
 ERROR_OF_KIND: dict[str, type[StorageAccessError]] = {
-    "credentials": StoragePermissionError, "denied": StoragePermissionError, "no_bucket": StorageNotFoundError,
-    "no_key": StorageNotFoundError, "no_space": StorageSpaceError,
+    "credentials": StoragePermissionError,
+    "denied": StoragePermissionError,
+    "no_bucket": StorageNotFoundError,
+    "no_key": StorageNotFoundError,
+    "no_space": StorageSpaceError,
 }
 
 

@@ -90,9 +90,17 @@ class StorageLock:
     someone took the lock away while it was held (the heartbeat stopped for ``stale_after``).
     """
 
-    def __init__(self, uri: str, owner: str | None = None, stale_after: float = DEFAULT_STALE_AFTER,
-                 heartbeat_every: float | None = None, poll_every: float = 1.0, wait_timeout: float | None = None,
-                 log_every: float = 60.0, logger: logging.Logger | logging.LoggerAdapter | None = None):
+    def __init__(
+        self,
+        uri: str,
+        owner: str | None = None,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        heartbeat_every: float | None = None,
+        poll_every: float = 1.0,
+        wait_timeout: float | None = None,
+        log_every: float = 60.0,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ):
         if stale_after <= 0:
             raise ValueError("stale_after must be positive")
         self.uri = uri
@@ -100,8 +108,9 @@ class StorageLock:
         self.stale_after = float(stale_after)
         self.heartbeat_every = float(heartbeat_every) if heartbeat_every else max(self.stale_after / 4, 0.05)
         if self.heartbeat_every >= self.stale_after:
-            raise ValueError(f"heartbeat_every ({self.heartbeat_every}) must be shorter than stale_after "
-                             f"({self.stale_after})")
+            raise ValueError(
+                f"heartbeat_every ({self.heartbeat_every}) must be shorter than stale_after ({self.stale_after})"
+            )
         self.poll_every = poll_every
         self.wait_timeout = wait_timeout
         self.log_every = log_every
@@ -145,11 +154,21 @@ class StorageLock:
                 if new_version is not None:
                     age = heartbeat_age if heartbeat_age is not None else silent_for
                     if dead and holder is not None:
-                        self.log.warning("took over lock %s from %s at once: its process %d on this host (%s) is "
-                                         "gone", self.uri, owner, holder.pid, holder.host)
+                        self.log.warning(
+                            "took over lock %s from %s at once: its process %d on this host (%s) is gone",
+                            self.uri,
+                            owner,
+                            holder.pid,
+                            holder.host,
+                        )
                     else:
-                        self.log.warning("took over stale lock %s from %s (no heartbeat for %.0f s, limit %.0f s)",
-                                         self.uri, owner, age, stale_after)
+                        self.log.warning(
+                            "took over stale lock %s from %s (no heartbeat for %.0f s, limit %.0f s)",
+                            self.uri,
+                            owner,
+                            age,
+                            stale_after,
+                        )
                     self.took_over = owner
                     return self._held(info, new_version, started)
                 continue  # someone else changed it first (a heartbeat, or another waiter took it over)
@@ -159,8 +178,9 @@ class StorageLock:
             if last_logged is None or last_logged[0] != owner or now - last_logged[1] >= self.log_every:
                 since = _ago(holder.acquired_at) if holder and holder.acquired_at else "unknown"
                 beat = f"{heartbeat_age:.0f} s ago" if heartbeat_age is not None else "unknown"
-                self.log.info("waiting for %s held by %s (held for %s, last heartbeat %s)", self.uri, owner, since,
-                              beat)
+                self.log.info(
+                    "waiting for %s held by %s (held for %s, last heartbeat %s)", self.uri, owner, since, beat
+                )
                 last_logged = (owner, now)
             if self.wait_timeout is not None and now - started > self.wait_timeout:
                 raise LockTimeout(f"{self.uri} still held by {owner} after {self.wait_timeout:.0f} s")
@@ -190,9 +210,16 @@ class StorageLock:
     # -- internals ----------------------------------------------------------------------------------
     def _new_info(self) -> LockInfo:
         now = time.time()
-        return LockInfo(owner=self.owner, token=self.token, host=socket.gethostname(), pid=os.getpid(),
-                        acquired_at=now, heartbeat_at=now, stale_after=self.stale_after,
-                        extra=process_identity(os.getpid()))
+        return LockInfo(
+            owner=self.owner,
+            token=self.token,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            acquired_at=now,
+            heartbeat_at=now,
+            stale_after=self.stale_after,
+            extra=process_identity(os.getpid()),
+        )
 
     def _held(self, info: LockInfo, version: Any, started: float) -> "StorageLock":
         _LIVE_TOKENS.add(self.token)
@@ -224,9 +251,13 @@ class StorageLock:
                     self._version = current[1]  # our own file under a version we did not know: carry on
                     continue
                 self.lost = True
-                self.log.error("lock %s was taken over by %s while %s held it (heartbeat missed for more than "
-                               "%.0f s?)", self.uri, holder.owner if holder else "nobody", self.owner,
-                               self.stale_after)
+                self.log.error(
+                    "lock %s was taken over by %s while %s held it (heartbeat missed for more than %.0f s?)",
+                    self.uri,
+                    holder.owner if holder else "nobody",
+                    self.owner,
+                    self.stale_after,
+                )
                 return
 
 
@@ -238,7 +269,7 @@ def _proc_stat(pid: int) -> list[str] | None:
             data = handle.read().decode("ascii", "replace")
     except OSError:
         return None
-    return data[data.rfind(")") + 2:].split()
+    return data[data.rfind(")") + 2 :].split()
 
 
 def _pid_namespace() -> str:
@@ -260,8 +291,11 @@ def process_identity(pid: int) -> dict[str, str]:
     """What tells this process apart from a later one with the same pid on the same host: the boot, the pid
     namespace (a container) and the process's start time (Linux; empty elsewhere)."""
     stat = _proc_stat(pid)
-    return {"boot_id": _boot_id(), "pid_namespace": _pid_namespace(),
-            "started": stat[19] if stat and len(stat) > 19 else ""}
+    return {
+        "boot_id": _boot_id(),
+        "pid_namespace": _pid_namespace(),
+        "started": stat[19] if stat and len(stat) > 19 else "",
+    }
 
 
 _LIVE_TOKENS: set[str] = set()
@@ -403,8 +437,9 @@ def _s3_error_code(exc: BaseException) -> str | None:
     for candidate in (exc, exc.__cause__, exc.__context__):
         response = getattr(candidate, "response", None)
         if isinstance(response, dict):
-            return str(response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get(
-                "HTTPStatusCode"))
+            return str(
+                response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            )
     return None
 
 
@@ -420,8 +455,9 @@ class _S3Backend:
 
     def _put(self, data: bytes, **condition: str) -> str | None:
         try:
-            response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data,
-                                       ContentType="application/json", **condition)
+            response = self.fs.call_s3(
+                "put_object", Bucket=self.bucket, Key=self.key, Body=data, ContentType="application/json", **condition
+            )
         except FileExistsError:
             return None
         except OSError as exc:

@@ -30,20 +30,57 @@ from typing import Any
 
 MASK = "***"
 
-SECRET_NAMES = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
-                          "HUGGING_FACE_HUB_TOKEN", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING",
-                          "AZURE_STORAGE_KEY", "AZURE_CLIENT_SECRET", "GOOGLE_APPLICATION_CREDENTIALS_JSON"})
+SECRET_NAMES = frozenset(
+    {
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "PREFECT_API_KEY",
+        "PREFECT_API_AUTH_STRING",
+        "AZURE_STORAGE_KEY",
+        "AZURE_CLIENT_SECRET",
+        "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    }
+)
 SECRET_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL", "AUTH")
-NOT_SECRET_NAMES = frozenset({"TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "AWS_ROLE_SESSION_NAME",
-                              "AWS_WEB_IDENTITY_TOKEN_FILE", "GOOGLE_APPLICATION_CREDENTIALS",
-                              "AWS_SHARED_CREDENTIALS_FILE", "PREFECT_API_AUTH_STRING_FILE"})
-NOT_SECRET_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "none", "null", "auto", "warn", "ignore",
-                               "error", "enabled", "disabled"})
+NOT_SECRET_NAMES = frozenset(
+    {
+        "TOKENIZERS_PARALLELISM",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+        "AWS_ROLE_SESSION_NAME",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "PREFECT_API_AUTH_STRING_FILE",
+    }
+)
+NOT_SECRET_VALUES = frozenset(
+    {
+        "true",
+        "false",
+        "yes",
+        "no",
+        "on",
+        "off",
+        "none",
+        "null",
+        "auto",
+        "warn",
+        "ignore",
+        "error",
+        "enabled",
+        "disabled",
+    }
+)
 MIN_SECRET_LENGTH = 6
 """Shorter values are not scrubbed from every message (they would mangle ordinary words); real keys are longer."""
 
 # scheme://userinfo@ — userinfo is everything up to the last '@' before the path.
-URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'\"]*(?:@[^\s/?#@'\"]*)*)@")
+URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'\"]*(?:@[^\s/?#@'\"]*)*)@"
+)
 
 _registered: set[str] = set()
 _lock = threading.Lock()

@@ -78,8 +78,12 @@ def endpoint_of(uri: str) -> str | None:
     if protocol not in ("s3", "s3a"):
         return f"{protocol}://"
     fs, _ = filesystem(uri)
-    endpoint = (getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
-                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    endpoint = (
+        getattr(fs, "endpoint_url", None)
+        or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if endpoint:
         return scrub(str(endpoint))
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "default region"
@@ -137,8 +141,9 @@ def _s3_error_code(exc: BaseException) -> str | None:
     for candidate in (exc, exc.__cause__, exc.__context__):
         response = getattr(candidate, "response", None)
         if isinstance(response, dict):
-            return str(response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get(
-                "HTTPStatusCode"))
+            return str(
+                response.get("Error", {}).get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            )
     return None
 
 
@@ -215,8 +220,10 @@ def folder_listing(uri: str) -> list[tuple[str, int, str]]:
     A file rewritten in place changes its version, so a cache keyed by the listing is not trusted
     for it; a file merely copied elsewhere changes it too (the work is then redone, not skipped)."""
     fs, path = filesystem(uri)
-    return sorted((posixpath.relpath(p, path), int(info.get("size") or 0), file_version(info))
-                  for p, info in fs.find(path, detail=True).items())
+    return sorted(
+        (posixpath.relpath(p, path), int(info.get("size") or 0), file_version(info))
+        for p, info in fs.find(path, detail=True).items()
+    )
 
 
 def _md5_file(path: Path) -> str:
@@ -230,9 +237,11 @@ def _md5_file(path: Path) -> str:
 def folder_files(folder: str, markers: tuple[str, ...] = COMPLETION_MARKERS) -> dict[str, dict]:
     """``{relative path: {"size", "md5"}}`` of every file of a local folder but its markers and listing."""
     root = Path(folder)
-    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "md5": _md5_file(p)}
-            for p in sorted(root.rglob("*")) if p.is_file()
-            and p.relative_to(root).as_posix() not in (*markers, FILES_LISTING)}
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "md5": _md5_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in (*markers, FILES_LISTING)
+    }
 
 
 def missing_files(uri: str) -> list[str] | None:
@@ -289,8 +298,9 @@ def upload_folder(folder: str, uri: str, markers: tuple[str, ...] = COMPLETION_M
     write_json_atomic(join(uri, FILES_LISTING), {"files": files})
     problems = missing_files(uri)
     if problems:
-        raise IncompleteOutputError(f"upload of {uri} is incomplete ({'; '.join(problems)}); its completion "
-                                    "marker was not written")
+        raise IncompleteOutputError(
+            f"upload of {uri} is incomplete ({'; '.join(problems)}); its completion marker was not written"
+        )
     for name in markers:
         local = os.path.join(folder, name)
         if os.path.isfile(local):
@@ -320,8 +330,9 @@ def local_copy_for_write(uri: str, markers: tuple[str, ...] = COMPLETION_MARKERS
     staging.mkdir()
     try:
         yield str(staging)
-        (staging / FILES_LISTING).write_text(json.dumps({"files": folder_files(str(staging), markers)}, indent=2,
-                                                        sort_keys=True))
+        (staging / FILES_LISTING).write_text(
+            json.dumps({"files": folder_files(str(staging), markers)}, indent=2, sort_keys=True)
+        )
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -354,8 +365,9 @@ def local_copy_for_read(uri: str) -> Iterator[str]:
         return
     problems = missing_files(uri)
     if problems:
-        raise IncompleteOutputError(f"{uri} is incomplete ({'; '.join(problems)}): rerun the stage that makes it "
-                                    "to rebuild it")
+        raise IncompleteOutputError(
+            f"{uri} is incomplete ({'; '.join(problems)}): rerun the stage that makes it to rebuild it"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fs, path = filesystem(uri)
         fs.get(path.rstrip("/") + "/", tmp, recursive=True)

@@ -59,10 +59,14 @@ CLASS_IMAGES_RECORD = "class_images.json"
 
 
 def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    return fingerprint("concept", catalog.content_fingerprint, config.base_model,
-                       base_model_fingerprint(config.base_model),
-                       config.concept.model_dump(mode="json", exclude=TRAINING_ONLY_FIELDS),
-                       storage.normalise_uri(config.factory_root))
+    return fingerprint(
+        "concept",
+        catalog.content_fingerprint,
+        config.base_model,
+        base_model_fingerprint(config.base_model),
+        config.concept.model_dump(mode="json", exclude=TRAINING_ONLY_FIELDS),
+        storage.normalise_uri(config.factory_root),
+    )
 
 
 def concept_prompt(config: FactoryConfig) -> str:
@@ -76,8 +80,11 @@ def class_prompt(config: FactoryConfig) -> str:
 def training_images(catalog_uri: str, resolution: int) -> list[np.ndarray]:
     """Defective images of the train split, square at ``resolution``, plus their mirror images."""
     table = read_catalog(catalog_uri).to_pylist()
-    images = [fit_square(decode_image(r["image"]["bytes"]), resolution)
-              for r in table if r["defective"] and r["split"] == "train"]
+    images = [
+        fit_square(decode_image(r["image"]["bytes"]), resolution)
+        for r in table
+        if r["defective"] and r["split"] == "train"
+    ]
     if not images:
         raise BadInputError(f"catalog {catalog_uri} has no defective image in its train split")
     return images + [img[:, ::-1] for img in images]
@@ -91,16 +98,23 @@ def validate(config: FactoryConfig) -> None:
 def sampling_pipeline(base: BaseComponents) -> StableDiffusionPipeline:
     """A text-to-image pipeline over the live training components (DPM-Solver++ sampling)."""
     pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, seeds: list[int], resolution: int,
-                  steps: int) -> list[np.ndarray]:
+def sample_images(
+    base: BaseComponents, runtime: TrainingRuntime, prompt: str, seeds: list[int], resolution: int, steps: int
+) -> list[np.ndarray]:
     """One uint8 image per seed for ``prompt``, from the components as they are now."""
     pipe = sampling_pipeline(base)
     was_training = base.unet.training
@@ -109,9 +123,15 @@ def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, s
     for start in range(0, len(seeds), 8):
         chunk = seeds[start : start + 8]
         with runtime.autocast():
-            out = pipe(prompt, num_images_per_prompt=len(chunk), height=resolution, width=resolution,
-                       num_inference_steps=steps, generator=[torch.Generator().manual_seed(s) for s in chunk],
-                       output_type="np")
+            out = pipe(
+                prompt,
+                num_images_per_prompt=len(chunk),
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                generator=[torch.Generator().manual_seed(s) for s in chunk],
+                output_type="np",
+            )
         images.extend(from_model_output(out.images))
     base.unet.train(was_training)
     return images
@@ -123,30 +143,50 @@ LOOK_SAMPLES = 8
 
 def look_of(images: list[np.ndarray]) -> dict:
     """Colourfulness (median per-pixel RGB spread) and mean colour of a set of uint8 images."""
-    return {"colourfulness": round(float(np.median([colourfulness(i) for i in images])), 2),
-            "mean_rgb": np.mean([i.reshape(-1, 3).mean(axis=0) for i in images], axis=0).round(1).tolist()}
+    return {
+        "colourfulness": round(float(np.median([colourfulness(i) for i in images])), 2),
+        "mean_rgb": np.mean([i.reshape(-1, 3).mean(axis=0) for i in images], axis=0).round(1).tolist(),
+    }
 
 
-def concept_look(base: BaseComponents, config: FactoryConfig, runtime: TrainingRuntime,
-                 images: list[np.ndarray]) -> dict:
+def concept_look(
+    base: BaseComponents, config: FactoryConfig, runtime: TrainingRuntime, images: list[np.ndarray]
+) -> dict:
     """Does the concept reproduce the look of its data (grey sources give grey images)? Samples (at the
     generation's step count) vs the training images."""
-    generated = sample_images(base, runtime, concept_prompt(config), list(range(LOOK_SAMPLES)),
-                              config.base_model.resolution, config.generation.steps)
+    generated = sample_images(
+        base,
+        runtime,
+        concept_prompt(config),
+        list(range(LOOK_SAMPLES)),
+        config.base_model.resolution,
+        config.generation.steps,
+    )
     look = {"generated": look_of(generated), "sources": look_of(images)}
     gap = abs(look["generated"]["colourfulness"] - look["sources"]["colourfulness"])
     look["colourfulness_gap"] = round(gap, 2)
-    log.info("concept look: colourfulness %.1f (sources %.1f), mean RGB %s (sources %s)",
-             look["generated"]["colourfulness"], look["sources"]["colourfulness"], look["generated"]["mean_rgb"],
-             look["sources"]["mean_rgb"])
+    log.info(
+        "concept look: colourfulness %.1f (sources %.1f), mean RGB %s (sources %s)",
+        look["generated"]["colourfulness"],
+        look["sources"]["colourfulness"],
+        look["generated"]["mean_rgb"],
+        look["sources"]["mean_rgb"],
+    )
     return look
 
 
 def class_images_uri_for(config: FactoryConfig) -> str:
     c = config.concept
-    fp = fingerprint("class-images", base_model_fingerprint(config.base_model), config.base_model,
-                     class_prompt(config), c.num_class_images, c.class_image_inference_steps, c.seed,
-                     config.execution.precision if c.precision == "auto" else c.precision)
+    fp = fingerprint(
+        "class-images",
+        base_model_fingerprint(config.base_model),
+        config.base_model,
+        class_prompt(config),
+        c.num_class_images,
+        c.class_image_inference_steps,
+        c.seed,
+        config.execution.precision if c.precision == "auto" else c.precision,
+    )
     return storage.FactoryLayout.of(config.factory_root).model("class-images", fp)
 
 
@@ -160,8 +200,14 @@ def class_prior_images(config: FactoryConfig, base: BaseComponents, runtime: Tra
         return [decode_image(storage.read_bytes(storage.join(uri, n))) for n in names]
     prompt = class_prompt(config)
     log.info("generating %d class-prior images for %r", c.num_class_images, prompt)
-    images = sample_images(base, runtime, prompt, [c.seed * 100_003 + i for i in range(c.num_class_images)],
-                           config.base_model.resolution, c.class_image_inference_steps)
+    images = sample_images(
+        base,
+        runtime,
+        prompt,
+        [c.seed * 100_003 + i for i in range(c.num_class_images)],
+        config.base_model.resolution,
+        c.class_image_inference_steps,
+    )
     with storage.local_copy_for_write(uri) as folder:
         for name, image in zip(names, images):
             with open(os.path.join(folder, name), "wb") as handle:
@@ -177,12 +223,23 @@ def attach_trainable(base: BaseComponents, config: FactoryConfig) -> list[torch.
     modules = [base.unet] + ([base.text_encoder] if c.train_text_encoder else [])
     torch.manual_seed(c.seed)  # LoRA init is random: the same config must train the same weights
     if c.method == "lora":
-        base.unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=c.lora_target_modules))
+        base.unet.add_adapter(
+            LoraConfig(
+                r=c.lora_rank,
+                lora_alpha=c.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=c.lora_target_modules,
+            )
+        )
         if c.train_text_encoder:
-            base.text_encoder.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha,
-                                                     init_lora_weights="gaussian",
-                                                     target_modules=c.text_encoder_lora_target_modules))
+            base.text_encoder.add_adapter(
+                LoraConfig(
+                    r=c.lora_rank,
+                    lora_alpha=c.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=c.text_encoder_lora_target_modules,
+                )
+            )
         cast_training_params(modules, dtype=torch.float32)
     else:
         for module in modules:
@@ -196,8 +253,13 @@ def attach_trainable(base: BaseComponents, config: FactoryConfig) -> list[torch.
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
-def concept_step(base: BaseComponents, config: FactoryConfig, latents: LatentCache,
-                 class_latents: LatentCache | None, runtime: TrainingRuntime):
+def concept_step(
+    base: BaseComponents,
+    config: FactoryConfig,
+    latents: LatentCache,
+    class_latents: LatentCache | None,
+    runtime: TrainingRuntime,
+):
     """The DreamBooth loss of one micro-batch: instance loss (+ weighted class-prior loss)."""
     c = config.concept
     prompts = [concept_prompt(config)] + ([class_prompt(config)] if class_latents is not None else []) + [""]
@@ -212,8 +274,9 @@ def concept_step(base: BaseComponents, config: FactoryConfig, latents: LatentCac
         if c.empty_prompt_probability > 0:  # the unconditional branch of guidance learns the data's look too
             which[torch.rand(n, generator=generator) < c.empty_prompt_probability] = empty
         if class_latents is not None:
-            parts.append(class_latents.sample(torch.randint(0, len(class_latents), (n,), generator=generator),
-                                              generator))
+            parts.append(
+                class_latents.sample(torch.randint(0, len(class_latents), (n,), generator=generator), generator)
+            )
             which = torch.cat([which, torch.ones(n, dtype=torch.long)])
         batch = torch.cat(parts).to(runtime.device)
         noisy, timesteps, target = noisy_inputs(base, batch, generator)
@@ -222,8 +285,9 @@ def concept_step(base: BaseComponents, config: FactoryConfig, latents: LatentCac
         prediction = base.unet(noisy, timesteps, hidden).sample
         loss = diffusion_loss(prediction[:n], target[:n], timesteps[:n], base.noise_scheduler, c.snr_gamma)
         if class_latents is not None:
-            loss = loss + c.prior_loss_weight * diffusion_loss(prediction[n:], target[n:], timesteps[n:],
-                                                               base.noise_scheduler, c.snr_gamma)
+            loss = loss + c.prior_loss_weight * diffusion_loss(
+                prediction[n:], target[n:], timesteps[n:], base.noise_scheduler, c.snr_gamma
+            )
         return loss
 
     return step
@@ -238,16 +302,19 @@ def concept_validation(base: BaseComponents, config: FactoryConfig, runtime: Tra
     def on_step(step: int) -> None:
         if not validation_due(c, step):
             return
-        rows = [sample_images(base, runtime, p, seeds, config.base_model.resolution, c.validation_inference_steps)
-                for p in prompts]
+        rows = [
+            sample_images(base, runtime, p, seeds, config.base_model.resolution, c.validation_inference_steps)
+            for p in prompts
+        ]
         grid = image_grid([img for row in rows for img in row], columns=len(seeds))
         save_validation_image(checkpoint_uri, step, grid)
 
     return on_step
 
 
-def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str,
-                  progress: Progress | None = None) -> ModelRecord:
+def train_concept(
+    config: FactoryConfig, catalog: CatalogRecord, output_uri: str, progress: Progress | None = None
+) -> ModelRecord:
     """Train the concept into ``output_uri`` (reused when already complete there)."""
     record_uri = storage.join(output_uri, RECORD_FILE)
     done = ModelRecord.read_completed(record_uri)
@@ -266,32 +333,67 @@ def train_concept(config: FactoryConfig, catalog: CatalogRecord, output_uri: str
     latents = encode_latents(base, to_model_tensor(images))
     params = attach_trainable(base, config)
     checkpoint_uri = checkpoint_uri_for(output_uri)
-    losses, seconds = run_training(params, c, len(images), concept_step(base, config, latents, class_latents, runtime),
-                                   "learn-concept", progress, checkpoint_uri=checkpoint_uri, runtime=runtime,
-                                   on_step=concept_validation(base, config, runtime, checkpoint_uri))
+    losses, seconds = run_training(
+        params,
+        c,
+        len(images),
+        concept_step(base, config, latents, class_latents, runtime),
+        "learn-concept",
+        progress,
+        checkpoint_uri=checkpoint_uri,
+        runtime=runtime,
+        on_step=concept_validation(base, config, runtime, checkpoint_uri),
+    )
     look = concept_look(base, config, runtime, images)
     fp = os.path.basename(output_uri.rstrip("/"))
     with storage.local_copy_for_write(output_uri) as folder:
         save_concept_weights(base, config, folder)
         validation = copy_validation_images(checkpoint_uri, folder)
-        record = ModelRecord(kind="concept", uri=output_uri, fingerprint=fp, base_model=config.base_model.pretrained,
-                             steps=c.steps, seconds=round(seconds, 2), method=c.method, validation=validation,
-                             look=look,
-                             final_loss=round(float(np.mean(losses[-max(1, len(losses) // 10):])), 5))
-        how = ("`pipe.load_lora_weights(folder)` in a `StableDiffusionPipeline` of the base model"
-               if c.method == "lora" else "`UNet2DConditionModel.from_pretrained(folder, subfolder='unet')` "
-               "passed as `unet=` to the base model's `StableDiffusionPipeline.from_pretrained`")
-        card = model_card(f"indusfactory concept `{fp}`",
-                          f"DreamBooth ({c.method}) of the defective concept, prompt `{concept_prompt(config)}`. "
-                          f"Load with {how}.", config.base_model.pretrained, c.model_dump(mode="json"),
-                          catalog.content_fingerprint, losses, seconds, validation=validation,
-                          extra=(f"- look ({LOOK_SAMPLES} samples vs the training images): colourfulness "
-                                 f"{look['generated']['colourfulness']} vs {look['sources']['colourfulness']}, "
-                                 f"mean RGB {look['generated']['mean_rgb']} vs {look['sources']['mean_rgb']}"))
-        write_model_metadata(folder, card, {"concept": c.model_dump(mode="json"),
-                                            "base_model": config.base_model.model_dump(mode="json"),
-                                            "data_fingerprint": catalog.content_fingerprint, "losses": losses},
-                             record.model_dump_json(exclude={"reused"}), RECORD_FILE)
+        record = ModelRecord(
+            kind="concept",
+            uri=output_uri,
+            fingerprint=fp,
+            base_model=config.base_model.pretrained,
+            steps=c.steps,
+            seconds=round(seconds, 2),
+            method=c.method,
+            validation=validation,
+            look=look,
+            final_loss=round(float(np.mean(losses[-max(1, len(losses) // 10) :])), 5),
+        )
+        how = (
+            "`pipe.load_lora_weights(folder)` in a `StableDiffusionPipeline` of the base model"
+            if c.method == "lora"
+            else "`UNet2DConditionModel.from_pretrained(folder, subfolder='unet')` "
+            "passed as `unet=` to the base model's `StableDiffusionPipeline.from_pretrained`"
+        )
+        card = model_card(
+            f"indusfactory concept `{fp}`",
+            f"DreamBooth ({c.method}) of the defective concept, prompt `{concept_prompt(config)}`. Load with {how}.",
+            config.base_model.pretrained,
+            c.model_dump(mode="json"),
+            catalog.content_fingerprint,
+            losses,
+            seconds,
+            validation=validation,
+            extra=(
+                f"- look ({LOOK_SAMPLES} samples vs the training images): colourfulness "
+                f"{look['generated']['colourfulness']} vs {look['sources']['colourfulness']}, "
+                f"mean RGB {look['generated']['mean_rgb']} vs {look['sources']['mean_rgb']}"
+            ),
+        )
+        write_model_metadata(
+            folder,
+            card,
+            {
+                "concept": c.model_dump(mode="json"),
+                "base_model": config.base_model.model_dump(mode="json"),
+                "data_fingerprint": catalog.content_fingerprint,
+                "losses": losses,
+            },
+            record.model_dump_json(exclude={"reused"}),
+            RECORD_FILE,
+        )
     remove_checkpoint(checkpoint_uri)
     log.info("concept (%s) trained in %.1f s, written to %s", c.method, seconds, output_uri)
     return record
@@ -302,10 +404,14 @@ def save_concept_weights(base: BaseComponents, config: FactoryConfig, folder: st
     c = config.concept
     if c.method == "lora":
         unet_lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
-        text_lora = (convert_state_dict_to_diffusers(get_peft_model_state_dict(base.text_encoder))
-                     if c.train_text_encoder else None)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_lora,
-                                                  text_encoder_lora_layers=text_lora, safe_serialization=True)
+        text_lora = (
+            convert_state_dict_to_diffusers(get_peft_model_state_dict(base.text_encoder))
+            if c.train_text_encoder
+            else None
+        )
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=unet_lora, text_encoder_lora_layers=text_lora, safe_serialization=True
+        )
         return
     base.unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
     if c.train_text_encoder:

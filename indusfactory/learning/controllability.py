@@ -40,8 +40,9 @@ class ProbeResult:
     summary: adherence.AdherenceSummary
 
 
-def probe_cases(defect_free: Sequence[np.ndarray], masks: Sequence[tuple[int, str, np.ndarray]],
-                count: int, seed: int = 0) -> list[ProbeCase]:
+def probe_cases(
+    defect_free: Sequence[np.ndarray], masks: Sequence[tuple[int, str, np.ndarray]], count: int, seed: int = 0
+) -> list[ProbeCase]:
     """``count`` cases pairing defect-free images (cycled) with masks drawn without replacement (cycled)."""
     if not defect_free or not masks:
         return []
@@ -50,8 +51,9 @@ def probe_cases(defect_free: Sequence[np.ndarray], masks: Sequence[tuple[int, st
 
 
 @torch.no_grad()
-def sample_probe(pipe, config: FactoryConfig, cases: Sequence[ProbeCase], prompt_for, batch_size: int = 8,
-                 seed: int = 0) -> ProbeResult:
+def sample_probe(
+    pipe, config: FactoryConfig, cases: Sequence[ProbeCase], prompt_for, batch_size: int = 8, seed: int = 0
+) -> ProbeResult:
     """Generate one image per case with ``pipe`` (a StableDiffusionControlNetPipeline) and measure it.
 
     ``prompt_for(class_names)`` gives the condition prompt; sampling follows ``config.generation``.
@@ -62,12 +64,17 @@ def sample_probe(pipe, config: FactoryConfig, cases: Sequence[ProbeCase], prompt
     device = pipe.unet.device
     for start in range(0, len(cases), batch_size):
         part = cases[start : start + batch_size]
-        out = pipe([prompt_for([name for _, name, _ in c.instances]) for c in part],
-                   image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),
-                   height=resolution, width=resolution, num_inference_steps=gen.steps,
-                   guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
-                   generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(part))],
-                   output_type="np")
+        out = pipe(
+            [prompt_for([name for _, name, _ in c.instances]) for c in part],
+            image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),
+            height=resolution,
+            width=resolution,
+            num_inference_steps=gen.steps,
+            guidance_scale=gen.guidance_scale,
+            controlnet_conditioning_scale=gen.conditioning_scale,
+            generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(part))],
+            output_type="np",
+        )
         images.extend(from_model_output(out.images))
     masks = [c.union for c in cases]
     return ProbeResult(images, drivers, masks, adherence.measure(images, masks, margin=gen.adherence_margin))

@@ -67,9 +67,11 @@ def refuse_pickle_weights(folder: str | Path, components: tuple[str, ...] = WEIG
             continue
         pickles = sorted(f.name for f in part.iterdir() if f.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise ModelLoadError(f"{part} holds only pickle weights ({', '.join(pickles)}); indusfactory loads "
-                                 "safetensors only. Convert them, or set base_model.allow_pickle_weights: true "
-                                 "for a source you trust")
+            raise ModelLoadError(
+                f"{part} holds only pickle weights ({', '.join(pickles)}); indusfactory loads "
+                "safetensors only. Convert them, or set base_model.allow_pickle_weights: true "
+                "for a source you trust"
+            )
 
 
 def base_model_fingerprint(config: BaseModelConfig) -> dict:
@@ -154,13 +156,17 @@ def load_base_components(config: BaseModelConfig) -> BaseComponents:
     safe = {"use_safetensors": _use_safetensors(config, model_id), **kw}
     return BaseComponents(
         model_id=model_id,
-        tokenizer=_load("tokenizer", model_id, lambda: CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)),
-        text_encoder=_load("text encoder", model_id,
-                           lambda: CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **safe)),
+        tokenizer=_load(
+            "tokenizer", model_id, lambda: CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kw)
+        ),
+        text_encoder=_load(
+            "text encoder", model_id, lambda: CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **safe)
+        ),
         vae=_load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(model_id, subfolder="vae", **safe)),
         unet=_load("UNet", model_id, lambda: UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", **safe)),
-        noise_scheduler=_load("scheduler", model_id,
-                              lambda: DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)),
+        noise_scheduler=_load(
+            "scheduler", model_id, lambda: DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kw)
+        ),
     )
 
 
@@ -176,14 +182,29 @@ def load_concept_pipeline(config: BaseModelConfig, concept_dir: str) -> StableDi
     folder = Path(concept_dir)
     replaced = {}
     if (folder / "unet").is_dir():
-        replaced["unet"] = _load("fine-tuned UNet", str(folder), lambda: UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", use_safetensors=True))
+        replaced["unet"] = _load(
+            "fine-tuned UNet",
+            str(folder),
+            lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+        )
     if (folder / "text_encoder").is_dir():
-        replaced["text_encoder"] = _load("fine-tuned text encoder", str(folder), lambda: CLIPTextModel.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True))
-    pipe = _load("pipeline", model_id, lambda: StableDiffusionPipeline.from_pretrained(
-        model_id, safety_checker=None, requires_safety_checker=False,
-        use_safetensors=_use_safetensors(config, model_id), **replaced, **kw))
+        replaced["text_encoder"] = _load(
+            "fine-tuned text encoder",
+            str(folder),
+            lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+        )
+    pipe = _load(
+        "pipeline",
+        model_id,
+        lambda: StableDiffusionPipeline.from_pretrained(
+            model_id,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=_use_safetensors(config, model_id),
+            **replaced,
+            **kw,
+        ),
+    )
     if replaced:
         return pipe
     if not (folder / LORA_WEIGHTS).is_file():
@@ -209,8 +230,10 @@ def _check_every_lora_layer_applied(pipe: StableDiffusionPipeline, weights: Path
         in_file = sum(1 for k in keys if k.startswith(prefix) and ("lora_A" in k or "lora.down" in k))
         applied = sum(1 for n, _ in module.named_parameters() if "lora_A" in n)
         if in_file and applied < in_file:
-            raise ModelLoadError(f"concept LoRA {weights} has {in_file} {prefix.rstrip('.')} layers but only {applied} "
-                                 f"match base model {model_id}: it was made for another architecture")
+            raise ModelLoadError(
+                f"concept LoRA {weights} has {in_file} {prefix.rstrip('.')} layers but only {applied} "
+                f"match base model {model_id}: it was made for another architecture"
+            )
 
 
 def scheduler_for(name: str, config: dict):
@@ -222,8 +245,9 @@ def scheduler_for(name: str, config: dict):
     return EulerDiscreteScheduler.from_config(config)
 
 
-def load_generation_pipeline(config: BaseModelConfig, concept_dir: str, condition_dir: str,
-                             scheduler: str) -> StableDiffusionControlNetPipeline:
+def load_generation_pipeline(
+    config: BaseModelConfig, concept_dir: str, condition_dir: str, scheduler: str
+) -> StableDiffusionControlNetPipeline:
     """Concept model (base + fused LoRA) conditioned by the trained conditioning network."""
     concept = load_concept_pipeline(config, concept_dir)
     try:
@@ -231,9 +255,15 @@ def load_generation_pipeline(config: BaseModelConfig, concept_dir: str, conditio
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"conditioning network {condition_dir} cannot be loaded: {exc}") from exc
     pipe = StableDiffusionControlNetPipeline(
-        vae=concept.vae, text_encoder=concept.text_encoder, tokenizer=concept.tokenizer, unet=concept.unet,
-        controlnet=controlnet, scheduler=scheduler_for(scheduler, concept.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=concept.vae,
+        text_encoder=concept.text_encoder,
+        tokenizer=concept.tokenizer,
+        unet=concept.unet,
+        controlnet=controlnet,
+        scheduler=scheduler_for(scheduler, concept.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

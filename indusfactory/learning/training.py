@@ -66,8 +66,9 @@ def encode_latents(base: BaseComponents, pixels: torch.Tensor, batch_size: int =
 
 def tokenize(base: BaseComponents, prompts: list[str]) -> torch.Tensor:
     """Token ids of each prompt, padded to the tokenizer's maximum length, on the text encoder's device."""
-    tokens = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
+    tokens = base.tokenizer(
+        prompts, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     return tokens.input_ids.to(base.text_encoder.device)
 
 
@@ -104,8 +105,9 @@ class TrainingRuntime:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noisy_inputs(
+    base: BaseComponents, latents: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise the latents at random timesteps; return (noisy latents, timesteps, regression target).
 
     Noise and timesteps are drawn on the CPU from ``generator`` (the same on every device), then
@@ -113,8 +115,9 @@ def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.G
     """
     scheduler = base.noise_scheduler
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        latents.device
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
@@ -123,8 +126,14 @@ def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.G
     return noisy, timesteps, target
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor | None = None,
-                   scheduler=None, snr_gamma: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor | None = None,
+    scheduler=None,
+    snr_gamma: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE of the prediction; with ``snr_gamma``, each example weighted by Min-SNR (Hang et al. 2023).
 
     ``weights`` (broadcastable to the prediction, e.g. Nx1xhxw) weights each latent pixel; each
@@ -157,13 +166,26 @@ def checkpoint_uri_for(output_uri: str) -> str:
     return output_uri.rstrip("/") + ".checkpoint"
 
 
-def save_checkpoint(uri: str, step: int, params: list[torch.nn.Parameter], optimizer, lr_scheduler,
-                    scaler: torch.amp.GradScaler, generator: torch.Generator, losses: list[float]) -> None:
+def save_checkpoint(
+    uri: str,
+    step: int,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    losses: list[float],
+) -> None:
     """Everything needed to continue exactly where training stopped (tensors and plain values only)."""
-    state = {"step": step, "params": [p.detach().cpu().clone() for p in params],
-             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "generator": generator.get_state(),
-             "losses": torch.tensor(losses, dtype=torch.float64)}
+    state = {
+        "step": step,
+        "params": [p.detach().cpu().clone() for p in params],
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "generator": generator.get_state(),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     storage.write_bytes_atomic(storage.join(uri, CHECKPOINT_FILE), buffer.getvalue())
@@ -242,11 +264,17 @@ def validation_due(config: TrainingConfig, step: int) -> bool:
     return step == config.steps or bool(config.validation_every and step % config.validation_every == 0)
 
 
-def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_items: int,
-                 step_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], desc: str,
-                 progress: Progress | None = None, checkpoint_uri: str | None = None,
-                 runtime: TrainingRuntime | None = None,
-                 on_step: Callable[[int], None] | None = None) -> tuple[list[float], float]:
+def run_training(
+    params: list[torch.nn.Parameter],
+    config: TrainingConfig,
+    n_items: int,
+    step_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    desc: str,
+    progress: Progress | None = None,
+    checkpoint_uri: str | None = None,
+    runtime: TrainingRuntime | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[list[float], float]:
     """AdamW over ``params`` for ``config.steps`` steps of ``step_fn(batch_index, generator) -> loss``.
 
     Each optimiser step accumulates ``gradient_accumulation_steps`` micro-batches under the
@@ -259,8 +287,9 @@ def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_ite
     runtime = runtime or TrainingRuntime(torch.device("cpu"), torch.float32)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.steps)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps
+    )
     scaler = runtime.grad_scaler()
     losses: list[float] = []
     first = 1
@@ -296,25 +325,57 @@ def run_training(params: list[torch.nn.Parameter], config: TrainingConfig, n_ite
     return losses, time.perf_counter() - started
 
 
-def model_card(title: str, description: str, base_model: str, config: dict, data_fingerprint: str,
-               losses: list[float], seconds: float, extra: str = "", validation: Sequence[str] = ()) -> str:
+def model_card(
+    title: str,
+    description: str,
+    base_model: str,
+    config: dict,
+    data_fingerprint: str,
+    losses: list[float],
+    seconds: float,
+    extra: str = "",
+    validation: Sequence[str] = (),
+) -> str:
     """A Hugging Face style model card with the training config, data fingerprint and validation images."""
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     images = [f"![{name}]({name})" for name in validation]
-    return "\n".join([
-        "---", "library_name: diffusers", f"base_model: {base_model}", "tags:", "- indusfactory",
-        "- text-to-image", "---", "", f"# {title}", "", description, "",
-        f"- base model: `{base_model}`", f"- training data fingerprint: `{data_fingerprint}`",
-        f"- steps: {len(losses)} in {seconds:.1f} s; final loss (mean of last 10%): {sum(tail) / len(tail):.4f}",
-        extra, "", *(["## Validation", "", *images, ""] if images else []),
-        "## Training config", "", "```json", json.dumps(config, indent=2, sort_keys=True), "```", "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: diffusers",
+            f"base_model: {base_model}",
+            "tags:",
+            "- indusfactory",
+            "- text-to-image",
+            "---",
+            "",
+            f"# {title}",
+            "",
+            description,
+            "",
+            f"- base model: `{base_model}`",
+            f"- training data fingerprint: `{data_fingerprint}`",
+            f"- steps: {len(losses)} in {seconds:.1f} s; final loss (mean of last 10%): {sum(tail) / len(tail):.4f}",
+            extra,
+            "",
+            *(["## Validation", "", *images, ""] if images else []),
+            "## Training config",
+            "",
+            "```json",
+            json.dumps(config, indent=2, sort_keys=True),
+            "```",
+            "",
+        ]
+    )
 
 
 def write_model_metadata(folder: str, card: str, training_config: dict, record_json: str, record_file: str) -> None:
     """Write the model card, the training config and the stage record next to the weights."""
-    files = {"README.md": card, "training_config.json": json.dumps(training_config, indent=2, sort_keys=True),
-             record_file: record_json}
+    files = {
+        "README.md": card,
+        "training_config.json": json.dumps(training_config, indent=2, sort_keys=True),
+        record_file: record_json,
+    }
     for name, text in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
             handle.write(text)

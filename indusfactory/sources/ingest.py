@@ -130,11 +130,11 @@ def check_name(name: str, where: str) -> None:
     """Refuse a file name that holds a NUL byte or is not valid UTF-8 (no file can have it, or it could not
     be stored or shown faithfully)."""
     if "\0" in name:
-        raise Refusal("bad_file_name", f"file name '{printable(name)}' in {where} holds a NUL byte "
-                      "(no file can have this name)")
+        raise Refusal(
+            "bad_file_name", f"file name '{printable(name)}' in {where} holds a NUL byte (no file can have this name)"
+        )
     if printable(name) != name:
-        raise Refusal("bad_file_name", f"file name '{printable(name)}' in {where} is not valid UTF-8 "
-                      "(rename the file)")
+        raise Refusal("bad_file_name", f"file name '{printable(name)}' in {where} is not valid UTF-8 (rename the file)")
 
 
 def check_inside(uri: str, root: str) -> None:
@@ -194,8 +194,11 @@ def _open_checked(data: bytes, name: str, max_pixels: int, what: str = "image") 
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise Refusal("too_large", f"{name} has {width}x{height} pixels, above the limit of {max_pixels} "
-                      "(source.max_image_pixels); refused before decoding")
+        raise Refusal(
+            "too_large",
+            f"{name} has {width}x{height} pixels, above the limit of {max_pixels} "
+            "(source.max_image_pixels); refused before decoding",
+        )
     return image
 
 
@@ -214,8 +217,11 @@ def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
         return ((rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255).astype(np.uint8)
     if mode in PLAIN_MODES:
         return np.asarray(image.convert("RGB"))
-    raise Refusal("unsupported_mode", f"{name} has pixel mode {mode}, which is not supported "
-                  f"(supported: {', '.join(PLAIN_MODES + ALPHA_MODES + ('P',) + SIXTEEN_BIT_MODES)})")
+    raise Refusal(
+        "unsupported_mode",
+        f"{name} has pixel mode {mode}, which is not supported "
+        f"(supported: {', '.join(PLAIN_MODES + ALPHA_MODES + ('P',) + SIXTEEN_BIT_MODES)})",
+    )
 
 
 @contextmanager
@@ -258,8 +264,11 @@ def load_mask(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             rgb = np.asarray(image)
             if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2]):
                 return rgb[:, :, 0].astype(np.int64)
-        raise Refusal("bad_mask", f"mask {name} has pixel mode {image.mode}: a mask must be single-channel "
-                      "(L, P, I;16 or 1-bit; RGB only with three equal channels)")
+        raise Refusal(
+            "bad_mask",
+            f"mask {name} has pixel mode {image.mode}: a mask must be single-channel "
+            "(L, P, I;16 or 1-bit; RGB only with three equal channels)",
+        )
 
 
 def split_of(image_id: str, seed: int, fractions: tuple[float, float, float]) -> str:
@@ -306,8 +315,10 @@ def rle_string_counts(counts: str | bytes) -> np.ndarray:
     starts = np.concatenate([[0], ends[:-1] + 1])
     lengths = ends - starts + 1
     if lengths.max() > RLE_MAX_RUN_CHARS:
-        raise ValueError(f"compressed RLE string has a run of {lengths.max()} characters (at most "
-                         f"{RLE_MAX_RUN_CHARS}: runs below 2**29 pixels)")
+        raise ValueError(
+            f"compressed RLE string has a run of {lengths.max()} characters (at most "
+            f"{RLE_MAX_RUN_CHARS}: runs below 2**29 pixels)"
+        )
     shifts = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
     values = np.add.reduceat((chars & 0x1F) << shifts, starts)
     negative = (chars[ends] & 0x10) != 0
@@ -323,8 +334,10 @@ def _list_runs(counts: list, height: int, width: int, ann_id: object) -> np.ndar
     if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
         raise Refusal("bad_annotation", f"annotation {ann_id} RLE counts are not all integers")
     if not all(0 <= c <= height * width for c in counts):
-        raise Refusal("bad_annotation", f"annotation {ann_id} RLE has a run length outside 0..{height * width} "
-                      "(negative or longer than its image)")
+        raise Refusal(
+            "bad_annotation",
+            f"annotation {ann_id} RLE has a run length outside 0..{height * width} (negative or longer than its image)",
+        )
     return np.asarray(counts, dtype=np.int64)
 
 
@@ -332,20 +345,27 @@ def _check_runs(runs: np.ndarray, height: int, width: int, ann_id: object) -> No
     if (runs < 0).any():
         raise Refusal("bad_annotation", f"annotation {ann_id} RLE has a negative run length")
     if int(runs.sum()) != height * width:
-        raise Refusal("bad_annotation", f"annotation {ann_id} RLE covers {int(runs.sum())} pixels, its image "
-                      f"has {height}x{width} = {height * width}")
+        raise Refusal(
+            "bad_annotation",
+            f"annotation {ann_id} RLE covers {int(runs.sum())} pixels, its image "
+            f"has {height}x{width} = {height * width}",
+        )
 
 
 def _check_polygons(polygons: list, height: int, width: int, ann_id: object, max_points: int) -> list[list[float]]:
     """Refuse malformed polygons, more than ``max_points`` points in all, and vertices more than half a
     pixel outside the image (``-0.5 <= x <= width + 0.5``, the same for y)."""
     if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in polygons):
-        raise Refusal("bad_annotation", f"annotation {ann_id} has a polygon that is not a flat list of "
-                      "at least 3 x,y points")
+        raise Refusal(
+            "bad_annotation", f"annotation {ann_id} has a polygon that is not a flat list of at least 3 x,y points"
+        )
     points = sum(len(p) for p in polygons) // 2
     if points > max_points:
-        raise Refusal("annotation_limit", f"annotation {ann_id} has {points} polygon points, above the limit "
-                      f"of {max_points} (source.max_polygon_points)")
+        raise Refusal(
+            "annotation_limit",
+            f"annotation {ann_id} has {points} polygon points, above the limit "
+            f"of {max_points} (source.max_polygon_points)",
+        )
     checked = []
     for polygon in polygons:
         if not all(type(v) in (int, float) for v in polygon):
@@ -353,23 +373,31 @@ def _check_polygons(polygons: list, height: int, width: int, ann_id: object, max
         try:
             coords = np.asarray(polygon, dtype=np.float64)
         except OverflowError as exc:
-            raise Refusal("mask_outside", f"annotation {ann_id} has a polygon coordinate too large to be a "
-                          f"pixel position of its {width}x{height} image") from exc
+            raise Refusal(
+                "mask_outside",
+                f"annotation {ann_id} has a polygon coordinate too large to be a "
+                f"pixel position of its {width}x{height} image",
+            ) from exc
         xs, ys = coords[0::2], coords[1::2]
         low, x_high, y_high = -BORDER_SLACK, width + BORDER_SLACK, height + BORDER_SLACK
-        if (not np.isfinite(coords).all() or xs.min() < low or ys.min() < low or xs.max() > x_high
-                or ys.max() > y_high):
-            raise Refusal("mask_outside", f"annotation {ann_id} has polygon points outside its {width}x{height} "
-                          f"image (x in {xs.min():g}..{xs.max():g}, y in {ys.min():g}..{ys.max():g}; "
-                          f"{BORDER_SLACK:g} px beyond the border is allowed)")
+        if not np.isfinite(coords).all() or xs.min() < low or ys.min() < low or xs.max() > x_high or ys.max() > y_high:
+            raise Refusal(
+                "mask_outside",
+                f"annotation {ann_id} has polygon points outside its {width}x{height} "
+                f"image (x in {xs.min():g}..{xs.max():g}, y in {ys.min():g}..{ys.max():g}; "
+                f"{BORDER_SLACK:g} px beyond the border is allowed)",
+            )
         checked.append(coords.tolist())
     return checked
 
 
 def _check_rle_length(counts: object, ann_id: object, max_length: int) -> None:
     if isinstance(counts, (list, str, bytes)) and len(counts) > max_length:
-        raise Refusal("annotation_limit", f"annotation {ann_id} RLE counts have length {len(counts)}, above the "
-                      f"limit of {max_length} (source.max_rle_length)")
+        raise Refusal(
+            "annotation_limit",
+            f"annotation {ann_id} RLE counts have length {len(counts)}, above the "
+            f"limit of {max_length} (source.max_rle_length)",
+        )
 
 
 def _rle_of(segmentation: dict, height: int, width: int, ann_id: object, max_length: int) -> dict:
@@ -379,8 +407,11 @@ def _rle_of(segmentation: dict, height: int, width: int, ann_id: object, max_len
     except (TypeError, ValueError, OverflowError):
         size = []
     if size != [height, width]:
-        raise Refusal("mask_size", f"annotation {ann_id} RLE size {brief(segmentation.get('size'))} does not "
-                      f"match its image (height x width = {height}x{width})")
+        raise Refusal(
+            "mask_size",
+            f"annotation {ann_id} RLE size {brief(segmentation.get('size'))} does not "
+            f"match its image (height x width = {height}x{width})",
+        )
     counts = segmentation.get("counts")
     _check_rle_length(counts, ann_id, max_length)
     if isinstance(counts, list):
@@ -409,8 +440,9 @@ def decode_annotation(ann: dict, height: int, width: int, source: SourceConfig) 
     elif isinstance(segmentation, dict):
         rle = _rle_of(segmentation, height, width, ann_id, source.max_rle_length)
     else:
-        raise Refusal("bad_annotation", f"annotation {ann_id} has an unknown segmentation type "
-                      f"{type(segmentation).__name__}")
+        raise Refusal(
+            "bad_annotation", f"annotation {ann_id} has an unknown segmentation type {type(segmentation).__name__}"
+        )
     return mask_utils.decode(rle).astype(bool)
 
 
@@ -438,21 +470,32 @@ def _bbox_problem(given: object, mask_box: list[float], height: int, width: int)
 
 def _rle_instance(rle: dict, annotation_id: int, category_id: int, category: str, iscrowd: bool) -> dict:
     bbox, area = rle_bbox_area(rle)
-    return {"annotation_id": annotation_id, "category_id": category_id, "category": category, "rle": rle,
-            "bbox": bbox, "area": area, "iscrowd": iscrowd}
+    return {
+        "annotation_id": annotation_id,
+        "category_id": category_id,
+        "category": category,
+        "rle": rle,
+        "bbox": bbox,
+        "area": area,
+        "iscrowd": iscrowd,
+    }
 
 
 def _instance(mask: np.ndarray, annotation_id: int, category_id: int, category: str, iscrowd: bool) -> dict:
     return _rle_instance(mask_to_rle(mask), annotation_id, category_id, category, iscrowd)
 
 
-def coco_instances(anns: list[dict], categories: dict[int, str], height: int, width: int,
-                   source: SourceConfig) -> tuple[list[dict], list[str]]:
+def coco_instances(
+    anns: list[dict], categories: dict[int, str], height: int, width: int, source: SourceConfig
+) -> tuple[list[dict], list[str]]:
     """Catalog instances of one image's COCO annotations, and the bbox corrections made; any bad
     annotation (whatever its fault) refuses the image."""
     if len(anns) > source.max_annotations_per_image:
-        raise Refusal("annotation_limit", f"the image has {len(anns)} annotations, above the limit of "
-                      f"{source.max_annotations_per_image} (source.max_annotations_per_image)")
+        raise Refusal(
+            "annotation_limit",
+            f"the image has {len(anns)} annotations, above the limit of "
+            f"{source.max_annotations_per_image} (source.max_annotations_per_image)",
+        )
     instances, corrections = [], []
     for ann in anns:
         try:
@@ -460,20 +503,26 @@ def coco_instances(anns: list[dict], categories: dict[int, str], height: int, wi
         except (Refusal, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - whatever an annotation holds, it refuses only its image
-            raise Refusal("bad_annotation", f"annotation {brief(ann.get('id'))} cannot be read: "
-                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+            raise Refusal(
+                "bad_annotation",
+                f"annotation {brief(ann.get('id'))} cannot be read: {type(exc).__name__}: {str(exc)[:200]}",
+            ) from exc
         instances.append(instance)
         corrections += [correction] if correction else []
     return instances, corrections
 
 
-def _coco_instance(ann: dict, categories: dict[int, str], height: int, width: int,
-                   source: SourceConfig) -> tuple[dict, str | None]:
+def _coco_instance(
+    ann: dict, categories: dict[int, str], height: int, width: int, source: SourceConfig
+) -> tuple[dict, str | None]:
     """One annotation's instance, and the bbox correction made (None when its bbox agrees or is absent)."""
     category_id = ann.get("category_id")
     if not isinstance(category_id, int) or isinstance(category_id, bool) or category_id not in categories:
-        raise Refusal("unknown_category", f"annotation {brief(ann.get('id'))} has unknown category id "
-                      f"{brief(category_id)} (known: {sorted(categories)})")
+        raise Refusal(
+            "unknown_category",
+            f"annotation {brief(ann.get('id'))} has unknown category id "
+            f"{brief(category_id)} (known: {sorted(categories)})",
+        )
     mask = decode_annotation(ann, height, width, source)
     if not mask.any():
         raise Refusal("bad_annotation", f"annotation {ann.get('id')} has an empty mask")
@@ -518,17 +567,25 @@ def mask_instances(labels: np.ndarray, mask_values: dict[int, str], name: str, m
     present = [int(v) for v in np.unique(labels) if v != 0]
     unknown = [v for v in present if v not in mask_values]
     if unknown:
-        raise Refusal("unknown_mask_value", f"mask {name} holds values {unknown[:10]} that are not in "
-                      f"source.mask_values ({sorted(mask_values)}; 0 is background)")
+        raise Refusal(
+            "unknown_mask_value",
+            f"mask {name} holds values {unknown[:10]} that are not in "
+            f"source.mask_values ({sorted(mask_values)}; 0 is background)",
+        )
     if len(present) > max_instances:  # each value has a component: refused before labelling any
-        raise Refusal("annotation_limit", f"mask {name} has {len(present)} values, so more than {max_instances} "
-                      "connected components (source.max_annotations_per_image)")
+        raise Refusal(
+            "annotation_limit",
+            f"mask {name} has {len(present)} values, so more than {max_instances} "
+            "connected components (source.max_annotations_per_image)",
+        )
     instances: list[dict] = []
     for value in present:
         numbered, count = label(labels == value, connectivity=2, return_num=True)
         if len(instances) + count > max_instances:
-            raise Refusal("annotation_limit", f"mask {name} has more than {max_instances} connected components "
-                          "(source.max_annotations_per_image)")
+            raise Refusal(
+                "annotation_limit",
+                f"mask {name} has more than {max_instances} connected components (source.max_annotations_per_image)",
+            )
         for rle in _component_rles(numbered, count):
             instances.append(_rle_instance(rle, len(instances) + 1, value, mask_values[value], False))
     return instances
@@ -587,13 +644,26 @@ class IngestResult:
     annotations_of_duplicates: int = 0
     corrected: list[tuple[str, str]] = field(default_factory=list)
 
-    def reject(self, source_uri: str, kind: str, reason: str, item: str = "image",
-               annotation_ids: list[int | None] | None = None) -> None:
+    def reject(
+        self,
+        source_uri: str,
+        kind: str,
+        reason: str,
+        item: str = "image",
+        annotation_ids: list[int | None] | None = None,
+    ) -> None:
         """Quarantine one item (an image unless said otherwise) with its kind and reason."""
         source_uri, reason = printable(source_uri), printable(reason)
         log.warning("quarantined %s %s: %s", item, source_uri, reason)
-        self.quarantine.append({"source_uri": source_uri, "kind": kind, "reason": reason, "item": item,
-                                "annotation_ids": list(annotation_ids or [])})
+        self.quarantine.append(
+            {
+                "source_uri": source_uri,
+                "kind": kind,
+                "reason": reason,
+                "item": item,
+                "annotation_ids": list(annotation_ids or []),
+            }
+        )
 
     @property
     def quarantined_images(self) -> int:
@@ -604,8 +674,13 @@ class IngestResult:
         ingested = sum(len(r["instances"]) for r in self.rows)
         with_image = sum(len(q["annotation_ids"]) for q in self.quarantine if q["item"] == "image")
         orphaned = sum(len(q["annotation_ids"]) for q in self.quarantine if q["item"] == "annotation")
-        return {"found": self.annotations_found, "ingested": ingested, "quarantined": with_image,
-                "duplicates": self.annotations_of_duplicates, "orphaned": orphaned}
+        return {
+            "found": self.annotations_found,
+            "ingested": ingested,
+            "quarantined": with_image,
+            "duplicates": self.annotations_of_duplicates,
+            "orphaned": orphaned,
+        }
 
 
 def _load(candidate: Candidate, source: SourceConfig, categories: dict[int, str]) -> Loaded | Refusal:
@@ -635,8 +710,9 @@ def _load_checked(candidate: Candidate, source: SourceConfig, categories: dict[i
         instances = _mask_file_instances(candidate, source, height, width)
     else:
         instances, corrections = coco_instances(candidate.annotations, categories, height, width, source)
-    return Loaded(content_id(rgb), width, height, encode_png(rgb, compress_level=CATALOG_PNG_LEVEL), instances,
-                  corrections)
+    return Loaded(
+        content_id(rgb), width, height, encode_png(rgb, compress_level=CATALOG_PNG_LEVEL), instances, corrections
+    )
 
 
 def _mask_file_instances(candidate: Candidate, source: SourceConfig, height: int, width: int) -> list[dict]:
@@ -645,8 +721,11 @@ def _mask_file_instances(candidate: Candidate, source: SourceConfig, height: int
     check_inside(mask_uri, candidate.mask_root or "")
     labels = load_mask(_read(mask_uri, mask_uri, source.max_file_bytes), mask_uri, source.max_image_pixels)
     if labels.shape != (height, width):
-        raise Refusal("mask_size", f"mask {mask_uri} is {labels.shape[1]}x{labels.shape[0]}, "
-                      f"its image is {width}x{height} (after EXIF orientation)")
+        raise Refusal(
+            "mask_size",
+            f"mask {mask_uri} is {labels.shape[1]}x{labels.shape[0]}, "
+            f"its image is {width}x{height} (after EXIF orientation)",
+        )
     return mask_instances(labels, source.mask_values, mask_uri, source.max_annotations_per_image)
 
 
@@ -678,12 +757,17 @@ def _check_regular(uri: str, info: dict, max_bytes: int) -> None:
     if kind == "directory":
         raise Refusal("missing_file", f"{uri} is a folder, not an image file")
     if kind != "file":
-        raise Refusal("not_a_file", f"{uri} is not a regular file (type {kind!r}: a FIFO, socket or device); "
-                      "only regular files are read")
+        raise Refusal(
+            "not_a_file",
+            f"{uri} is not a regular file (type {kind!r}: a FIFO, socket or device); only regular files are read",
+        )
     size = info.get("size")
     if isinstance(size, int) and size > max_bytes:
-        raise Refusal("too_large", f"{uri} is {size} bytes, above the limit of {max_bytes} "
-                      "(source.max_file_bytes); refused without reading it")
+        raise Refusal(
+            "too_large",
+            f"{uri} is {size} bytes, above the limit of {max_bytes} "
+            "(source.max_file_bytes); refused without reading it",
+        )
 
 
 def _check_expected_size(candidate: Candidate, size: tuple[int, int], raw_size: tuple[int, int]) -> None:
@@ -691,10 +775,16 @@ def _check_expected_size(candidate: Candidate, size: tuple[int, int], raw_size: 
     expected = candidate.expected_size
     if expected is None or expected == size:
         return
-    hint = (" (it matches the image before EXIF orientation: annotations must be relative to the "
-            "oriented image)" if expected == raw_size else "")
-    raise Refusal("size_mismatch", f"{candidate.uri} is {size[0]}x{size[1]} after EXIF orientation but its "
-                  f"COCO entry says {expected[0]}x{expected[1]}{hint}")
+    hint = (
+        " (it matches the image before EXIF orientation: annotations must be relative to the oriented image)"
+        if expected == raw_size
+        else ""
+    )
+    raise Refusal(
+        "size_mismatch",
+        f"{candidate.uri} is {size[0]}x{size[1]} after EXIF orientation but its "
+        f"COCO entry says {expected[0]}x{expected[1]}{hint}",
+    )
 
 
 # --- listing the sources -----------------------------------------------------------------------
@@ -749,8 +839,11 @@ def _given_split(entry: dict, source: SourceConfig) -> str | None:
     value = entry.get(source.split_field)
     split = value.strip().lower() if isinstance(value, str) else None
     if split not in SPLITS:
-        raise Refusal("bad_split", f"image {brief(entry.get('file_name'))} has {source.split_field}={brief(value)}; "
-                      f"source.split_field requires one of {', '.join(SPLITS)}")
+        raise Refusal(
+            "bad_split",
+            f"image {brief(entry.get('file_name'))} has {source.split_field}={brief(value)}; "
+            f"source.split_field requires one of {', '.join(SPLITS)}",
+        )
     return split
 
 
@@ -772,9 +865,13 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if not _is_id(image_id) or image_id not in id_counts:
             ann_id = ann.get("id") if isinstance(ann, dict) else None
-            result.reject(f"{coco_uri}#annotations[{index}]", "orphan_annotation",
-                          f"annotation {brief(ann_id)} names image id {brief(image_id)}, which no image entry has",
-                          item="annotation", annotation_ids=[ann_id if isinstance(ann_id, int) else None])
+            result.reject(
+                f"{coco_uri}#annotations[{index}]",
+                "orphan_annotation",
+                f"annotation {brief(ann_id)} names image id {brief(image_id)}, which no image entry has",
+                item="annotation",
+                annotation_ids=[ann_id if isinstance(ann_id, int) else None],
+            )
             continue
         anns_by_image.setdefault(image_id, []).append(ann)
     candidates, claimed = [], set()
@@ -784,8 +881,9 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
         anns = [] if image_id in claimed else anns_by_image.get(image_id, [])
         claimed.add(image_id)
         name = entry.get("file_name") if isinstance(entry, dict) else None
-        candidate = Candidate(uri="", name=name if isinstance(name, str) else "", root=source.images_dir,
-                              defective=True, annotations=anns)
+        candidate = Candidate(
+            uri="", name=name if isinstance(name, str) else "", root=source.images_dir, defective=True, annotations=anns
+        )
         try:
             _fill_candidate(candidate, entry, index, source, id_counts)
         except Refusal as exc:
@@ -796,8 +894,7 @@ def coco_candidates(source: SourceConfig, coco: dict, result: IngestResult) -> l
     return candidates
 
 
-def _fill_candidate(candidate: Candidate, entry: object, index: int, source: SourceConfig,
-                    id_counts: Counter) -> None:
+def _fill_candidate(candidate: Candidate, entry: object, index: int, source: SourceConfig, id_counts: Counter) -> None:
     """Set a candidate's URI, split and expected size from its COCO entry; any fault is a Refusal."""
     try:
         candidate.uri = _check_coco_entry(entry, index, source, id_counts)
@@ -807,8 +904,10 @@ def _fill_candidate(candidate: Candidate, entry: object, index: int, source: Sou
     except (Refusal, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - one malformed entry must not stop the ingest
-        raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} cannot be read: "
-                      f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise Refusal(
+            "bad_entry",
+            f"image entry {index} of {source.coco_annotations} cannot be read: {type(exc).__name__}: {str(exc)[:200]}",
+        ) from exc
 
 
 def _label(root: str, name: str) -> str:
@@ -824,12 +923,16 @@ def _check_coco_entry(entry: object, index: int, source: SourceConfig, id_counts
         raise Refusal("bad_entry", f"image entry {index} of {source.coco_annotations} has no id")
     file_name = entry.get("file_name")
     if not isinstance(file_name, str) or not file_name:
-        raise Refusal("bad_entry", f"image entry {index} (id {brief(entry['id'])}) of {source.coco_annotations} "
-                      "has no file_name")
+        raise Refusal(
+            "bad_entry", f"image entry {index} (id {brief(entry['id'])}) of {source.coco_annotations} has no file_name"
+        )
     uri = safe_join(source.images_dir, file_name)
     if id_counts[entry["id"]] > 1:
-        raise Refusal("duplicate_image_id", f"image id {brief(entry['id'])} is used by {id_counts[entry['id']]} image "
-                      "entries: its annotations cannot be attributed (they are counted with the first entry)")
+        raise Refusal(
+            "duplicate_image_id",
+            f"image id {brief(entry['id'])} is used by {id_counts[entry['id']]} image "
+            "entries: its annotations cannot be attributed (they are counted with the first entry)",
+        )
     return uri
 
 
@@ -838,10 +941,14 @@ def _check_annotation_ids(candidate: Candidate, ann_id_counts: Counter) -> None:
     for ann in candidate.annotations:
         ann_id = ann.get("id")
         if not isinstance(ann_id, int) or isinstance(ann_id, bool):
-            raise Refusal("bad_annotation", f"an annotation of {brief(candidate.name)} has no integer id ({brief(ann_id)})")
+            raise Refusal(
+                "bad_annotation", f"an annotation of {brief(candidate.name)} has no integer id ({brief(ann_id)})"
+            )
         if ann_id_counts[ann_id] > 1:
-            raise Refusal("duplicate_annotation_id", f"annotation id {ann_id} of {brief(candidate.name)} is used by "
-                          f"{ann_id_counts[ann_id]} annotations")
+            raise Refusal(
+                "duplicate_annotation_id",
+                f"annotation id {ann_id} of {brief(candidate.name)} is used by {ann_id_counts[ann_id]} annotations",
+            )
 
 
 def mask_folder_candidates(source: SourceConfig, result: IngestResult) -> list[Candidate]:
@@ -862,21 +969,29 @@ def mask_folder_candidates(source: SourceConfig, result: IngestResult) -> list[C
         try:
             uri = safe_join(source.images_dir, name)
             if stems[stem] > 1:
-                raise Refusal("ambiguous_mask", f"{uri}: {stems[stem]} images share the stem {stem!r}, so the "
-                              "mask cannot be attributed")
+                raise Refusal(
+                    "ambiguous_mask",
+                    f"{uri}: {stems[stem]} images share the stem {stem!r}, so the mask cannot be attributed",
+                )
             if stem not in masks:
                 raise Refusal("missing_mask", f"{uri} has no mask {stem}.png in {masks_dir}")
             mask_uri = safe_join(masks_dir, masks[stem])
         except Refusal as exc:
             result.reject(storage.join(source.images_dir, name), exc.kind, str(exc))
             continue
-        candidates.append(Candidate(uri=uri, name=name, root=source.images_dir, defective=True,
-                                    mask_uri=mask_uri, mask_root=masks_dir))
+        candidates.append(
+            Candidate(
+                uri=uri, name=name, root=source.images_dir, defective=True, mask_uri=mask_uri, mask_root=masks_dir
+            )
+        )
     for stem, name in masks.items():
         if stem not in stems:
-            result.reject(storage.join(masks_dir, name), "orphan_mask",
-                          f"mask {printable(name)!r} has no image {printable(stem)}.* in {source.images_dir}",
-                          item="mask")
+            result.reject(
+                storage.join(masks_dir, name),
+                "orphan_mask",
+                f"mask {printable(name)!r} has no image {printable(stem)}.* in {source.images_dir}",
+                item="mask",
+            )
     return candidates
 
 
@@ -906,8 +1021,11 @@ def defect_free_candidates(source: SourceConfig, result: IngestResult) -> list[C
 
 def _unnamed_coco_images(source: SourceConfig, coco: dict, result: IngestResult) -> None:
     """List files of ``images_dir`` the COCO file does not name (ignored, but reported)."""
-    named = {posixpath.normpath(e["file_name"]) for e in coco["images"]
-             if isinstance(e, dict) and isinstance(e.get("file_name"), str) and e["file_name"]}
+    named = {
+        posixpath.normpath(e["file_name"])
+        for e in coco["images"]
+        if isinstance(e, dict) and isinstance(e.get("file_name"), str) and e["file_name"]
+    }
     for name in list_files(source.images_dir):
         if posixpath.normpath(name) not in named and name.lower().endswith(IMAGE_EXTENSIONS):
             result.ignored.append((storage.join(source.images_dir, name), "not named by the COCO file"))
@@ -923,8 +1041,9 @@ def collect(source: SourceConfig) -> tuple[IngestResult, list[dict]]:
         coco = read_coco(source.coco_annotations)
         categories = coco_categories(coco, source.coco_annotations)
         candidates = coco_candidates(source, coco, result)
-        ann_id_counts = Counter(a.get("id") for a in coco["annotations"]
-                                if isinstance(a, dict) and isinstance(a.get("id"), int))
+        ann_id_counts = Counter(
+            a.get("id") for a in coco["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)
+        )
         candidates = _drop_bad_annotation_ids(candidates, ann_id_counts, result)
         _unnamed_coco_images(source, coco, result)
     else:
@@ -954,8 +1073,13 @@ def _drop_bad_annotation_ids(candidates: list[Candidate], counts: Counter, resul
     return kept
 
 
-def _accept(result: IngestResult, seen: dict[str, tuple[str, Loaded]], source: SourceConfig, candidate: Candidate,
-            outcome: Loaded | Refusal) -> None:
+def _accept(
+    result: IngestResult,
+    seen: dict[str, tuple[str, Loaded]],
+    source: SourceConfig,
+    candidate: Candidate,
+    outcome: Loaded | Refusal,
+) -> None:
     """Catalog a loaded image, or count it as a duplicate or quarantined.
 
     An image with the pixels of one already kept is dropped as an exact duplicate when dropping it
@@ -968,9 +1092,14 @@ def _accept(result: IngestResult, seen: dict[str, tuple[str, Loaded]], source: S
     if outcome.image_id in seen:
         first_uri, first = seen[outcome.image_id]
         if outcome.instances and outcome.defects != first.defects:
-            result.reject(candidate.uri, "conflicting_duplicate", f"{candidate.uri} has the same pixels as "
-                          f"{first_uri} but other annotations ({len(outcome.defects)} distinct defects against "
-                          f"{len(first.defects)}, or other masks or classes)", annotation_ids=candidate.annotation_ids)
+            result.reject(
+                candidate.uri,
+                "conflicting_duplicate",
+                f"{candidate.uri} has the same pixels as "
+                f"{first_uri} but other annotations ({len(outcome.defects)} distinct defects against "
+                f"{len(first.defects)}, or other masks or classes)",
+                annotation_ids=candidate.annotation_ids,
+            )
             return
         result.duplicates += 1
         result.annotations_of_duplicates += len(outcome.instances if candidate.mask_uri else candidate.annotations)
@@ -979,13 +1108,19 @@ def _accept(result: IngestResult, seen: dict[str, tuple[str, Loaded]], source: S
         return
     seen[outcome.image_id] = (candidate.uri, outcome)
     result.corrected += [(candidate.uri, note) for note in outcome.corrections]
-    result.rows.append({
-        "image_id": outcome.image_id, "source_uri": candidate.uri, "file_name": candidate.name,
-        "width": outcome.width, "height": outcome.height,
-        "split": candidate.split or split_of(outcome.image_id, source.split_seed, source.split_fractions),
-        "defective": candidate.defective, "image": {"bytes": outcome.png, "path": f"{outcome.image_id}.png"},
-        "instances": outcome.instances,
-    })
+    result.rows.append(
+        {
+            "image_id": outcome.image_id,
+            "source_uri": candidate.uri,
+            "file_name": candidate.name,
+            "width": outcome.width,
+            "height": outcome.height,
+            "split": candidate.split or split_of(outcome.image_id, source.split_seed, source.split_fractions),
+            "defective": candidate.defective,
+            "image": {"bytes": outcome.png, "path": f"{outcome.image_id}.png"},
+            "instances": outcome.instances,
+        }
+    )
 
 
 def _cell(text: str) -> str:
@@ -998,32 +1133,41 @@ def _report(result: IngestResult, source: SourceConfig) -> str:
     ingested, quarantined = len(result.rows), result.quarantined_images
     where = source.coco_annotations if source.format == "coco" else f"{source.images_dir} + {source.masks_dir}"
     lines = [
-        "# Ingest report", "",
+        "# Ingest report",
+        "",
         f"- format: {source.format} ({where}); defect-free: {source.defect_free_dir}",
         f"- found: {result.found} images",
         f"- ingested: {ingested} ({defective} defective, {ingested - defective} defect-free)",
-        f"- duplicates dropped: {result.duplicates}", f"- quarantined: {quarantined}",
+        f"- duplicates dropped: {result.duplicates}",
+        f"- quarantined: {quarantined}",
         f"- reconciliation: ingested {ingested} + quarantined {quarantined} + duplicates {result.duplicates} "
         f"= found {result.found}",
     ]
     counts = result.annotation_counts()
     if source.format == "coco":
-        lines.append(f"- annotations: found {counts['found']} = ingested {counts['ingested']} + quarantined with "
-                     f"their image {counts['quarantined']} + dropped with duplicates {counts['duplicates']} + "
-                     f"orphaned {counts['orphaned']}")
+        lines.append(
+            f"- annotations: found {counts['found']} = ingested {counts['ingested']} + quarantined with "
+            f"their image {counts['quarantined']} + dropped with duplicates {counts['duplicates']} + "
+            f"orphaned {counts['orphaned']}"
+        )
     else:
-        lines.append(f"- instances (connected mask components): ingested {counts['ingested']}, dropped with "
-                     f"duplicates {counts['duplicates']} (masks of quarantined images are not decomposed)")
+        lines.append(
+            f"- instances (connected mask components): ingested {counts['ingested']}, dropped with "
+            f"duplicates {counts['duplicates']} (masks of quarantined images are not decomposed)"
+        )
     if result.corrected:
-        lines.append(f"- bboxes corrected from their masks: {len(result.corrected)} (source.bbox_policy: correct; "
-                     "listed below)")
+        lines.append(
+            f"- bboxes corrected from their masks: {len(result.corrected)} (source.bbox_policy: correct; listed below)"
+        )
     others = [q for q in result.quarantine if q["item"] != "image"]
     if others:
         lines.append(f"- also refused: {len(others)} annotations or masks that belong to no image (listed below)")
     if result.quarantine:
         lines += ["", "## Quarantined", "", "| item | file | kind | reason |", "| --- | --- | --- | --- |"]
-        lines += [f"| {q['item']} | {_cell(q['source_uri'])} | {q['kind']} | {_cell(q['reason'])} |"
-                  for q in result.quarantine]
+        lines += [
+            f"| {q['item']} | {_cell(q['source_uri'])} | {q['kind']} | {_cell(q['reason'])} |"
+            for q in result.quarantine
+        ]
     if result.corrected:
         lines += ["", "## Bboxes corrected", "", "| file | correction |", "| --- | --- |"]
         lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in result.corrected]
@@ -1055,7 +1199,8 @@ def _nothing_usable(result: IngestResult, source: SourceConfig, catalog_uri: str
     return BadInputError(
         f"no usable defective image in {where} ({result.found} images found, {result.quarantined_images} "
         f"quarantined: {summary}; {result.duplicates} duplicates); every reason is in "
-        f"{storage.join(catalog_uri, REPORT_FILE)}")
+        f"{storage.join(catalog_uri, REPORT_FILE)}"
+    )
 
 
 def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
@@ -1072,10 +1217,17 @@ def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
     content = fingerprint("catalog", [(r["image_id"], r["split"], r["instances"]) for r in result.rows])
     defective = sum(row["defective"] for row in result.rows)
     record = CatalogRecord(
-        uri=catalog_uri, fingerprint=catalog_uri.rstrip("/").rsplit("/", 1)[-1], content_fingerprint=content,
-        found=result.found, ingested=len(result.rows), quarantined=result.quarantined_images,
-        duplicates=result.duplicates, defective=defective, defect_free=len(result.rows) - defective,
-        categories=categories, annotations=result.annotation_counts(),
+        uri=catalog_uri,
+        fingerprint=catalog_uri.rstrip("/").rsplit("/", 1)[-1],
+        content_fingerprint=content,
+        found=result.found,
+        ingested=len(result.rows),
+        quarantined=result.quarantined_images,
+        duplicates=result.duplicates,
+        defective=defective,
+        defect_free=len(result.rows) - defective,
+        categories=categories,
+        annotations=result.annotation_counts(),
     )
     if record.ingested + record.quarantined + record.duplicates != record.found:
         raise AssertionError(f"ingest counts do not reconcile: {record}")
@@ -1114,8 +1266,13 @@ def source_listing(source: SourceConfig) -> dict:
 
 def ingest_fingerprint(source: SourceConfig, factory_root: str) -> str:
     """Cache key of the catalog: the source settings (not how many threads), its files, the root."""
-    return fingerprint("ingest", INGEST_VERSION, source.model_dump(exclude={"make_sample_data", "read_workers"}),
-                       source_listing(source), storage.normalise_uri(factory_root))
+    return fingerprint(
+        "ingest",
+        INGEST_VERSION,
+        source.model_dump(exclude={"make_sample_data", "read_workers"}),
+        source_listing(source),
+        storage.normalise_uri(factory_root),
+    )
 
 
 def read_catalog(catalog_uri: str) -> pa.Table:
