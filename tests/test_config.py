@@ -96,3 +96,18 @@ def test_the_cli_prints_a_bad_config_file_in_a_few_lines(tmp_path):
 def test_prompt_templates_must_name_their_fields():
     with pytest.raises(ConfigError, match="classes"):
         parse_config({"condition": {"prompt_template": "an image of a {token}"}})
+
+
+def test_every_field_of_the_run_form_has_a_description():
+    """Prefect renders FactoryConfig's JSON schema as the run form: a field without a description is a bare name
+    there (a subclass that overrides a default must restate the inherited description)."""
+    schema = FactoryConfig.model_json_schema()
+    models = {"FactoryConfig": schema, **schema.get("$defs", {})}
+    bare = [
+        f"{model}.{name}"
+        for model, spec in models.items()
+        for name, field in spec.get("properties", {}).items()
+        if not field.get("description")
+    ]
+    assert bare == []
+    assert len(schema["$defs"]) >= 10  # every section is checked, not only the top level

@@ -331,14 +331,6 @@ def holder_died_here(holder: LockInfo) -> bool:
     return bool(started) and len(stat) > 19 and stat[19] != started
 
 
-@contextmanager
-def storage_lock(uri: str, **kwargs: Any) -> Iterator[StorageLock]:
-    """``with storage_lock(uri, owner=..., stale_after=...) as lock:`` — see :class:`StorageLock`."""
-    lock = StorageLock(uri, **kwargs)
-    with lock:
-        yield lock
-
-
 def _ago(timestamp: float) -> str:
     seconds = max(0.0, time.time() - timestamp)
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"

@@ -245,12 +245,6 @@ def load_oriented(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         return _to_rgb(oriented, name), raw_size
 
 
-def load_rgb(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, int, int]:
-    """RGB uint8 with EXIF orientation applied, and the stored (oriented) width and height."""
-    rgb, _ = load_oriented(data, name, max_pixels)
-    return rgb, rgb.shape[1], rgb.shape[0]
-
-
 def load_mask(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Integer HxW label values of a mask file, EXIF orientation applied."""
     image = _open_checked(data, name, max_pixels, "mask")
