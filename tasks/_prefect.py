@@ -301,7 +301,7 @@ def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLoc
     flow_run = FlowRunContext.get()
     if flow_run is not None and flow_run.flow_run is not None:
         owner += f", flow run {flow_run.flow_run.name!r}"
-    name = f"{stage}-{storage_basename(output_uri)}"
+    name = f"{stage}-{storage.basename(output_uri)}"
     return StorageLock(
         lock_uri(config.factory_root, name),
         owner=owner,
@@ -309,8 +309,3 @@ def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLoc
         wait_timeout=config.execution.lock_wait_seconds,
         logger=run_logger(),
     )
-
-
-def storage_basename(uri: str) -> str:
-    """The last part of a local path or URI (``models/concept/<fp>`` -> ``<fp>``)."""
-    return uri.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from indusfactory.config import FactoryConfig
-from indusfactory.evaluation.evaluate import RECORD_FILE, evaluate_dataset, evaluation_fingerprint
+from indusfactory.evaluation.evaluate import RECORD_FILE, evaluate_dataset, evaluation_uri_for
 from indusfactory.infra import storage
 from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
@@ -14,8 +14,7 @@ from tasks.report import image_markdown
 
 
 def _marker(p: dict) -> str:
-    fp = evaluation_fingerprint(p["config"], p["catalog"], p["dataset"])
-    return storage.join(p["dataset"].uri, "evaluation", fp, RECORD_FILE)
+    return storage.join(evaluation_uri_for(p["config"], p["catalog"], p["dataset"]), RECORD_FILE)
 
 
 @task(name="evaluate-dataset", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)

@@ -365,9 +365,9 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     from prefect.settings import PREFECT_API_URL
 
     from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
     from indusfactory.learning.concept import concept_uri_for
     from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from tasks._prefect import storage_basename
 
     config = make_config(execution={"torch_threads": 1})
     catalog = ingest(config.source, catalog_uri_for(config))
@@ -434,9 +434,9 @@ def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_ap
     from flows.learn_concept import learn_concept
     from indusfactory.infra import storage
     from indusfactory.infra.locking import lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
     from indusfactory.learning.concept import concept_uri_for
     from indusfactory.sources.ingest import catalog_uri_for, ingest
-    from tasks._prefect import storage_basename
 
     config = make_config(execution={"lock_stale_seconds": 120})
     catalog = ingest(config.source, catalog_uri_for(config))

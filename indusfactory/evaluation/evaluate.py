@@ -252,6 +252,10 @@ def distribution(name_of: dict[int, str], instances: list[list[tuple[int, np.nda
     return {"instances_per_class": counts, "mask_size_histogram": size_histogram(areas, SIZE_BINS)}
 
 
+def evaluation_uri_for(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> str:
+    return storage.FactoryLayout.evaluation(dataset.uri, evaluation_fingerprint(config, catalog, dataset))
+
+
 def evaluation_fingerprint(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> str:
     return fingerprint(
         "evaluation",
@@ -497,7 +501,7 @@ def run_protocol(e: EvaluationConfig, data: ProtocolData) -> tuple[dict, object]
 def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> EvaluationRecord:
     """Run the downstream protocol, adherence and fidelity; write ``evaluation.json`` (reused when present)."""
     fp = evaluation_fingerprint(config, catalog, dataset)
-    folder_uri = storage.join(dataset.uri, "evaluation", fp)
+    folder_uri = storage.FactoryLayout.evaluation(dataset.uri, fp)
     done = EvaluationRecord.read_completed(storage.join(folder_uri, RECORD_FILE))
     if done:
         return done

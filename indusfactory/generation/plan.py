@@ -189,7 +189,7 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
     storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
     record = PlanRecord(
         uri=plan_uri,
-        fingerprint=plan_uri.rstrip("/").rsplit("/", 1)[-1],
+        fingerprint=storage.basename(plan_uri),
         samples=len(rows),
         shards=rows[-1]["shard"] + 1,
     )

@@ -399,3 +399,14 @@ class FactoryLayout:
 
     def dataset(self, name: str, version: str) -> str:
         return join(self.root, "datasets", name, version)
+
+    @staticmethod
+    def evaluation(dataset_uri: str, fingerprint: str) -> str:
+        """An evaluation lives in the dataset version it evaluates: ``<dataset>/evaluation/<fingerprint>``."""
+        return join(dataset_uri, "evaluation", fingerprint)
+
+
+def basename(uri: str) -> str:
+    """The last part of a local path or URI: the fingerprint of a stage's folder (``models/concept/<fp>`` ->
+    ``<fp>``), the version of a dataset's folder."""
+    return uri.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

@@ -569,7 +569,7 @@ def publish_dataset(
     shards: list[ShardRecord],
 ) -> DatasetRecord:
     """Finalise the dataset version at ``dataset_uri`` with the lineage of everything that made it."""
-    version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+    version = storage.basename(dataset_uri)
     return finalize_dataset(
         dataset_uri,
         config.export.dataset_name,

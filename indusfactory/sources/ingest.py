@@ -1212,7 +1212,7 @@ def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
     defective = sum(row["defective"] for row in result.rows)
     record = CatalogRecord(
         uri=catalog_uri,
-        fingerprint=catalog_uri.rstrip("/").rsplit("/", 1)[-1],
+        fingerprint=storage.basename(catalog_uri),
         content_fingerprint=content,
         found=result.found,
         ingested=len(result.rows),
