@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
+# `make lint` (run by CI before the tests): ruff check, ruff format --check, mypy, hadolint.
 PYTHON ?= python3
 VENV ?= .venv
 # CPU machines pin torch to the CPU build; on a GPU machine install your CUDA torch into the
@@ -23,7 +24,10 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
 
 clean:
-	rm -rf factory sample-data .pytest_cache
+	rm -rf factory sample-data .pytest_cache .mypy_cache .ruff_cache

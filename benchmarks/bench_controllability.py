@@ -1,6 +1,6 @@
 """Does the factory learn what it is shown? Adherence and fidelity on surfaces it has never seen.
 
-For each dataset (procedural surfaces from ``indusfactory.surfaces``: grey and tinted, three
+For each dataset (procedural surfaces from ``indusfactory.demo.surfaces``: grey and tinted, three
 classes of dark defects 1-4 px wide at 256 px, a test split never used in training), this runs
 the recipe of the config (the defaults unless ``--set`` changes them) through the library's
 stages (ingest, learn-concept, learn-condition) and then samples the held-out probe: defect-free
@@ -35,18 +35,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indusfactory import adherence  # noqa: E402
-from indusfactory.concept import concept_uri_for, train_concept  # noqa: E402
-from indusfactory.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
 from indusfactory.config import parse_config  # noqa: E402
-from indusfactory.controllability import probe_cases, sample_probe  # noqa: E402
-from indusfactory.features import feature_extractor  # noqa: E402
-from indusfactory.imaging import fit_square  # noqa: E402
-from indusfactory.ingest import catalog_uri_for, ingest  # noqa: E402
-from indusfactory.metrics import kernel_inception_distance  # noqa: E402
-from indusfactory.models import load_generation_pipeline  # noqa: E402
+from indusfactory.demo.surfaces import write_surface_dataset  # noqa: E402
+from indusfactory.evaluation.features import feature_extractor  # noqa: E402
+from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E402
+from indusfactory.generation import adherence  # noqa: E402
+from indusfactory.infra.imaging import fit_square  # noqa: E402
+from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa: E402
+from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
+from indusfactory.learning.controllability import probe_cases, sample_probe  # noqa: E402
+from indusfactory.learning.models import load_generation_pipeline  # noqa: E402
 from indusfactory.schema import category_index  # noqa: E402
-from indusfactory.surfaces import write_surface_dataset  # noqa: E402
+from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,10 +89,16 @@ def _test_split(data, resolution: int, categories: list[dict]):
 
 def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int, seed: int) -> dict:
     data = write_surface_dataset(workdir / f"data-{tint}", tint=tint, seed=seed)
-    raw = {"factory_root": str(workdir / f"factory-{tint}"),
-           "source": {"coco_annotations": str(data.coco_annotations), "images_dir": str(data.images_dir),
-                      "defect_free_dir": str(data.defect_free_dir), "split_field": "split",
-                      "make_sample_data": False}}
+    raw = {
+        "factory_root": str(workdir / f"factory-{tint}"),
+        "source": {
+            "coco_annotations": str(data.coco_annotations),
+            "images_dir": str(data.images_dir),
+            "defect_free_dir": str(data.defect_free_dir),
+            "split_field": "split",
+            "make_sample_data": False,
+        },
+    }
     for item in overrides:
         _set(raw, item)
     config = parse_config(raw, origin="benchmark")
@@ -123,8 +129,9 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     round_trip = _vae_round_trip(pipe, real_images)
     through_vae = adherence.measure(round_trip, real_masks)
     extract = feature_extractor(config.evaluation.feature_extractor)
-    kid = kernel_inception_distance(extract(result.images), extract(real_images),
-                                    subset_size=min(len(result.images), len(real_images), 50))
+    kid = kernel_inception_distance(
+        extract(result.images), extract(real_images), subset_size=min(len(result.images), len(real_images), 50)
+    )
     sheet_path = RESULTS / f"controllability-{tint}.png"
     _contact_sheet(result, sheet_path)
     return {
@@ -144,7 +151,7 @@ def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
     """The real images encoded and decoded by the base model's VAE: the best any generated sample can look."""
     import torch
 
-    from indusfactory.imaging import from_model_output, to_model_tensor
+    from indusfactory.infra.imaging import from_model_output, to_model_tensor
 
     with torch.no_grad():
         decoded = pipe.vae.decode(pipe.vae.encode(to_model_tensor(images)).latent_dist.mean).sample
@@ -152,8 +159,8 @@ def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _contact_sheet(result, path: Path) -> None:
-    from indusfactory.condition import mask_overlay
-    from indusfactory.imaging import image_grid
+    from indusfactory.infra.imaging import image_grid
+    from indusfactory.learning.condition import mask_overlay
     from indusfactory.schema import encode_png
 
     tiles = []
@@ -166,8 +173,13 @@ def _contact_sheet(result, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tints", nargs="+", default=["grey", "teal"], help="Datasets to run (surface tints).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="Config override, e.g. condition.steps=300 (YAML value).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Config override, e.g. condition.steps=300 (YAML value).",
+    )
     parser.add_argument("--probe", type=int, default=48, help="Held-out probe samples per dataset.")
     parser.add_argument("--seed", type=int, default=0, help="Dataset seed.")
     parser.add_argument("--label", default="default", help="Name of the results file.")
@@ -180,17 +192,24 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-controllability-"))
     # each tint its own dataset (seed + its position), so the grey and colour runs share no geometry
     runs = [run_dataset(t, args.overrides, workdir, args.probe, args.seed + i) for i, t in enumerate(args.tints)]
-    report = {"label": args.label, "overrides": args.overrides, "machine": f"{platform.machine()} x{os.cpu_count()}",
-              "load_avg": os.getloadavg(), "runs": runs}
+    report = {
+        "label": args.label,
+        "overrides": args.overrides,
+        "machine": f"{platform.machine()} x{os.cpu_count()}",
+        "load_avg": os.getloadavg(),
+        "runs": runs,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"controllability-{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
     for run in runs:
         g, r = run["generated"], run["real"]
         v = run["real_through_vae"]
-        print(f"{run['tint']:>5}: AUC {g['median_auc']:.3f} (chance {g['chance_auc']:.3f}, real {r['median_auc']:.3f}, "
-              f"real through the VAE {v['median_auc']:.3f}) "
-              f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
-              f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}")
+        print(
+            f"{run['tint']:>5}: AUC {g['median_auc']:.3f} (chance {g['chance_auc']:.3f}, real {r['median_auc']:.3f}, "
+            f"real through the VAE {v['median_auc']:.3f}) "
+            f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
+            f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ CATEGORIES = [{"id": 1, "name": "hairline"}]
 def machine() -> dict:
     import s3fs
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "s3fs": s3fs.__version__}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "s3fs": s3fs.__version__,
+    }
 
 
 def start_endpoint() -> tuple[object, str]:
@@ -52,14 +57,20 @@ def start_endpoint() -> tuple[object, str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     return server, endpoint
 
 
 def dataset_rows(count: int, size: int, seed: int = 0) -> list[dict]:
     """Rows of ``schema.DATASET_SCHEMA`` with textured images and one procedural crack each."""
-    from indusfactory.cracks import random_crack_mask
+    from indusfactory.drivers.cracks import random_crack_mask
     from indusfactory.schema import encode_png, mask_to_rle, rle_bbox_area
 
     rng = np.random.default_rng(seed)
@@ -72,36 +83,69 @@ def dataset_rows(count: int, size: int, seed: int = 0) -> list[dict]:
         rle = mask_to_rle(mask)
         bbox, area = rle_bbox_area(rle)
         sample_id = f"{index:016x}"
-        rows.append({
-            "sample_id": sample_id, "sample_index": index,
-            "image": {"bytes": encode_png(image), "path": f"{sample_id}.png"}, "width": size, "height": size,
-            "instances": [{"category_id": 1, "category": "hairline", "rle": rle, "bbox": bbox, "area": area,
-                           "mask_source": "procedural"}],
-            "driver": {"bytes": encode_png((mask[..., None] * np.array([255, 0, 0])).astype(np.uint8)),
-                       "path": f"{sample_id}_driver.png"},
-            "prompt": "an image of a sks with a hairline crack", "seed": index, "driver_image_id": "bench",
-            "qc_mask_contrast": 0.5, "qc_adherence": None, "qc_passed": True, "base_model": "bench",
-            "concept_fingerprint": "bench", "condition_fingerprint": "bench", "code_version": "bench",
-            "worker": "bench"})
+        rows.append(
+            {
+                "sample_id": sample_id,
+                "sample_index": index,
+                "image": {"bytes": encode_png(image), "path": f"{sample_id}.png"},
+                "width": size,
+                "height": size,
+                "instances": [
+                    {
+                        "category_id": 1,
+                        "category": "hairline",
+                        "rle": rle,
+                        "bbox": bbox,
+                        "area": area,
+                        "mask_source": "procedural",
+                    }
+                ],
+                "driver": {
+                    "bytes": encode_png((mask[..., None] * np.array([255, 0, 0])).astype(np.uint8)),
+                    "path": f"{sample_id}_driver.png",
+                },
+                "prompt": "an image of a sks with a hairline crack",
+                "seed": index,
+                "driver_image_id": "bench",
+                "qc_mask_contrast": 0.5,
+                "qc_adherence": None,
+                "qc_passed": True,
+                "base_model": "bench",
+                "concept_fingerprint": "bench",
+                "condition_fingerprint": "bench",
+                "code_version": "bench",
+                "worker": "bench",
+            }
+        )
     return rows
 
 
 def export(dataset_uri: str, rows: list[dict], shard_size: int) -> float:
     """Seconds to write every shard and finalise the dataset at ``dataset_uri``."""
-    from indusfactory.export import finalize_dataset, write_shard
+    from indusfactory.publishing.publish import finalize_dataset, write_shard
 
     total = (len(rows) + shard_size - 1) // shard_size
     started = time.perf_counter()
-    shards = [write_shard(dataset_uri, "train", i, total, rows[i * shard_size : (i + 1) * shard_size], CATEGORIES, 0.0)
-              for i in range(total)]
-    finalize_dataset(dataset_uri, "bench", dataset_uri.rsplit("/", 1)[-1], "train", shards, CATEGORIES, {},
-                     {"base_model": "bench", "concept_fingerprint": "bench", "condition_fingerprint": "bench"})
+    shards = [
+        write_shard(dataset_uri, "train", i, total, rows[i * shard_size : (i + 1) * shard_size], CATEGORIES, 0.0)
+        for i in range(total)
+    ]
+    finalize_dataset(
+        dataset_uri,
+        "bench",
+        dataset_uri.rsplit("/", 1)[-1],
+        "train",
+        shards,
+        CATEGORIES,
+        {},
+        {"base_model": "bench", "concept_fingerprint": "bench", "condition_fingerprint": "bench"},
+    )
     return time.perf_counter() - started
 
 
 def written_files(fs, prefix: str) -> dict[str, bytes]:
     """Every file the export wrote under the dataset's parent folder (``latest`` included)."""
-    return {path[len(prefix):]: fs.cat_file(path) for path in fs.find(prefix)}
+    return {path[len(prefix) :]: fs.cat_file(path) for path in fs.find(prefix)}
 
 
 def raw_sequential(fs, target: str, files: dict[str, bytes]) -> float:
@@ -144,21 +188,40 @@ def main() -> None:
             concurrent = raw_concurrent(fs, f"bench/raw-par-{repeat}/", files)
             size = sum(len(d) for d in files.values())
             assert not [name for name in files if "/.tmp-" in "/" + name], "the export left temporary files"
-            runs.append({"export_seconds": round(seconds, 3), "raw_sequential_seconds": round(sequential, 3),
-                         "raw_concurrent_seconds": round(concurrent, 3), "files": len(files), "bytes": size})
-            print(f"repeat {repeat}: export {seconds:.2f} s, raw sequential {sequential:.2f} s, raw concurrent "
-                  f"{concurrent:.2f} s ({len(files)} files, {size / 1e6:.1f} MB)")
+            runs.append(
+                {
+                    "export_seconds": round(seconds, 3),
+                    "raw_sequential_seconds": round(sequential, 3),
+                    "raw_concurrent_seconds": round(concurrent, 3),
+                    "files": len(files),
+                    "bytes": size,
+                }
+            )
+            print(
+                f"repeat {repeat}: export {seconds:.2f} s, raw sequential {sequential:.2f} s, raw concurrent "
+                f"{concurrent:.2f} s ({len(files)} files, {size / 1e6:.1f} MB)"
+            )
     finally:
         server.stop()
-    best = {key: min(r[key] for r in runs) for key in ("export_seconds", "raw_sequential_seconds",
-                                                       "raw_concurrent_seconds")}
-    ratios = {"export_over_raw_sequential": round(best["export_seconds"] / best["raw_sequential_seconds"], 3),
-              "export_over_raw_concurrent": round(best["export_seconds"] / best["raw_concurrent_seconds"], 3)}
-    print(f"export / raw sequential = {ratios['export_over_raw_sequential']}, export / raw concurrent = "
-          f"{ratios['export_over_raw_concurrent']} (best of {args.repeats}; lower is faster)")
-    result = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "settings": {"samples": args.samples, "size": args.size, "shard_size": args.shard_size},
-              "runs": runs, "best": best, "ratios": ratios}
+    best = {
+        key: min(r[key] for r in runs) for key in ("export_seconds", "raw_sequential_seconds", "raw_concurrent_seconds")
+    }
+    ratios = {
+        "export_over_raw_sequential": round(best["export_seconds"] / best["raw_sequential_seconds"], 3),
+        "export_over_raw_concurrent": round(best["export_seconds"] / best["raw_concurrent_seconds"], 3),
+    }
+    print(
+        f"export / raw sequential = {ratios['export_over_raw_sequential']}, export / raw concurrent = "
+        f"{ratios['export_over_raw_concurrent']} (best of {args.repeats}; lower is faster)"
+    )
+    result = {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"samples": args.samples, "size": args.size, "shard_size": args.shard_size},
+        "runs": runs,
+        "best": best,
+        "ratios": ratios,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

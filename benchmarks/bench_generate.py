@@ -52,9 +52,15 @@ def machine() -> dict:
     """Where the numbers come from."""
     import diffusers
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -68,25 +74,62 @@ def write_sd15_architecture(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from indusfactory.tiny_model import MAX_PROMPT_TOKENS, build_clip_tokenizer
+    from indusfactory.demo.tiny_model import MAX_PROMPT_TOKENS, build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=MAX_PROMPT_TOKENS, projection_dim=768, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512,
-                        scaling_factor=0.18215)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=MAX_PROMPT_TOKENS,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -100,8 +143,11 @@ def write_random_concept(base: str, folder: Path, rank: int = 8) -> None:
 
     torch.manual_seed(1)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
     lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=lora, safe_serialization=True)
 
@@ -110,14 +156,15 @@ def write_random_condition(base: str, folder: Path) -> None:
     """A conditioning network made from the base UNet (what ``train_condition`` starts from)."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from indusfactory.condition import conditioning_channels_for
+    from indusfactory.learning.condition import conditioning_channels_for
 
     torch.manual_seed(2)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(factor)) \
-        .save_pretrained(folder, safe_serialization=True)
+    ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels_for(factor)
+    ).save_pretrained(folder, safe_serialization=True)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -136,42 +183,64 @@ class Setup:
 def make_config(root: Path, base: str, sample: Path, args, factory: Path | None = None, **generation):
     from indusfactory.config import parse_config
 
-    return parse_config({
-        "factory_root": str(factory or root / "factory"),
-        "source": {"coco_annotations": str(sample / "defective" / "annotations.json"),
-                   "images_dir": str(sample / "defective" / "images"), "defect_free_dir": str(sample / "defect_free")},
-        "base_model": {"pretrained": base, "resolution": args.resolution},
-        "concept": {"steps": 20, "batch_size": 4}, "condition": {"steps": 20, "batch_size": 4},
-        "plan": {"augmentations_per_image": args.augmentations, "images_per_driver": args.per_driver,
-                 "max_defect_free_images": args.drivers},
-        "generation": {"steps": args.steps, "guidance_scale": 7.5, "scheduler": "dpmsolver++",
-                       "batch_size": args.batch_size, "shard_size": args.shard_size,
-                       "conditioning_scale": args.conditioning_scale, **generation},
-        "execution": {"device": args.device, "precision": args.precision, "torch_threads": args.threads},
-    })
+    return parse_config(
+        {
+            "factory_root": str(factory or root / "factory"),
+            "source": {
+                "coco_annotations": str(sample / "defective" / "annotations.json"),
+                "images_dir": str(sample / "defective" / "images"),
+                "defect_free_dir": str(sample / "defect_free"),
+            },
+            "base_model": {"pretrained": base, "resolution": args.resolution},
+            "concept": {"steps": 20, "batch_size": 4},
+            "condition": {"steps": 20, "batch_size": 4},
+            "plan": {
+                "augmentations_per_image": args.augmentations,
+                "images_per_driver": args.per_driver,
+                "max_defect_free_images": args.drivers,
+            },
+            "generation": {
+                "steps": args.steps,
+                "guidance_scale": 7.5,
+                "scheduler": "dpmsolver++",
+                "batch_size": args.batch_size,
+                "shard_size": args.shard_size,
+                "conditioning_scale": args.conditioning_scale,
+                **generation,
+            },
+            "execution": {"device": args.device, "precision": args.precision, "torch_threads": args.threads},
+        }
+    )
 
 
 def prepare(root: Path, args) -> Setup:
     """Base model, random concept and condition, sample data, catalog and plan under ``root``."""
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.models import resolve_base_model
-    from indusfactory.plan import build_plan, plan_uri_for, read_plan
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.demo.sample_data import write_sample_data
+    from indusfactory.generation.plan import build_plan, plan_uri_for, read_plan
+    from indusfactory.learning.models import resolve_base_model
     from indusfactory.schema import ModelRecord
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
-    base = str(write_sd15_architecture(root / "sd15-arch")) if args.sd15_architecture else \
-        resolve_base_model("embedded:tiny-sd")
+    base = (
+        str(write_sd15_architecture(root / "sd15-arch"))
+        if args.sd15_architecture
+        else resolve_base_model("embedded:tiny-sd")
+    )
     write_random_concept(base, root / "concept")
     write_random_condition(base, root / "condition")
-    sample = write_sample_data(root / "sample", n_defective=12, n_defect_free=args.drivers,
-                               size=max(64, args.resolution)).root
+    sample = write_sample_data(
+        root / "sample", n_defective=12, n_defect_free=args.drivers, size=max(64, args.resolution)
+    ).root
     config = make_config(root, base, sample, args)
     catalog = ingest(config.source, catalog_uri_for(config))
     plan = build_plan(config, catalog, plan_uri_for(config, catalog))
-    records = [ModelRecord(kind=kind, uri=str(root / kind), fingerprint=f"bench-{kind}", base_model=base, steps=0,
-                           seconds=0.0) for kind in ("concept", "condition")]
-    return Setup(config=config, catalog=catalog, plan=plan, concept=records[0], condition=records[1],
-                 rows=read_plan(plan))
+    records = [
+        ModelRecord(kind=kind, uri=str(root / kind), fingerprint=f"bench-{kind}", base_model=base, steps=0, seconds=0.0)
+        for kind in ("concept", "condition")
+    ]
+    return Setup(
+        config=config, catalog=catalog, plan=plan, concept=records[0], condition=records[1], rows=read_plan(plan)
+    )
 
 
 def speed_up(pipe, args) -> None:
@@ -229,11 +298,16 @@ class Clock:
 
 def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
     """Time to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
-    from indusfactory.export import publish_dataset
-    from indusfactory.generate import GenerationContext, generate_shard
+    from indusfactory.generation.generate import GenerationContext, generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
-    ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
-                            concept=setup.concept, condition=setup.condition)
+    ctx = GenerationContext(
+        config=setup.config,
+        catalog_uri=setup.catalog.uri,
+        categories=setup.catalog.categories,
+        concept=setup.concept,
+        condition=setup.condition,
+    )
     with Clock() as clock:
         shards = [generate_shard(ctx, setup.plan, dataset_uri, i) for i in range(setup.plan.shards)]
         publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset_uri, shards)
@@ -246,7 +320,7 @@ def plain_pipeline(setup: Setup, args):
     ``--plain-defaults``: as a diffusers user gets it, fp32 and no speed-up (the issue's baseline);
     otherwise in our precision with the same speed-ups as ours (a like-for-like loop).
     """
-    from indusfactory.models import load_generation_pipeline, select_device, select_dtype
+    from indusfactory.learning.models import load_generation_pipeline, select_device, select_dtype
 
     pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, "dpmsolver++")
     device = select_device(setup.config.execution)
@@ -261,15 +335,16 @@ def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
     """(prompts, PIL drivers, seed) per batch: the inputs a diffusers user would have ready."""
     from PIL import Image
 
-    from indusfactory.plan import SourceImages, materialise
+    from indusfactory.generation.plan import SourceImages, materialise
 
     sources = SourceImages(setup.catalog.uri, setup.catalog.categories)
     size = setup.config.generation.batch_size
     batches = []
     for start in range(0, len(setup.rows), size):
         rows = setup.rows[start : start + size]
-        drivers = [Image.fromarray((materialise(r, sources, setup.config).driver * 255).round().astype(np.uint8))
-                   for r in rows]
+        drivers = [
+            Image.fromarray((materialise(r, sources, setup.config).driver * 255).round().astype(np.uint8)) for r in rows
+        ]
         batches.append(([r["prompt"] for r in rows], drivers, rows[0]["seed"]))
     return batches
 
@@ -280,19 +355,32 @@ def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
     resolution = setup.config.base_model.resolution
     with Clock() as clock:
         for prompts, drivers, seed in batches:
-            pipe(prompt=prompts, image=drivers, height=resolution, width=resolution, num_inference_steps=gen.steps,
-                 guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
-                 generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil")
+            pipe(
+                prompt=prompts,
+                image=drivers,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=gen.steps,
+                guidance_scale=gen.guidance_scale,
+                controlnet_conditioning_scale=gen.conditioning_scale,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                output_type="pil",
+            )
         _sync(args)
     return clock
 
 
 def bench_throughput(root: Path, setup: Setup, args) -> dict:
     """Factory versus plain loop, interleaved ``args.repeats`` times; plus the generation-stage rerun."""
-    from indusfactory.generate import GenerationContext, generate_rows, get_pipeline
+    from indusfactory.generation.generate import GenerationContext, generate_rows, get_pipeline
 
-    ctx = GenerationContext(config=setup.config, catalog_uri=setup.catalog.uri, categories=setup.catalog.categories,
-                            concept=setup.concept, condition=setup.condition)
+    ctx = GenerationContext(
+        config=setup.config,
+        catalog_uri=setup.catalog.uri,
+        categories=setup.catalog.categories,
+        concept=setup.concept,
+        condition=setup.condition,
+    )
     speed_up(get_pipeline(ctx), args)
     generate_rows(ctx, setup.rows[: setup.config.generation.batch_size])  # warm-up: load, compile, caches
     pipe, batches = plain_pipeline(setup, args), plain_batches(setup)
@@ -307,12 +395,17 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
             rerun, again = factory_pass(setup, uri)
             assert all(s.reused for s in again), "the rerun regenerated a shard"
         plain.append(plain_pass(pipe, batches, setup, args))
-        print(f"repeat {repeat}: factory {samples / factory[-1].wall:.2f} images/s (CPU {factory[-1].cpu:.1f} s), "
-              f"plain loop {samples / plain[-1].wall:.2f} images/s (CPU {plain[-1].cpu:.1f} s)")
-    result = {"samples": samples, "factory_wall_seconds": [round(c.wall, 3) for c in factory],
-              "factory_cpu_seconds": [round(c.cpu, 3) for c in factory],
-              "plain_loop_wall_seconds": [round(c.wall, 3) for c in plain],
-              "plain_loop_cpu_seconds": [round(c.cpu, 3) for c in plain]}
+        print(
+            f"repeat {repeat}: factory {samples / factory[-1].wall:.2f} images/s (CPU {factory[-1].cpu:.1f} s), "
+            f"plain loop {samples / plain[-1].wall:.2f} images/s (CPU {plain[-1].cpu:.1f} s)"
+        )
+    result = {
+        "samples": samples,
+        "factory_wall_seconds": [round(c.wall, 3) for c in factory],
+        "factory_cpu_seconds": [round(c.cpu, 3) for c in factory],
+        "plain_loop_wall_seconds": [round(c.wall, 3) for c in plain],
+        "plain_loop_cpu_seconds": [round(c.cpu, 3) for c in plain],
+    }
     for kind in ("wall", "cpu"):
         best_factory = samples / min(getattr(c, kind) for c in factory)
         best_plain = samples / min(getattr(c, kind) for c in plain)
@@ -320,9 +413,11 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
         result[f"plain_loop_images_per_{kind}_s"] = round(best_plain, 3)
         result[f"ratio_factory_over_plain_{kind}"] = round(best_factory / best_plain, 3)
         print(f"factory / plain loop, {kind} time: {best_factory / best_plain:.3f} (best of {args.repeats})")
-    result["generation_stage_rerun"] = {"first_seconds": round(factory[0].wall, 3),
-                                        "rerun_seconds": round(rerun.wall, 4),
-                                        "ratio": round(rerun.wall / factory[0].wall, 5)}
+    result["generation_stage_rerun"] = {
+        "first_seconds": round(factory[0].wall, 3),
+        "rerun_seconds": round(rerun.wall, 4),
+        "ratio": round(rerun.wall / factory[0].wall, 5),
+    }
     print(f"generation-stage rerun {rerun.wall:.3f} s = {rerun.wall / factory[0].wall:.5f} of the first run")
     if not args.sd15_architecture:  # the FLOP accounting is SD 1.5's; the tiny model's is much smaller
         return result
@@ -334,8 +429,10 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
     if peak:
         result["peak_bf16_tflops"] = peak
         result["fraction_of_bf16_limit"] = round(result["achieved_tflops"] / peak, 3)
-        print(f"factory: {result['achieved_tflops']} TFLOP/s of {peak} (bf16 limit) = "
-              f"{result['fraction_of_bf16_limit']:.1%}, at {per_image:.1f} TFLOP per image")
+        print(
+            f"factory: {result['achieved_tflops']} TFLOP/s of {peak} (bf16 limit) = "
+            f"{result['fraction_of_bf16_limit']:.1%}, at {per_image:.1f} TFLOP per image"
+        )
     return result
 
 
@@ -361,13 +458,19 @@ def bench_flow_rerun(root: Path, setup: Setup, args) -> dict:
             record = generate_dataset(config=config)
             times.append(time.perf_counter() - started)
     assert record.reused, "the second flow run did not reuse the published dataset"
-    print(f"flow: first run {times[0]:.1f} s (ingest, 2 x 20 training steps, {record.samples} images, publish"
-          f"{', evaluate' if config.evaluation.enabled else ''}), "
-          f"rerun {times[1]:.1f} s = {times[1] / times[0]:.4f}")
-    return {"first_seconds": round(times[0], 2), "rerun_seconds": round(times[1], 2),
-            "ratio": round(times[1] / times[0], 4), "samples": record.samples,
-            "evaluation": config.evaluation.enabled,
-            "training_steps": {"concept": config.concept.steps, "condition": config.condition.steps}}
+    print(
+        f"flow: first run {times[0]:.1f} s (ingest, 2 x 20 training steps, {record.samples} images, publish"
+        f"{', evaluate' if config.evaluation.enabled else ''}), "
+        f"rerun {times[1]:.1f} s = {times[1] / times[0]:.4f}"
+    )
+    return {
+        "first_seconds": round(times[0], 2),
+        "rerun_seconds": round(times[1], 2),
+        "ratio": round(times[1] / times[0], 4),
+        "samples": record.samples,
+        "evaluation": config.evaluation.enabled,
+        "training_steps": {"concept": config.concept.steps, "condition": config.condition.steps},
+    }
 
 
 def main() -> None:
@@ -378,10 +481,17 @@ def main() -> None:
     parser.add_argument("--sd15-architecture", action="store_true", help="SD 1.5's architecture, random weights")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the ControlNet")
-    parser.add_argument("--compile-mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune"],
-                        help="torch.compile mode ('reduce-overhead' uses CUDA graphs)")
-    parser.add_argument("--plain-defaults", action="store_true",
-                        help="the plain loop as diffusers gives it: fp32, no speed-ups (the issue's GPU baseline)")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=[None, "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode ('reduce-overhead' uses CUDA graphs)",
+    )
+    parser.add_argument(
+        "--plain-defaults",
+        action="store_true",
+        help="the plain loop as diffusers gives it: fp32, no speed-ups (the issue's GPU baseline)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known by name)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -392,8 +502,12 @@ def main() -> None:
     parser.add_argument("--per-driver", type=int, default=8, help="images per driver (samples = product of the 3)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (execution.torch_threads); 1 on a shared machine")
-    parser.add_argument("--flow", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the whole flow twice (cache rerun ratio)")
+    parser.add_argument(
+        "--flow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the whole flow twice (cache rerun ratio)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -404,21 +518,40 @@ def main() -> None:
         root = Path(tmp)
         started = time.perf_counter()
         setup = prepare(root, args)
-        print(f"prepared {arch} at {args.resolution} px, {len(setup.rows)} samples in {setup.plan.shards} shards "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(
+            f"prepared {arch} at {args.resolution} px, {len(setup.rows)} samples in {setup.plan.shards} shards "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         throughput = bench_throughput(root, setup, args)
         flow = bench_flow_rerun(root, setup, args) if args.flow else None
-    result = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "settings": {"device": args.device, "precision": args.precision, "model": arch,
-                           "resolution": args.resolution, "steps": args.steps, "scheduler": "dpmsolver++",
-                           "guidance_scale": 7.5, "conditioning_scale": args.conditioning_scale,
-                           "batch_size": args.batch_size, "shard_size": args.shard_size,
-                           "channels_last": args.channels_last, "compile": args.compile,
-                           "compile_mode": args.compile_mode, "plain_defaults": args.plain_defaults,
-                           "torch_threads": torch.get_num_threads()},
-              "throughput": throughput, "flow_rerun": flow}
-    default = "generate.json" if args.device == "cpu" and not args.sd15_architecture else \
-        f"generate_{args.device}_{arch}.json"
+    result = {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {
+            "device": args.device,
+            "precision": args.precision,
+            "model": arch,
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "scheduler": "dpmsolver++",
+            "guidance_scale": 7.5,
+            "conditioning_scale": args.conditioning_scale,
+            "batch_size": args.batch_size,
+            "shard_size": args.shard_size,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "compile_mode": args.compile_mode,
+            "plain_defaults": args.plain_defaults,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "throughput": throughput,
+        "flow_rerun": flow,
+    }
+    default = (
+        "generate.json"
+        if args.device == "cpu" and not args.sd15_architecture
+        else f"generate_{args.device}_{arch}.json"
+    )
     out = args.out or RESULTS / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,9 +34,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -46,14 +51,19 @@ def _config(root: Path, steps: int, batch: int):
     from indusfactory.config import parse_config
 
     sample = root / "sample"
-    return parse_config({
-        "factory_root": str(root / "factory"),
-        "source": {"coco_annotations": str(sample / "defective" / "annotations.json"),
-                   "images_dir": str(sample / "defective" / "images"), "defect_free_dir": str(sample / "defect_free"),
-                   "split_fractions": (1.0, 0.0, 0.0)},
-        "concept": {"steps": steps, "batch_size": batch, "validation_images": 0, "checkpoint_every": 0},
-        "condition": {"steps": steps, "batch_size": batch, "validation_images": 0, "checkpoint_every": 0},
-    })
+    return parse_config(
+        {
+            "factory_root": str(root / "factory"),
+            "source": {
+                "coco_annotations": str(sample / "defective" / "annotations.json"),
+                "images_dir": str(sample / "defective" / "images"),
+                "defect_free_dir": str(sample / "defect_free"),
+                "split_fractions": (1.0, 0.0, 0.0),
+            },
+            "concept": {"steps": steps, "batch_size": batch, "validation_images": 0, "checkpoint_every": 0},
+            "condition": {"steps": steps, "batch_size": batch, "validation_images": 0, "checkpoint_every": 0},
+        }
+    )
 
 
 def reference_concept_loop(config, catalog, steps: int) -> float:
@@ -62,8 +72,8 @@ def reference_concept_loop(config, catalog, steps: int) -> float:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from indusfactory.concept import concept_prompt, training_images
-    from indusfactory.models import load_base_components
+    from indusfactory.learning.concept import concept_prompt, training_images
+    from indusfactory.learning.models import load_base_components
 
     c = config.concept
     images = training_images(catalog.uri, config.base_model.resolution)
@@ -72,13 +82,21 @@ def reference_concept_loop(config, catalog, steps: int) -> float:
     for module in (base.vae, base.text_encoder, base.unet):
         module.requires_grad_(False)
     torch.manual_seed(c.seed)
-    base.unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, init_lora_weights="gaussian",
-                                     target_modules=c.lora_target_modules))
+    base.unet.add_adapter(
+        LoraConfig(
+            r=c.lora_rank, lora_alpha=c.lora_alpha, init_lora_weights="gaussian", target_modules=c.lora_target_modules
+        )
+    )
     cast_training_params(base.unet, dtype=torch.float32)
     params = [p for p in base.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=1e-2)
-    tokens = base.tokenizer([concept_prompt(config)], padding="max_length",
-                            max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    tokens = base.tokenizer(
+        [concept_prompt(config)],
+        padding="max_length",
+        max_length=base.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     generator = torch.Generator().manual_seed(0)
     base.unet.train()
     start = time.perf_counter()
@@ -103,10 +121,10 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
     import numpy as np
     from diffusers import ControlNetModel, DDPMScheduler
 
-    from indusfactory import storage
-    from indusfactory.condition import conditioning_channels_for, training_examples
-    from indusfactory.imaging import to_condition_tensor
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.infra import storage
+    from indusfactory.infra.imaging import to_condition_tensor
+    from indusfactory.learning.condition import conditioning_channels_for, training_examples
+    from indusfactory.learning.models import load_concept_pipeline
 
     c = config.condition
     examples = training_examples(config, catalog)
@@ -133,13 +151,20 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),))
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        tokens = tokenizer([prompts[i] for i in index.tolist()], padding="max_length",
-                           max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        tokens = tokenizer(
+            [prompts[i] for i in index.tolist()],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         hidden = text_encoder(tokens)[0]
-        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=conditions[index],
-                               return_dict=False)
-        prediction = unet(noisy, timesteps, hidden, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid).sample
+        down, mid = controlnet(
+            noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=conditions[index], return_dict=False
+        )
+        prediction = unet(
+            noisy, timesteps, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -149,10 +174,10 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
 
 
 def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.condition import condition_uri_for, train_condition
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.demo.sample_data import write_sample_data
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.learning.condition import condition_uri_for, train_condition
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -166,24 +191,36 @@ def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
         concept = train_concept(config, catalog, concept_uri_for(config, catalog))
         ours_concept_wall = time.perf_counter() - wall
         ref_concept = reference_concept_loop(config, catalog, steps)
-        rows["concept"] = {"ours_s_per_step": concept.seconds / steps, "ours_wall_s_incl_setup": ours_concept_wall,
-                           "reference_s_per_step": ref_concept / steps}
+        rows["concept"] = {
+            "ours_s_per_step": concept.seconds / steps,
+            "ours_wall_s_incl_setup": ours_concept_wall,
+            "reference_s_per_step": ref_concept / steps,
+        }
         reference_condition_loop(config, catalog, concept, 2)  # warm-up
         wall = time.perf_counter()
         condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
         ours_condition_wall = time.perf_counter() - wall
         ref_condition = reference_condition_loop(config, catalog, concept, steps)
-        rows["condition"] = {"ours_s_per_step": condition.seconds / steps,
-                             "ours_wall_s_incl_setup": ours_condition_wall,
-                             "reference_s_per_step": ref_condition / steps}
+        rows["condition"] = {
+            "ours_s_per_step": condition.seconds / steps,
+            "ours_wall_s_incl_setup": ours_condition_wall,
+            "reference_s_per_step": ref_condition / steps,
+        }
     for name, row in rows.items():
         row["speedup"] = round(row["reference_s_per_step"] / row["ours_s_per_step"], 2)
         for key in ("ours_s_per_step", "reference_s_per_step", "ours_wall_s_incl_setup"):
             row[key] = round(row[key], 4)
-        print(f"{name:9s} ours {row['ours_s_per_step'] * 1000:7.1f} ms/step   reference "
-              f"{row['reference_s_per_step'] * 1000:7.1f} ms/step   speed-up x{row['speedup']}")
-    return {"model": "embedded:tiny-sd (64 px, VAE factor 4)", "steps": steps, "batch_size": batch,
-            "training_images": defective, "stages": rows}
+        print(
+            f"{name:9s} ours {row['ours_s_per_step'] * 1000:7.1f} ms/step   reference "
+            f"{row['reference_s_per_step'] * 1000:7.1f} ms/step   speed-up x{row['speedup']}"
+        )
+    return {
+        "model": "embedded:tiny-sd (64 px, VAE factor 4)",
+        "steps": steps,
+        "batch_size": batch,
+        "training_images": defective,
+        "stages": rows,
+    }
 
 
 def sd15_unet():
@@ -191,14 +228,21 @@ def sd15_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8)
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
 
 
-def bench_sd15(device: str, precision: str, batch: int, steps: int, gradient_checkpointing: bool,
-               warmup: int = 3) -> dict:
+def bench_sd15(
+    device: str, precision: str, batch: int, steps: int, gradient_checkpointing: bool, warmup: int = 3
+) -> dict:
     """Steps/s and peak memory of both stages at 512x512 (64x64 latents) with SD 1.5's architecture."""
     from diffusers import ControlNetModel, DDPMScheduler
     from diffusers.training_utils import cast_training_params
@@ -231,10 +275,12 @@ def bench_sd15(device: str, precision: str, batch: int, steps: int, gradient_che
             noisy = scheduler.add_noise(latents, noise, t)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 if stage == "condition":
-                    down, mid = trained(noisy, t, encoder_hidden_states=hidden, controlnet_cond=drivers,
-                                        return_dict=False)
-                    pred = unet(noisy, t, hidden, down_block_additional_residuals=down,
-                                mid_block_additional_residual=mid).sample
+                    down, mid = trained(
+                        noisy, t, encoder_hidden_states=hidden, controlnet_cond=drivers, return_dict=False
+                    )
+                    pred = unet(
+                        noisy, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid
+                    ).sample
                 else:
                     pred = unet(noisy, t, hidden).sample
             torch.nn.functional.mse_loss(pred.float(), noise).backward()
@@ -251,21 +297,31 @@ def bench_sd15(device: str, precision: str, batch: int, steps: int, gradient_che
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        results[stage] = {"steps_per_s": round(steps / seconds, 3), "images_per_s": round(steps * batch / seconds, 2),
-                          "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                          if dev.type == "cuda" else None}
+        results[stage] = {
+            "steps_per_s": round(steps / seconds, 3),
+            "images_per_s": round(steps * batch / seconds, 2),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
+        }
         print(stage, results[stage])
         unet = trained = optimizer = None  # free GPU memory before the next stage
-    return {"architecture": "SD 1.5 (random weights)", "resolution": 512, "batch_size": batch,
-            "precision": precision, "gradient_checkpointing": gradient_checkpointing, "stages": results}
+    return {
+        "architecture": "SD 1.5 (random weights)",
+        "resolution": 512,
+        "batch_size": batch,
+        "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing,
+        "stages": results,
+    }
 
 
 def median_stages(runs: list[dict]) -> dict:
     """Per stage, the median of each figure over the runs (the speed-up of the medians)."""
     stages = {}
     for name in runs[0]:
-        row = {key: round(statistics.median(r[name][key] for r in runs), 4)
-               for key in ("ours_s_per_step", "reference_s_per_step", "ours_wall_s_incl_setup")}
+        row = {
+            key: round(statistics.median(r[name][key] for r in runs), 4)
+            for key in ("ours_s_per_step", "reference_s_per_step", "ours_wall_s_incl_setup")
+        }
         row["speedup"] = round(row["reference_s_per_step"] / row["ours_s_per_step"], 2)
         stages[name] = row
     return stages
@@ -284,16 +340,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="CPU runs, each in a fresh factory; medians reported")
     args = parser.parse_args()
     if args.sd15:
-        result = bench_sd15(args.device, args.precision, args.batch, args.steps, args.gradient_checkpointing,
-                            args.warmup)
+        result = bench_sd15(
+            args.device, args.precision, args.batch, args.steps, args.gradient_checkpointing, args.warmup
+        )
         out = RESULTS / f"training_sd15_{args.device}.json"
     else:
         runs = [bench_cpu_tiny(args.steps, args.batch, args.defective) for _ in range(args.repeats)]
         result = {**runs[0], "repeats": args.repeats, "stages": median_stages([r["stages"] for r in runs])}
-        result["speedups_per_run"] = {stage: [r["stages"][stage]["speedup"] for r in runs] for stage in runs[0]["stages"]}
+        result["speedups_per_run"] = {
+            stage: [r["stages"][stage]["speedup"] for r in runs] for stage in runs[0]["stages"]
+        }
         for name, row in result["stages"].items():
-            print(f"median of {args.repeats}: {name:9s} ours {row['ours_s_per_step'] * 1000:7.1f} ms/step   "
-                  f"reference {row['reference_s_per_step'] * 1000:7.1f} ms/step   speed-up x{row['speedup']}")
+            print(
+                f"median of {args.repeats}: {name:9s} ours {row['ours_s_per_step'] * 1000:7.1f} ms/step   "
+                f"reference {row['reference_s_per_step'] * 1000:7.1f} ms/step   speed-up x{row['speedup']}"
+            )
         out = RESULTS / "training.json"
     result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d")

@@ -7,8 +7,8 @@ for this config; the evaluation itself is cached inside the dataset version.
 from prefect import flow
 
 from indusfactory.config import FactoryConfig
-from indusfactory.evaluate import published_dataset
-from indusfactory.export import dataset_uri_for
+from indusfactory.evaluation.evaluate import published_dataset
+from indusfactory.publishing.publish import dataset_uri_for
 from indusfactory.schema import EvaluationRecord
 from tasks._prefect import factory_run
 from tasks.evaluate import evaluate_dataset_task

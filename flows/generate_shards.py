@@ -16,8 +16,15 @@ from tasks.preflight import preflight_task
 
 
 @flow(name="generate-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def generate_shards(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
-                    condition: ModelRecord, dataset_uri: str, shards: list[int]) -> list[ShardRecord]:
+def generate_shards(
+    config: FactoryConfig,
+    catalog: CatalogRecord,
+    plan: PlanRecord,
+    concept: ModelRecord,
+    condition: ModelRecord,
+    dataset_uri: str,
+    shards: list[int],
+) -> list[ShardRecord]:
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
         run(preflight_task)(config, "generate-shards")  # what the config names, checked in seconds before any work
         return generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri, shards)

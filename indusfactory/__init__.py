@@ -1,7 +1,9 @@
 """indusfactory: self-annotated synthetic industrial defect datasets with Stable Diffusion.
 
-The library layer: data contracts, drivers, masks, model loading, training, generation and export.
-It never imports Prefect; ``tasks/`` and ``flows/`` wrap it.
+The library layer, one sub-package per stage of the chain: ``sources`` (ingest), ``drivers``,
+``learning``, ``generation``, ``publishing``, ``evaluation``, on ``infra``; ``config`` and ``schema``
+are the contracts every stage shares; ``demo`` holds the sample data and the tiny model. It never
+imports Prefect, ``tasks`` or ``flows``, which wrap it. docs/ARCHITECTURE.md walks the tree.
 """
 
 import os

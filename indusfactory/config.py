@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 EMBEDDED_BASE_MODEL = "embedded:tiny-sd"
 """Sentinel for the tiny Stable Diffusion pipeline shipped inside the package (``assets/tiny-sd``)."""
@@ -70,18 +69,21 @@ class SourceConfig(Section):
         64_000_000, gt=0, description="Images above this many pixels are refused (decompression bombs)."
     )
     max_file_bytes: int = Field(
-        256 * 1024 * 1024, gt=0,
+        256 * 1024 * 1024,
+        gt=0,
         description="Image and mask files larger than this many bytes are refused from their size, unread.",
     )
     max_annotations_per_image: int = Field(
-        1000, gt=0,
+        1000,
+        gt=0,
         description="Images with more annotations (COCO) or mask components (mask_folder) are refused.",
     )
     max_polygon_points: int = Field(
         100_000, gt=0, description="COCO annotations whose polygons have more x,y points in all are refused."
     )
     max_rle_length: int = Field(
-        10_000_000, gt=0,
+        10_000_000,
+        gt=0,
         description="COCO RLE segmentations with a longer counts string (characters) or list (runs) are refused.",
     )
     bbox_policy: Literal["correct", "refuse"] = Field(
@@ -95,7 +97,9 @@ class SourceConfig(Section):
     )
     make_sample_data: bool = Field(
         True,
-        description="If the sources are missing and point at ./sample-data, create the sample dataset there.",
+        description="If the sources are missing and laid out as the sample data (R/defective/annotations.json, "
+        "R/defective/images, R/defect_free), the ingest stage writes the sample dataset at R (the demo); false: "
+        "a missing source is an error. Not in the cache key.",
     )
 
     @field_validator("split_fractions")
@@ -112,19 +116,27 @@ class SourceConfig(Section):
             if not self.coco_annotations:
                 raise ValueError("source.coco_annotations is required when source.format is 'coco'")
             if self.masks_dir is not None or self.mask_values:
-                raise ValueError("source.masks_dir and source.mask_values are only used with format "
-                                 "'mask_folder' (source.format is 'coco')")
+                raise ValueError(
+                    "source.masks_dir and source.mask_values are only used with format "
+                    "'mask_folder' (source.format is 'coco')"
+                )
             if self.split_field is not None and not self.split_field.strip():
                 raise ValueError("source.split_field must be a non-empty key of the COCO image entries")
             return self
-        missing = [name for name, value in (("source.masks_dir", self.masks_dir),
-                                            ("source.mask_values", self.mask_values)) if not value]
+        missing = [
+            name
+            for name, value in (("source.masks_dir", self.masks_dir), ("source.mask_values", self.mask_values))
+            if not value
+        ]
         if missing:
-            raise ValueError(f"{' and '.join(missing)} required when source.format is 'mask_folder' "
-                             "(mask_values maps mask pixel values to class names, e.g. {1: crack})")
+            raise ValueError(
+                f"{' and '.join(missing)} required when source.format is 'mask_folder' "
+                "(mask_values maps mask pixel values to class names, e.g. {1: crack})"
+            )
         if self.split_field is not None:
-            raise ValueError("source.split_field is read from COCO image entries only; "
-                             "format 'mask_folder' uses the seeded split")
+            raise ValueError(
+                "source.split_field is read from COCO image entries only; format 'mask_folder' uses the seeded split"
+            )
         bad = sorted(v for v in self.mask_values if not 1 <= v <= 65535)
         if bad:
             raise ValueError(f"source.mask_values keys must be pixel values 1..65535 (0 is background), got {bad}")
@@ -144,8 +156,9 @@ class BaseModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision, when `pretrained` is a hub id.")
     allow_pickle_weights: bool = Field(
-        False, description="Also load .bin/.ckpt pickle weights (loaded with weights_only); by default only "
-        "safetensors are loaded and a pickle-only component is refused."
+        False,
+        description="Also load .bin/.ckpt pickle weights (loaded with weights_only); by default only "
+        "safetensors are loaded and a pickle-only component is refused.",
     )
     resolution: int = Field(64, gt=0, description="Training and generation resolution in pixels (512 for SD 1.5).")
 
@@ -165,14 +178,16 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Micro-batches per optimiser step (effective batch = batch_size x this)."
     )
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = Field("constant", description="diffusers' get_scheduler name.")
-    lr_warmup_steps: int = Field(0, ge=0)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of the optimiser (AdamW).")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="diffusers' get_scheduler name.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up before the scheduler's shape.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Mixed precision of training ('auto' follows execution.precision: fp32 on CPU, "
-        "bf16 or fp16 on GPU). Frozen models run in it; trained weights stay fp32."
+        "auto",
+        description="Mixed precision of training ('auto' follows execution.precision: fp32 on CPU, "
+        "bf16 or fp16 on GPU). Frozen models run in it; trained weights stay fp32.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
     snr_gamma: float | None = Field(
@@ -196,8 +211,18 @@ class TrainingConfig(Section):
     validation_inference_steps: int = Field(20, gt=0, description="Sampling steps of the validation images.")
 
 
-TRAINING_ONLY_FIELDS = {"checkpoint_every", "validation_images", "validation_every", "validation_inference_steps",
-                        "validation_probe_samples"}
+def _described(section: type[BaseModel], name: str) -> str | None:
+    """The description of a field of ``section``, for a subclass that overrides its default."""
+    return section.model_fields[name].description
+
+
+TRAINING_ONLY_FIELDS = {
+    "checkpoint_every",
+    "validation_images",
+    "validation_every",
+    "validation_inference_steps",
+    "validation_probe_samples",
+}
 """Settings that do not change the trained weights, so not part of a model's fingerprint."""
 
 
@@ -210,25 +235,32 @@ class ConceptConfig(TrainingConfig):
     token: str = Field("sks", min_length=1, description="Rare token [V] naming the defective concept.")
     prompt_template: str = Field("an image of a {token}", description="Instance prompt; {token} is replaced.")
     lora_rank: int = Field(8, gt=0, description="LoRA rank (must be > 0).")
-    lora_alpha: int = Field(8, gt=0)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_alpha: int = Field(8, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / rank).")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet modules that get LoRA adapters (peft target_modules).",
+    )
     train_text_encoder: bool = Field(
         False, description="Also train the text encoder (LoRA on its attention, or fully with method 'full')."
     )
     text_encoder_lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        description="Text-encoder modules that get LoRA adapters when train_text_encoder is on.",
     )
     prior_preservation: bool = Field(
-        False, description="DreamBooth class-prior preservation: also fit images the base model makes for the "
-        "class prompt, so the class keeps its meaning."
+        False,
+        description="DreamBooth class-prior preservation: also fit images the base model makes for the "
+        "class prompt, so the class keeps its meaning.",
     )
     class_noun: str = Field("surface", min_length=1, description="The class the concept belongs to.")
     class_prompt_template: str = Field("a {class_noun}", description="Class prompt; {class_noun} is replaced.")
     num_class_images: int = Field(50, ge=1, description="Class images generated by the base model (cached).")
-    class_image_inference_steps: int = Field(25, gt=0)
+    class_image_inference_steps: int = Field(25, gt=0, description="Sampling steps of each class image.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-prior loss.")
     empty_prompt_probability: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="Share of instance examples trained with the empty prompt. Classifier-free guidance pushes "
         "samples away from what the empty prompt makes; when that is still the base model's look (colour, "
         "content), guided samples drift away from it in the other direction (grey sources come out coloured). "
@@ -257,18 +289,24 @@ class ConditionConfig(TrainingConfig):
         0.0, ge=0, le=1, description="Share of examples trained with the empty prompt (ControlNet uses 0.5)."
     )
     mask_loss_weight: float = Field(
-        4.0, ge=0, description="Extra weight of the diffusion loss on latent pixels a defect mask touches (1 + this "
+        4.0,
+        ge=0,
+        description="Extra weight of the diffusion loss on latent pixels a defect mask touches (1 + this "
         "there, 1 elsewhere; 0: plain loss). A defect covers a few percent of an image, so without it the loss is "
         "spent on the texture and the network learns late where the mask says the defect goes (as in "
         "AnomalyDiffusion and DefectFill).",
     )
     validation_probe_samples: int = Field(
-        16, ge=0, le=512, description="After training, samples generated from defect-free images with validation-split "
+        16,
+        ge=0,
+        le=512,
+        description="After training, samples generated from defect-free images with validation-split "
         "masks (never trained on) to measure whether defects land where the masks say; the verdict goes into the "
         "model card and the run summary (0: no probe).",
     )
     augmentation: Literal["none", "flip", "dihedral"] = Field(
-        "dihedral", description="Views of each defective training image (with its driver and mask): 'flip' adds "
+        "dihedral",
+        description="Views of each defective training image (with its driver and mask): 'flip' adds "
         "its mirror, 'dihedral' its 8 rotations and mirrors (surfaces have no up), 'none' the image only.",
     )
 
@@ -277,7 +315,9 @@ class DriverConfig(Section):
     """The paper's topological driver recipe."""
 
     downscale: int | None = Field(
-        None, ge=1, description="Downscale factor before the adaptive threshold. None: scales with the image, "
+        None,
+        ge=1,
+        description="Downscale factor before the adaptive threshold. None: scales with the image, "
         "max(2, side // 64): 2 at 64-128 px, 4 at 256 px, 8 at 512 px (the texture pattern keeps its size "
         "relative to the image).",
     )
@@ -301,7 +341,9 @@ class DriverConfig(Section):
 class PlanConfig(Section):
     """What to generate: drivers from defect-free images paired with sampled masks."""
 
-    augmentations_per_image: int = Field(2, ge=1, description="Offline augmentations per defect-free image (paper: 10).")
+    augmentations_per_image: int = Field(
+        2, ge=1, description="Offline augmentations per defect-free image (paper: 10)."
+    )
     images_per_driver: int = Field(4, ge=1, le=15, description="Images generated per driver (paper: at most 15).")
     max_defect_free_images: int | None = Field(None, gt=0, description="Use at most this many defect-free images.")
     max_instances_per_image: int = Field(1, ge=1, le=8, description="Each sample gets 1..this many defect masks.")
@@ -310,28 +352,33 @@ class PlanConfig(Section):
     )
     procedural_styles: dict[str, str] = Field(
         default_factory=dict,
-        description="Crack style (see indusfactory.cracks.CRACK_STYLES) per class name; a class named like a "
+        description="Crack style (see indusfactory.drivers.cracks.CRACK_STYLES) per class name; a class named like a "
         "style uses it, others default to 'hairline'.",
     )
     roi_min_intensity: int | None = Field(
-        None, ge=0, le=255,
+        None,
+        ge=0,
+        le=255,
         description="Region of interest: masks are placed only where the (augmented) driver image is brighter "
         "than this grey level, e.g. 20 to keep defects off a black borescope border.",
     )
     roi_dir: str | None = Field(
         None, description="Folder of region-of-interest PNGs named like the defect-free images (non-zero = allowed)."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the plan: augmentations, masks, instances and each sample's seed.")
 
 
 class GenerationConfig(Section):
     """Sampling settings of the generation stage."""
 
-    scheduler: Literal["dpmsolver++", "ddim", "euler"] = "dpmsolver++"
-    steps: int = Field(20, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["dpmsolver++", "ddim", "euler"] = Field(
+        "dpmsolver++", description="Sampling scheduler (diffusers' DPMSolverMultistep, DDIM or EulerDiscrete)."
+    )
+    steps: int = Field(20, gt=0, description="Sampling (denoising) steps per image.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1: no guidance).")
     conditioning_scale: float = Field(
-        2.0, ge=0,
+        2.0,
+        ge=0,
         description="Strength of the conditioning network's residuals. The demo's briefly trained network needs 2.0 "
         "for defects to follow the masks; a fully trained SD 1.5 network usually runs at 1.0.",
     )
@@ -348,19 +395,23 @@ class GenerationConfig(Section):
         0.0, description="Samples whose defect is not this much darker than its surroundings fail QC (qc_passed=false)."
     )
     qc_action: Literal["flag", "drop"] = Field(
-        "flag", description="What happens to a sample that fails QC: 'flag' keeps it with qc_passed=false, 'drop' "
+        "flag",
+        description="What happens to a sample that fails QC: 'flag' keeps it with qc_passed=false, 'drop' "
         "leaves it out of the dataset (counted as dropped in the shard records and the manifest).",
     )
     adherence_scorer: str | None = Field(
-        None, description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
-        "indusfactory.generate.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
+        None,
+        description="Mask-adherence scorer whose score lands in qc_adherence: a name registered with "
+        "indusfactory.generation.scorers.register_adherence_scorer (built in: 'dark_iou'), 'segformer:<folder>' (the "
         "segmentor an evaluation saved in evaluation/<fp>/segmentor) or 'package.module:function'.",
     )
     min_adherence: float | None = Field(
         None, description="Samples whose adherence score is below this fail QC (needs adherence_scorer)."
     )
     min_label_auc: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="Samples whose label AUC (how often a pixel inside the label is darker than one in the ring "
         "around it; 0.5 is no relation) is below this fail QC. None: no per-sample threshold.",
     )
@@ -371,7 +422,9 @@ class GenerationConfig(Section):
         "figures. False: such a dataset is published and marked 'near chance' in its manifest, card and summary.",
     )
     adherence_margin: float = Field(
-        0.1, ge=0, le=0.5,
+        0.1,
+        ge=0,
+        le=0.5,
         description="A set of samples follows its labels when its median label AUC (a label pixel darker than "
         "the ring around it) is at least this far above the chance level (the same images with other samples' "
         "masks); otherwise it is marked 'near chance'.",
@@ -387,46 +440,71 @@ class GenerationConfig(Section):
 class ExportConfig(Section):
     """Where and how the dataset is published."""
 
-    dataset_name: str = Field("demo-cracks", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset_name: str = Field(
+        "demo-cracks",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name of the dataset: its folder under the factory root and the name on its card.",
+    )
     version: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Dataset version (a folder name: letters, digits, . _ -); default: derived from plan and models.",
     )
-    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_]+$", description="Split name of the published shards.")
 
 
 class ExecutionConfig(Section):
     """Where the work runs."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where training and generation run: 'auto' uses the GPUs when CUDA sees one, else the CPU."
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="Precision of the frozen models and of sampling: 'auto' is fp32 on CPU, bf16 on GPUs "
+        "that support it, else fp16.",
+    )
     devices: list[Annotated[str, StringConstraints(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] | None = Field(
-        None, min_length=1, description="Devices the local fan-out generates on, one shard at a time each (e.g. "
+        None,
+        min_length=1,
+        description="Devices the local fan-out generates on, one shard at a time each (e.g. "
         "['cuda:0', 'cuda:1']; 'cpu' twice runs two CPU shards at once); training uses the first. Default: every "
-        "visible GPU for device auto/cuda, else the CPU."
+        "visible GPU for device auto/cuda, else the CPU.",
     )
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
     fan_out: Literal["local", "work_pool"] = Field(
-        "local", description="'local': shards run inside the flow, one at a time per device; 'work_pool': the flow "
-        "dispatches groups of shards as runs of `shard_deployment` on a work pool (one worker per GPU) and waits."
+        "local",
+        description="'local': shards run inside the flow, one at a time per device; 'work_pool': the flow "
+        "dispatches groups of shards as runs of `shard_deployment` on a work pool (one worker per GPU) and waits.",
     )
     shard_deployment: str = Field(
-        "generate-shards/gpu", pattern=r"^[^/]+/[^/]+$",
+        "generate-shards/gpu",
+        pattern=r"^[^/]+/[^/]+$",
         description="'flow-name/deployment-name' of the child deployment that generates a group of shards.",
     )
     shards_per_run: int = Field(1, ge=1, description="Shards per child flow run (fan_out 'work_pool').")
     lock_stale_seconds: float = Field(
-        600.0, gt=0, description="A training lock (<factory_root>/locks/) whose holder sent no heartbeat for this "
-        "long is taken over (its holder died). The holder beats every quarter of it."
+        600.0,
+        gt=0,
+        description="A training lock (<factory_root>/locks/) whose holder sent no heartbeat for this "
+        "long is taken over (its holder died). The holder beats every quarter of it.",
     )
     lock_wait_seconds: float | None = Field(
-        None, gt=0, description="Fail instead of waiting longer than this for a training lock held by another "
-        "run (default: wait until it is released or goes stale)."
+        None,
+        gt=0,
+        description="Fail instead of waiting longer than this for a training lock held by another "
+        "run (default: wait until it is released or goes stale).",
     )
     preflight_min_free_mb: float = Field(
-        512.0, ge=0, description="Preflight refuses a local factory root whose volume has less free space than "
-        "this many MiB (0: no check)."
+        512.0,
+        ge=0,
+        description="Preflight refuses a local factory root whose volume has less free space than "
+        "this many MiB (0: no check).",
     )
+
+
+Control = Literal["shuffled labels", "empty masks"]
+CONTROLS: tuple[Control, ...] = ("shuffled labels", "empty masks")
 
 
 class EvaluationConfig(Section):
@@ -434,52 +512,71 @@ class EvaluationConfig(Section):
 
     enabled: bool = Field(True, description="Evaluate every dataset generate-dataset publishes.")
     real_fractions: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0], min_length=1,
+        default_factory=lambda: [0.1, 1.0],
+        min_length=1,
         description="Fractions of the real training split each regime is trained with (paper: 10% and 100%).",
     )
     segmentor_pretrained: str | None = Field(
-        None, description="A SegFormer checkpoint (e.g. nvidia/mit-b0 or a local folder); None: a small seeded "
-        "SegFormer trained from scratch (CPU-sized)."
+        None,
+        description="A SegFormer checkpoint (e.g. nvidia/mit-b0 or a local folder); None: a small seeded "
+        "SegFormer trained from scratch (CPU-sized).",
     )
     resolution: int | None = Field(None, gt=0, description="Segmentor input size (default: base_model.resolution).")
     steps: int = Field(120, gt=0, description="Training steps on synthetic data (pre-training, and synthetic only).")
-    finetune_steps: int = Field(60, gt=0, description="Fine-tuning steps on real data after synthetic pre-training. "
-                                "The real-only baseline gets the same total budget: steps + finetune_steps.")
-    binary: bool = Field(True, description="Train a defect-vs-background head (IoU of the defect pixels is the "
-                         "headline); False: one output per category (argmax over background and classes).")
+    finetune_steps: int = Field(
+        60,
+        gt=0,
+        description="Fine-tuning steps on real data after synthetic pre-training. "
+        "The real-only baseline gets the same total budget: steps + finetune_steps.",
+    )
+    binary: bool = Field(
+        True,
+        description="Train a defect-vs-background head (IoU of the defect pixels is the "
+        "headline); False: one output per category (argmax over background and classes).",
+    )
     loss: Literal["dice_bce", "dice_focal"] = Field(
         "dice_bce", description="Loss of the binary head: soft Dice plus BCE, or plus focal loss (gamma 2)."
     )
-    seeds: int = Field(3, ge=1, description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
-                       "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).")
-    controls: list[Literal["shuffled labels", "empty masks"]] = Field(
-        default_factory=lambda: ["shuffled labels", "empty masks"],
+    seeds: int = Field(
+        3,
+        ge=1,
+        description="Every regime is trained with seeds seed, seed+1, ...; tables and plots "
+        "show mean and std, and a verdict needs a difference beyond that spread (two seeds or more).",
+    )
+    controls: list[Control] = Field(
+        default_factory=lambda: list(CONTROLS),
         description="Control pre-trainings fine-tuned on real data like synthetic + real: the synthetic images "
         "with their labels shuffled between images (a derangement), and with empty masks. 'synthetic helps' "
         "needs synthetic + real to beat real only and the shuffled-labels control.",
     )
     synthetic_ratios: list[float] | None = Field(
-        None, description="Synthetic:real ratio sweep: synthetic images per real training image for synthetic + "
-        "real (capped by the QC-passed samples); None: every QC-passed sample, one setting."
+        None,
+        description="Synthetic:real ratio sweep: synthetic images per real training image for synthetic + "
+        "real (capped by the QC-passed samples); None: every QC-passed sample, one setting.",
     )
     chance_margin: float = Field(
-        0.05, ge=0, description="The real-only baseline has learned when its mean defect IoU minus its std exceeds "
+        0.05,
+        ge=0,
+        description="The real-only baseline has learned when its mean defect IoU minus its std exceeds "
         "the chance IoU (best of an empty, an all-defect and a shuffled-mask prediction) by this much; otherwise "
-        "the evaluation is 'inconclusive: the baseline did not learn'."
+        "the evaluation is 'inconclusive: the baseline did not learn'.",
     )
     min_difference: float = Field(
-        0.02, ge=0, description="Smallest mean defect-IoU difference a verdict counts, on top of the spread rule "
-        "(difference of means greater than the larger of the two stds)."
+        0.02,
+        ge=0,
+        description="Smallest mean defect-IoU difference a verdict counts, on top of the spread rule "
+        "(difference of means greater than the larger of the two stds).",
     )
-    batch_size: int = Field(8, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0, description="Segmentor training batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Segmentor learning rate.")
     max_synthetic_images: int | None = Field(None, gt=0, description="Use at most this many synthetic images.")
     feature_extractor: str = Field(
-        "small", description="FID/KID features: 'small' (seeded random CNN, no weights; offline demo) or "
-        "'clip:<folder or hub id>'."
+        "small",
+        description="FID/KID features: 'small' (seeded random CNN, no weights; offline demo) or "
+        "'clip:<folder or hub id>'.",
     )
-    kid_subset_size: int = Field(100, ge=2)
-    seed: int = 0
+    kid_subset_size: int = Field(100, ge=2, description="Images per subset of the kernel inception distance.")
+    seed: int = Field(0, description="First segmentor seed (see seeds); also seeds the features and the pairings.")
 
     @field_validator("synthetic_ratios")
     @classmethod
@@ -500,16 +597,39 @@ class FactoryConfig(Section):
     """Everything that decides a dataset."""
 
     factory_root: str = Field("./factory", description="Local path or fsspec URI (s3://bucket/prefix).")
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
-    concept: ConceptConfig = Field(default_factory=ConceptConfig)
-    condition: ConditionConfig = Field(default_factory=ConditionConfig)
-    driver: DriverConfig = Field(default_factory=DriverConfig)
-    plan: PlanConfig = Field(default_factory=PlanConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    source: SourceConfig = Field(
+        default_factory=SourceConfig,
+        description="The annotated defect images and the defect-free images to start from.",
+    )
+    base_model: BaseModelConfig = Field(
+        default_factory=BaseModelConfig, description="The Stable Diffusion 1.x base model and its resolution."
+    )
+    concept: ConceptConfig = Field(
+        default_factory=ConceptConfig, description="Stage learn-concept: DreamBooth on the defect images."
+    )
+    condition: ConditionConfig = Field(
+        default_factory=ConditionConfig,
+        description="Stage learn-condition: the conditioning network on topological drivers.",
+    )
+    driver: DriverConfig = Field(
+        default_factory=DriverConfig, description="How a topological driver is made from an image and its masks."
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig, description="Stage build-plan: one row per sample to generate."
+    )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="Stage generate-shards: sampling and per-sample QC."
+    )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="Stage publish-dataset: the dataset's name, version and split."
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig,
+        description="Stage evaluate-dataset: does the synthetic data help a segmentor?",
+    )
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig, description="Where the work runs: devices, precision, fan-out, locks."
+    )
 
     @model_validator(mode="after")
     def _prompts_name_their_fields(self) -> "FactoryConfig":
@@ -530,8 +650,10 @@ def load_config(path: str | Path) -> FactoryConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        bad = exc.object[exc.start:exc.start + 1]
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8") from None
+        bad = exc.object[exc.start : exc.start + 1]
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     try:

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indusfactory import failures, storage
 from indusfactory.config import EMBEDDED_BASE_MODEL, FactoryConfig
-from indusfactory.errors import BadInputError, ConfigError
-from indusfactory.redact import scrub
+from indusfactory.infra import failures, storage
+from indusfactory.infra.errors import BadInputError, ConfigError
+from indusfactory.infra.redact import scrub
 
 PROBE_PREFIX = ".preflight-"
 S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 2, "mode": "standard"}}
@@ -39,10 +39,15 @@ SD1_COMPONENTS: dict[str, tuple[str, frozenset[str]]] = {
 """The classes an SD 1.x pipeline's ``model_index.json`` names for each component (the scheduler: any diffusers one)."""
 SD1_PIPELINES = frozenset({"StableDiffusionPipeline"})
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-CONFIG_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
-                "scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer.json", "vocab.json")}
+CONFIG_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "scheduler": ("scheduler_config.json",),
+    "tokenizer": ("tokenizer.json", "vocab.json"),
+}
 SAMPLING_SCHEDULERS = frozenset({"dpmsolver++", "ddim", "euler"})
-"""``generation.scheduler`` names ``indusfactory.models.scheduler_for`` builds."""
+"""``generation.scheduler`` names ``indusfactory.learning.models.scheduler_for`` builds."""
 
 
 @dataclass(frozen=True)
@@ -63,17 +68,23 @@ class Problem:
 
 def check_adherence_scorer(config: FactoryConfig) -> list[Problem]:
     """A registered (or entry point) name, an allowed import path, or ``segformer:<folder>`` that exists."""
-    from indusfactory import scorers
+    from indusfactory.generation import scorers
 
     name = config.generation.adherence_scorer
     if name is None:
         return []
     if name.startswith(scorers.SEGFORMER_PREFIX):
-        folder = name[len(scorers.SEGFORMER_PREFIX):]
+        folder = name[len(scorers.SEGFORMER_PREFIX) :]
         if _exists(folder, "config.json"):
             return []
-        return [Problem(scorers.KEY, folder, f"segmentor folder {folder} has no config.json: point it at the "
-                        "evaluation/<fp>/segmentor folder an evaluation wrote")]
+        return [
+            Problem(
+                scorers.KEY,
+                folder,
+                f"segmentor folder {folder} has no config.json: point it at the "
+                "evaluation/<fp>/segmentor folder an evaluation wrote",
+            )
+        ]
     try:
         scorers.resolve(name)
     except ConfigError as exc:
@@ -83,11 +94,17 @@ def check_adherence_scorer(config: FactoryConfig) -> list[Problem]:
 
 def check_procedural_styles(config: FactoryConfig) -> list[Problem]:
     """Every ``plan.procedural_styles`` value names a crack style."""
-    from indusfactory.cracks import CRACK_STYLES
+    from indusfactory.drivers.cracks import CRACK_STYLES
 
-    return [Problem(f"plan.procedural_styles.{cls}", style, f"{style!r} is not a crack style; known: "
-                    f"{', '.join(sorted(CRACK_STYLES))}")
-            for cls, style in config.plan.procedural_styles.items() if style not in CRACK_STYLES]
+    return [
+        Problem(
+            f"plan.procedural_styles.{cls}",
+            style,
+            f"{style!r} is not a crack style; known: {', '.join(sorted(CRACK_STYLES))}",
+        )
+        for cls, style in config.plan.procedural_styles.items()
+        if style not in CRACK_STYLES
+    ]
 
 
 def check_schedulers(config: FactoryConfig) -> list[Problem]:
@@ -96,14 +113,24 @@ def check_schedulers(config: FactoryConfig) -> list[Problem]:
 
     problems = []
     if config.generation.scheduler not in SAMPLING_SCHEDULERS:
-        problems.append(Problem("generation.scheduler", config.generation.scheduler,
-                                f"unknown sampling scheduler; known: {', '.join(sorted(SAMPLING_SCHEDULERS))}"))
+        problems.append(
+            Problem(
+                "generation.scheduler",
+                config.generation.scheduler,
+                f"unknown sampling scheduler; known: {', '.join(sorted(SAMPLING_SCHEDULERS))}",
+            )
+        )
     known = {s.value for s in SchedulerType}
     for section in ("concept", "condition"):
         name = getattr(config, section).lr_scheduler
         if name not in known:
-            problems.append(Problem(f"{section}.lr_scheduler", name, f"unknown learning-rate scheduler; known: "
-                                    f"{', '.join(sorted(known))}"))
+            problems.append(
+                Problem(
+                    f"{section}.lr_scheduler",
+                    name,
+                    f"unknown learning-rate scheduler; known: {', '.join(sorted(known))}",
+                )
+            )
     return problems
 
 
@@ -128,8 +155,14 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path} is not a safetensors file (its header is not JSON)"
     if not isinstance(header, dict):
         return f"{path} is not a safetensors file (its header is not a mapping)"
-    end = max((t["data_offsets"][1] for k, t in header.items()
-               if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets") or ()) == 2), default=0)
+    end = max(
+        (
+            t["data_offsets"][1]
+            for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets") or ()) == 2
+        ),
+        default=0,
+    )
     if 8 + length + end > size:
         return f"{path} is truncated: its header needs {8 + length + end} bytes, the file has {size}"
     return None
@@ -139,7 +172,7 @@ def _model_folder(config: FactoryConfig) -> Path | None:
     """The local folder of the base model (the hub cache's snapshot for a hub id already downloaded), or None."""
     pretrained = config.base_model.pretrained
     if pretrained == EMBEDDED_BASE_MODEL:
-        from indusfactory.models import embedded_model_path
+        from indusfactory.learning.models import embedded_model_path
 
         return embedded_model_path()
     if _looks_local(pretrained):
@@ -156,13 +189,17 @@ def _model_folder(config: FactoryConfig) -> Path | None:
 def _index_problems(folder: Path, index: dict) -> list[str]:
     problems = []
     if index.get("_class_name") not in SD1_PIPELINES:
-        problems.append(f"model_index.json names a {index.get('_class_name')!r}, not a Stable Diffusion 1.x pipeline "
-                        f"({', '.join(sorted(SD1_PIPELINES))})")
+        problems.append(
+            f"model_index.json names a {index.get('_class_name')!r}, not a Stable Diffusion 1.x pipeline "
+            f"({', '.join(sorted(SD1_PIPELINES))})"
+        )
     for component, (library, classes) in SD1_COMPONENTS.items():
         entry = index.get(component)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == library and entry[1] in classes):
-            problems.append(f"model_index.json names {entry!r} for {component}, expected "
-                            f"[{library}, {' or '.join(sorted(classes))}] (an SD 1.x pipeline)")
+            problems.append(
+                f"model_index.json names {entry!r} for {component}, expected "
+                f"[{library}, {' or '.join(sorted(classes))}] (an SD 1.x pipeline)"
+            )
     scheduler = index.get("scheduler")
     if not (isinstance(scheduler, list) and len(scheduler) == 2 and str(scheduler[1]).endswith("Scheduler")):
         problems.append(f"model_index.json names {scheduler!r} for the scheduler, not a diffusers scheduler")
@@ -179,8 +216,9 @@ def _component_problems(folder: Path, component: str, allow_pickle: bool) -> lis
     if component in WEIGHT_FILES:
         weights = sorted(part.glob("*.safetensors"))
         if not weights and not allow_pickle:
-            problems.append(f"{part} holds no .safetensors weights (pickle weights load only with "
-                            "base_model.allow_pickle_weights)")
+            problems.append(
+                f"{part} holds no .safetensors weights (pickle weights load only with base_model.allow_pickle_weights)"
+            )
         problems += [p for p in map(safetensors_problem, weights) if p]
     return problems
 
@@ -226,9 +264,12 @@ def check_evaluation_models(config: FactoryConfig, stage: str) -> list[Problem]:
         return []
     named = [("evaluation.segmentor_pretrained", ev.segmentor_pretrained)]
     if ev.feature_extractor.startswith("clip:"):
-        named.append(("evaluation.feature_extractor", ev.feature_extractor[len("clip:"):]))
-    return [Problem(key, value, f"folder {Path(value).expanduser()} does not exist (a hub id has no leading . / ~)")
-            for key, value in named if value and _looks_local(value) and not Path(value).expanduser().is_dir()]
+        named.append(("evaluation.feature_extractor", ev.feature_extractor[len("clip:") :]))
+    return [
+        Problem(key, value, f"folder {Path(value).expanduser()} does not exist (a hub id has no leading . / ~)")
+        for key, value in named
+        if value and _looks_local(value) and not Path(value).expanduser().is_dir()
+    ]
 
 
 # -- devices ---------------------------------------------------------------------------------------
@@ -236,7 +277,7 @@ def check_evaluation_models(config: FactoryConfig, stage: str) -> list[Problem]:
 
 def check_devices(config: FactoryConfig) -> list[Problem]:
     """The devices ``execution`` asks for exist (CUDA asked for but absent is named)."""
-    from indusfactory.devices import generation_devices
+    from indusfactory.infra.devices import generation_devices
 
     key = "execution.devices" if config.execution.devices else "execution.device"
     try:
@@ -266,8 +307,10 @@ def places(config: FactoryConfig, stage: str) -> list[Place]:
         found.append(Place("source.coco_annotations", src.coco_annotations, "file"))
     else:
         found.append(Place("source.masks_dir", src.masks_dir or "", "folder"))
-    found += [Place("source.images_dir", src.images_dir, "folder"),
-              Place("source.defect_free_dir", src.defect_free_dir, "folder")]
+    found += [
+        Place("source.images_dir", src.images_dir, "folder"),
+        Place("source.defect_free_dir", src.defect_free_dir, "folder"),
+    ]
     if config.plan.roi_dir and stage in ("generate-dataset", "generate-shards", "evaluate-dataset"):
         found.append(Place("plan.roi_dir", config.plan.roi_dir, "folder"))
     if _sample_data_to_be_made(config):
@@ -277,7 +320,7 @@ def places(config: FactoryConfig, stage: str) -> list[Place]:
 
 def _sample_data_to_be_made(config: FactoryConfig) -> bool:
     """The sources are missing and laid out as the sample data, which the ingest task writes there."""
-    from indusfactory.sample_data import sample_data_root_of
+    from indusfactory.demo.sample_data import sample_data_root_of
 
     src = config.source
     if not src.make_sample_data or src.format != "coco":
@@ -320,8 +363,10 @@ def _local_root_problems(path: Path, min_free_mb: float) -> list[str]:
         return [f"{path} is not writable ({exc.strerror or exc}); {hint}"]
     free_mb = shutil.disk_usage(path).free / 2**20
     if free_mb < min_free_mb:
-        return [f"only {free_mb:.0f} MiB free on the volume of {path} (execution.preflight_min_free_mb: "
-                f"{min_free_mb:.0f}); free space or use another volume"]
+        return [
+            f"only {free_mb:.0f} MiB free on the volume of {path} (execution.preflight_min_free_mb: "
+            f"{min_free_mb:.0f}); free space or use another volume"
+        ]
     return []
 
 
@@ -337,8 +382,10 @@ def _s3_filesystem():
 def _s3_error(exc: BaseException, endpoint: str, bucket: str) -> str:
     kind = failures.failure_kind(exc)
     if kind in ("transient", "unknown") and not failures.service_error(exc):
-        return (f"endpoint {endpoint} cannot be reached ({type(exc).__name__}): check AWS_ENDPOINT_URL, the network "
-                "and that the service is up")
+        return (
+            f"endpoint {endpoint} cannot be reached ({type(exc).__name__}): check AWS_ENDPOINT_URL, the network "
+            "and that the service is up"
+        )
     code = (failures.service_error(exc) or (type(exc).__name__, None))[0]
     hint = failures.HINTS.get(kind, "check the endpoint, the bucket and the credentials")
     return f"bucket {bucket!r} on endpoint {endpoint}: {code}; {hint}"
@@ -371,9 +418,11 @@ def _s3_place_problem(fs, place: Place, endpoint: str) -> str | None:
         if kind == "no_key":
             return f"s3://{bucket}/{key} does not exist on endpoint {endpoint}: check the path"
         if kind == "denied" and place.kind == "root":
-            return (f"cannot write to s3://{bucket}/{key} on endpoint {endpoint} (a test object was refused: "
-                    f"{(failures.service_error(exc) or ('AccessDenied',))[0]}); the credentials need s3:PutObject "
-                    "and s3:DeleteObject there")
+            return (
+                f"cannot write to s3://{bucket}/{key} on endpoint {endpoint} (a test object was refused: "
+                f"{(failures.service_error(exc) or ('AccessDenied',))[0]}); the credentials need s3:PutObject "
+                "and s3:DeleteObject there"
+            )
         return _s3_error(exc, endpoint, bucket)
     return None
 
@@ -387,8 +436,9 @@ def check_storage(config: FactoryConfig, stage: str = "generate-dataset") -> lis
     remote = [p for p in named if storage.is_remote(p.uri)]
     for place in named:
         if not storage.is_remote(place.uri):
-            problems += [Problem(place.key, place.uri, m)
-                         for m in _local_problems(place, config.execution.preflight_min_free_mb)]
+            problems += [
+                Problem(place.key, place.uri, m) for m in _local_problems(place, config.execution.preflight_min_free_mb)
+            ]
     s3_places = [p for p in remote if p.uri.startswith(("s3://", "s3a://"))]
     if s3_places:
         problems += _check_s3(s3_places)

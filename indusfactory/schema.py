@@ -118,7 +118,7 @@ DATASET_SCHEMA = pa.schema(
         ("qc_mask_contrast", pa.float64()),
         # score of the configured adherence scorer (generation.adherence_scorer); null when none is set
         ("qc_adherence", pa.float64()),
-        # P(a label pixel is darker than a ring pixel) of the sample's own mask (indusfactory.adherence)
+        # P(a label pixel is darker than a ring pixel) of the sample's own mask (indusfactory.generation.adherence)
         ("qc_label_auc", pa.float64()),
         # the same with the previous sample's mask in the shard: the chance level (null in a one-sample shard)
         ("qc_chance_auc", pa.float64()),
@@ -266,15 +266,18 @@ class Record(BaseModel):
     def read_completed(cls, record_uri: str):
         """The record a finished stage left at ``record_uri``, marked ``reused``; None if absent, or if its
         folder lacks a file the record's write left there (a cut upload): the stage then makes it again."""
-        from indusfactory import storage
+        from indusfactory.infra import storage
 
         if not storage.exists(record_uri):
             return None
         folder = storage.parent(record_uri)
         problems = storage.incomplete(folder, cls.required_suffix)
         if problems:
-            log.warning("%s has its completion marker but is incomplete (%s): not reused, made again", folder,
-                        "; ".join(problems))
+            log.warning(
+                "%s has its completion marker but is incomplete (%s): not reused, made again",
+                folder,
+                "; ".join(problems),
+            )
             return None
         return cls.model_validate({**storage.read_json(record_uri), "reused": True})
 

@@ -18,11 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
-from indusfactory import failures, redact, storage
 from indusfactory.config import FactoryConfig
-from indusfactory.errors import BadInputError
-from indusfactory.fingerprint import fingerprint
-from indusfactory.locking import StorageLock, default_owner, lock_uri
+from indusfactory.infra import failures, redact, storage
+from indusfactory.infra.errors import BadInputError
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.infra.locking import StorageLock, default_owner, lock_uri
 
 RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
@@ -142,8 +142,12 @@ def recording_cache(cache_key_fn: Callable, fn: Callable) -> Callable:
                 cached = result.model_copy(update={"reused": True}) if "reused" in fields else result
                 context.result_store.write(obj=cached, key=key)
         except Exception as exc:  # noqa: BLE001 - a missing cache record only costs a rerun that reuses
-            run_logger().warning("cache record of %s not written (%s: %s); the next run finds the output instead",
-                                 context.task.name, type(exc).__name__, redact.scrub(str(exc)))
+            run_logger().warning(
+                "cache record of %s not written (%s: %s); the next run finds the output instead",
+                context.task.name,
+                type(exc).__name__,
+                redact.scrub(str(exc)),
+            )
         return result
 
     return wrapper
@@ -167,7 +171,7 @@ def explaining_permanent_errors(fn: Callable, endpoint: str | None = None) -> Ca
             place = failures.where(exc) or ""
             raise failures.permanent_error(exc, None if place.startswith("/") else endpoint) from exc
 
-    wrapper.__explains_errors__ = True
+    wrapper.__explains_errors__ = True  # type: ignore[attr-defined]  # a marker on the function object
     return wrapper
 
 
@@ -186,7 +190,7 @@ def scrubbing_errors(fn: Callable) -> Callable:
                 raise
             raise replacement from None
 
-    wrapper.__scrubs_errors__ = True
+    wrapper.__scrubs_errors__ = True  # type: ignore[attr-defined]  # a marker on the function object
     return wrapper
 
 
@@ -201,9 +205,14 @@ def _scrubbed(exc: BaseException) -> BaseException:
 
 # -- logs ------------------------------------------------------------------------------------------
 
-LIBRARY_LOGGERS: dict[str, int] = {"indusfactory": logging.INFO, "diffusers": logging.WARNING,
-                                   "transformers": logging.WARNING, "peft": logging.WARNING,
-                                   "accelerate": logging.WARNING, "huggingface_hub": logging.WARNING}
+LIBRARY_LOGGERS: dict[str, int] = {
+    "indusfactory": logging.INFO,
+    "diffusers": logging.WARNING,
+    "transformers": logging.WARNING,
+    "peft": logging.WARNING,
+    "accelerate": logging.WARNING,
+    "huggingface_hub": logging.WARNING,
+}
 """Library loggers whose records go to the Prefect run they happen in (like ``PREFECT_LOGGING_EXTRA_LOGGERS``)."""
 
 
@@ -231,7 +240,7 @@ def route_library_logs() -> None:
 
 
 def install_log_redaction() -> int:
-    """A :class:`indusfactory.redact.RedactingFilter` on every handler of this process (Prefect's API and
+    """A :class:`indusfactory.infra.redact.RedactingFilter` on every handler of this process (Prefect's API and
     console handlers included); run again after logging is reconfigured. Returns how many were added."""
     return redact.install_filter(redact.all_handlers())
 
@@ -253,9 +262,11 @@ def refuse_uri_credentials(config: FactoryConfig) -> None:
     keys = redact.uri_credentials(dump)
     if keys:
         redact.register_uri_credentials(dump)
-        raise BadInputError(f"{', '.join(keys)}: credentials in a URI (user:password@ before the host) are refused; "
-                            "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                            "HF_TOKEN) or a Prefect block, never the config")
+        raise BadInputError(
+            f"{', '.join(keys)}: credentials in a URI (user:password@ before the host) are refused; "
+            "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "HF_TOKEN) or a Prefect block, never the config"
+        )
 
 
 @contextmanager
@@ -290,12 +301,11 @@ def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLoc
     flow_run = FlowRunContext.get()
     if flow_run is not None and flow_run.flow_run is not None:
         owner += f", flow run {flow_run.flow_run.name!r}"
-    name = f"{stage}-{storage_basename(output_uri)}"
-    return StorageLock(lock_uri(config.factory_root, name), owner=owner,
-                       stale_after=config.execution.lock_stale_seconds,
-                       wait_timeout=config.execution.lock_wait_seconds, logger=run_logger())
-
-
-def storage_basename(uri: str) -> str:
-    """The last part of a local path or URI (``models/concept/<fp>`` -> ``<fp>``)."""
-    return uri.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    name = f"{stage}-{storage.basename(output_uri)}"
+    return StorageLock(
+        lock_uri(config.factory_root, name),
+        owner=owner,
+        stale_after=config.execution.lock_stale_seconds,
+        wait_timeout=config.execution.lock_wait_seconds,
+        logger=run_logger(),
+    )

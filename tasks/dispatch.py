@@ -10,8 +10,8 @@ from contextvars import copy_context
 from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
-from indusfactory.export import existing_shard
-from indusfactory.plan import rows_in_shards
+from indusfactory.generation.plan import rows_in_shards
+from indusfactory.publishing.publish import existing_shard
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import ShardProgress
@@ -26,23 +26,42 @@ def shard_groups(total: int, per_run: int) -> list[list[int]]:
     return [list(range(start, min(start + per_run, total))) for start in range(0, total, per_run)]
 
 
-def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: PlanRecord, concept: ModelRecord,
-                        condition: ModelRecord, dataset_uri: str) -> list[ShardRecord]:
+def dispatch_shard_runs(
+    config: FactoryConfig,
+    catalog: CatalogRecord,
+    plan: PlanRecord,
+    concept: ModelRecord,
+    condition: ModelRecord,
+    dataset_uri: str,
+) -> list[ShardRecord]:
     """Run every missing shard on the work pool; return the records of all shards, read from storage."""
     split, size, logger = config.export.split, config.generation.shard_size, run_logger()
     missing = [i for i in range(plan.shards) if existing_shard(dataset_uri, split, i, plan.shards) is None]
     groups = shard_groups(len(missing), config.execution.shards_per_run)
     groups = [[missing[i] for i in group] for group in groups]
-    logger.info("%d of %d shards to generate, dispatched as %d runs of %s", len(missing), plan.shards, len(groups),
-                config.execution.shard_deployment)
-    common = {"config": config, "catalog": catalog, "plan": plan, "concept": concept, "condition": condition,
-              "dataset_uri": dataset_uri}
+    logger.info(
+        "%d of %d shards to generate, dispatched as %d runs of %s",
+        len(missing),
+        plan.shards,
+        len(groups),
+        config.execution.shard_deployment,
+    )
+    common = {
+        "config": config,
+        "catalog": catalog,
+        "plan": plan,
+        "concept": concept,
+        "condition": condition,
+        "dataset_uri": dataset_uri,
+    }
     progress = ShardProgress(plan.samples, already_done=plan.samples - rows_in_shards(plan, missing, size))
     failures: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
         # Each thread runs in a copy of this flow run's context, so the children are linked as its subflows.
-        futures = {pool.submit(copy_context().run, _run_group, config.execution.shard_deployment, common, group): group
-                   for group in groups}
+        futures = {
+            pool.submit(copy_context().run, _run_group, config.execution.shard_deployment, common, group): group
+            for group in groups
+        }
         for future in as_completed(futures):
             group, (name, state) = futures[future], future.result()
             if not state.is_completed():
@@ -51,17 +70,21 @@ def dispatch_shard_runs(config: FactoryConfig, catalog: CatalogRecord, plan: Pla
                 continue
             progress.add(rows_in_shards(plan, group, size), reused=False)
     if failures:
-        raise ShardRunsFailed(f"{len(failures)} of {len(groups)} generate-shards runs failed: " + "; ".join(failures)
-                              + ". Rerun generate-dataset: finished shards are kept, only the missing ones run again.")
+        raise ShardRunsFailed(
+            f"{len(failures)} of {len(groups)} generate-shards runs failed: "
+            + "; ".join(failures)
+            + ". Rerun generate-dataset: finished shards are kept, only the missing ones run again."
+        )
     records = [existing_shard(dataset_uri, split, i, plan.shards) for i in range(plan.shards)]
     absent = [i for i, r in enumerate(records) if r is None]
     if absent:
         raise ShardRunsFailed(f"child runs completed but shards {absent} are not on storage under {dataset_uri}")
-    return [r.model_copy(update={"reused": r.index not in missing}) for r in records]
+    return [r.model_copy(update={"reused": r.index not in missing}) for r in records if r is not None]
 
 
 def _run_group(deployment: str, common: dict, group: list[int]):
     """Start one child run and wait for it to finish; returns (run name, final state)."""
-    run = run_deployment(deployment, parameters={**common, "shards": group}, timeout=None,
-                         tags=["indusfactory", "generate-shards"])
+    run = run_deployment(
+        deployment, parameters={**common, "shards": group}, timeout=None, tags=["indusfactory", "generate-shards"]
+    )
     return run.name, run.state

@@ -1,15 +1,16 @@
-"""Prefect tasks around the two training stages (``indusfactory.concept`` and ``indusfactory.condition``)."""
+"""Prefect tasks around the two training stages (``indusfactory.learning.concept`` and
+``indusfactory.learning.condition``)."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from indusfactory import storage
-from indusfactory.concept import RECORD_FILE as CONCEPT_RECORD
-from indusfactory.concept import concept_uri_for, train_concept
-from indusfactory.condition import RECORD_FILE as CONDITION_RECORD
-from indusfactory.condition import condition_uri_for, train_condition
 from indusfactory.config import FactoryConfig
+from indusfactory.infra import storage
+from indusfactory.learning.concept import RECORD_FILE as CONCEPT_RECORD
+from indusfactory.learning.concept import concept_uri_for, train_concept
+from indusfactory.learning.condition import RECORD_FILE as CONDITION_RECORD
+from indusfactory.learning.condition import condition_uri_for, train_condition
 from indusfactory.schema import CatalogRecord, ModelRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock, training_progress
 from tasks.report import validation_artifact
@@ -19,15 +20,18 @@ def _report(record: ModelRecord) -> ModelRecord:
     if record.reused:
         run_logger().info("%s model %s reused from %s: not trained again", record.kind, record.fingerprint, record.uri)
     else:
-        run_logger().info("%s model %s trained in %.1f s -> %s", record.kind, record.fingerprint, record.seconds,
-                          record.uri)
+        run_logger().info(
+            "%s model %s trained in %.1f s -> %s", record.kind, record.fingerprint, record.seconds, record.uri
+        )
         validation_artifact(record)
     return record
 
 
-@task(name="learn-concept",
-      cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
-      **TASK_DEFAULTS)
+@task(
+    name="learn-concept",
+    cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
+    **TASK_DEFAULTS,
+)
 def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRecord:
     """DreamBooth LoRA of the defective concept (cached by data, config and code version).
 
@@ -37,15 +41,17 @@ def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRe
         return _report(train_concept(config, catalog, uri, progress=training_progress("learn-concept")))
 
 
-@task(name="learn-condition",
-      cache_key_fn=cache_when_present(
-          lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)),
-      **TASK_DEFAULTS)
+@task(
+    name="learn-condition",
+    cache_key_fn=cache_when_present(
+        lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)
+    ),
+    **TASK_DEFAULTS,
+)
 def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelRecord:
     """The conditioning network on topological drivers (cached by data, concept, config and code version).
 
     Under a storage lock, like ``learn-concept``."""
     uri = condition_uri_for(config, catalog, concept)
     with stage_lock(config, "learn-condition", uri):
-        return _report(train_condition(config, catalog, concept, uri,
-                                       progress=training_progress("learn-condition")))
+        return _report(train_condition(config, catalog, concept, uri, progress=training_progress("learn-condition")))

@@ -6,7 +6,7 @@ from prefect import task
 
 from indusfactory import preflight
 from indusfactory.config import FactoryConfig
-from indusfactory.errors import PreflightError
+from indusfactory.infra.errors import PreflightError
 from tasks._prefect import run_logger
 
 

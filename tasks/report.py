@@ -135,9 +135,12 @@ def _adherence_lines(dataset: DatasetRecord, condition: ModelRecord) -> list[str
         return ["**Labels: not measured** (no sample with a label).", ""]
     lines = [f"**Labels: {_headline(dataset.adherence)}.**", ""]
     if dataset.adherence["verdict"] != FOLLOWS_LABELS:
-        lines += ["> **Warning: the defects are not where the labels say.** Do not train on this dataset; the "
-                  "conditioning network did not learn the condition (see its validation in the model card). "
-                  "`generation.refuse_near_chance: true` refuses to publish such a dataset.", ""]
+        lines += [
+            "> **Warning: the defects are not where the labels say.** Do not train on this dataset; the "
+            "conditioning network did not learn the condition (see its validation in the model card). "
+            "`generation.refuse_near_chance: true` refuses to publish such a dataset.",
+            "",
+        ]
     return lines
 
 
@@ -160,8 +163,10 @@ def _shard_row(shard: ShardRecord) -> dict:
 def progress_description(done: int, total: int, generated: int, seconds: float, reused: int, dropped: int) -> str:
     """``6 / 8 samples done: 4 generated at 1.93 images/s, 2 reused, 0 dropped by QC``."""
     rate = generated / seconds if seconds > 0 else 0.0
-    return (f"{done} / {total} samples done: {generated} generated at {rate:.2f} images/s, {reused} reused, "
-            f"{dropped} dropped by QC")
+    return (
+        f"{done} / {total} samples done: {generated} generated at {rate:.2f} images/s, {reused} reused, "
+        f"{dropped} dropped by QC"
+    )
 
 
 EXPECTED: ContextVar[Estimate | None] = ContextVar("indusfactory_expected_throughput", default=None)
@@ -237,13 +242,20 @@ def validation_artifact(record: ModelRecord) -> str | None:
     """A markdown artifact of a trained model's validation grids (the last one shown first)."""
     if not record.validation:
         return None
-    what = {"concept": "concept samples (instance prompt; class prompt below with prior preservation)",
-            "condition": "driver | generated | mask overlay"}.get(record.kind, record.kind)
-    lines = [f"# Validation of {record.kind} `{record.fingerprint}`", "", f"{what}; final loss "
-             f"{record.final_loss}, {record.steps} steps, {'reused' if record.reused else 'trained'}.", ""]
+    what = {
+        "concept": "concept samples (instance prompt; class prompt below with prior preservation)",
+        "condition": "driver | generated | mask overlay",
+    }.get(record.kind, record.kind)
+    lines = [
+        f"# Validation of {record.kind} `{record.fingerprint}`",
+        "",
+        f"{what}; final loss {record.final_loss}, {record.steps} steps, {'reused' if record.reused else 'trained'}.",
+        "",
+    ]
     for name in reversed(record.validation):
         lines += [f"## {name}", "", image_markdown(storage.join(record.uri, name), name), ""]
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key=f"{record.kind}-validation",
-                             description=f"validation images of the {record.kind} model")
+    create_markdown_artifact(
+        markdown, key=f"{record.kind}-validation", description=f"validation images of the {record.kind} model"
+    )
     return markdown

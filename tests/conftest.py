@@ -27,17 +27,16 @@ def _restore_torch_threads():
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A randomly initialised tiny SD 1.x pipeline in diffusers layout (written once per session)."""
-    from indusfactory.tiny_model import write_tiny_model
+    from indusfactory.demo.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
-    from indusfactory.sample_data import write_sample_data
+    from indusfactory.demo.sample_data import write_sample_data
 
-    return write_sample_data(tmp_path_factory.mktemp("data") / "sample", n_defective=12, n_defect_free=4,
-                             size=64).root
+    return write_sample_data(tmp_path_factory.mktemp("data") / "sample", n_defective=12, n_defect_free=4, size=64).root
 
 
 def tiny_config(sample: Path, factory_root: Path, model: Path | str, **overrides):
@@ -46,8 +45,11 @@ def tiny_config(sample: Path, factory_root: Path, model: Path | str, **overrides
 
     data = {
         "factory_root": str(factory_root),
-        "source": {"coco_annotations": str(sample / "defective" / "annotations.json"),
-                   "images_dir": str(sample / "defective" / "images"), "defect_free_dir": str(sample / "defect_free")},
+        "source": {
+            "coco_annotations": str(sample / "defective" / "annotations.json"),
+            "images_dir": str(sample / "defective" / "images"),
+            "defect_free_dir": str(sample / "defect_free"),
+        },
         "base_model": {"pretrained": str(model)},
         "concept": {"steps": 2, "batch_size": 2},
         "condition": {"steps": 2, "batch_size": 2},
@@ -74,7 +76,7 @@ def make_config(sample_root, tiny_model_path, tmp_path):
 @pytest.fixture
 def catalog(make_config):
     """The catalog of the sample data, ingested under the test's factory root."""
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config()
     return ingest(config.source, catalog_uri_for(config))
@@ -102,10 +104,18 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                              "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     try:
         yield endpoint
     finally:
@@ -145,8 +155,12 @@ def s3_iam(s3_endpoint, monkeypatch):
     def user_with(actions: list[str]) -> tuple[str, str]:
         name = f"preflight-{len(iam.list_users()['Users'])}"
         iam.create_user(UserName=name)
-        policy = iam.create_policy(PolicyName=name, PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+        policy = iam.create_policy(
+            PolicyName=name,
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+            ),
+        )
         iam.attach_user_policy(UserName=name, PolicyArn=policy["Policy"]["Arn"])
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return key["AccessKeyId"], key["SecretAccessKey"]
@@ -174,20 +188,28 @@ def prepare_generation():
     from types import SimpleNamespace
 
     def prepare(config) -> SimpleNamespace:
-        from indusfactory.concept import concept_uri_for, train_concept
-        from indusfactory.condition import condition_uri_for, train_condition
-        from indusfactory.export import dataset_uri_for
-        from indusfactory.generate import GenerationContext
-        from indusfactory.ingest import catalog_uri_for, ingest
-        from indusfactory.plan import build_plan, plan_uri_for
+        from indusfactory.generation.generate import GenerationContext
+        from indusfactory.generation.plan import build_plan, plan_uri_for
+        from indusfactory.learning.concept import concept_uri_for, train_concept
+        from indusfactory.learning.condition import condition_uri_for, train_condition
+        from indusfactory.publishing.publish import dataset_uri_for
+        from indusfactory.sources.ingest import catalog_uri_for, ingest
 
         catalog = ingest(config.source, catalog_uri_for(config))
         concept = train_concept(config, catalog, concept_uri_for(config, catalog))
         condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
         plan = build_plan(config, catalog, plan_uri_for(config, catalog))
-        ctx = GenerationContext(config=config, catalog_uri=catalog.uri, categories=catalog.categories,
-                                concept=concept, condition=condition)
-        return SimpleNamespace(config=config, catalog=catalog, concept=concept, condition=condition, plan=plan,
-                               ctx=ctx, dataset_uri=dataset_uri_for(config, plan, concept, condition))
+        ctx = GenerationContext(
+            config=config, catalog_uri=catalog.uri, categories=catalog.categories, concept=concept, condition=condition
+        )
+        return SimpleNamespace(
+            config=config,
+            catalog=catalog,
+            concept=concept,
+            condition=condition,
+            plan=plan,
+            ctx=ctx,
+            dataset_uri=dataset_uri_for(config, plan, concept, condition),
+        )
 
     return prepare

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indusfactory import adherence
-from indusfactory.imaging import fit_square
-from indusfactory.surfaces import defect_mask, surface, write_surface_dataset
+from indusfactory.demo.surfaces import defect_mask, surface, write_surface_dataset
+from indusfactory.generation import adherence
+from indusfactory.infra.imaging import fit_square
 
 
 def _textured(rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -66,7 +66,9 @@ def test_shard_totals_merge_into_the_median_of_all_samples():
     rng = np.random.default_rng(2)
     aucs, chance = rng.uniform(0.6, 1.0, 300), rng.uniform(0.3, 0.7, 300)
     contrasts = rng.normal(0.1, 0.1, 300)
-    shards = [adherence.shard_totals(aucs[i:i + 100], chance[i:i + 100], contrasts[i:i + 100]) for i in (0, 100, 200)]
+    shards = [
+        adherence.shard_totals(aucs[i : i + 100], chance[i : i + 100], contrasts[i : i + 100]) for i in (0, 100, 200)
+    ]
     merged = adherence.summarise_totals(shards)
     assert merged.median_auc == pytest.approx(np.median(aucs), abs=0.02)
     assert merged.chance_auc == pytest.approx(np.median(chance), abs=0.02)

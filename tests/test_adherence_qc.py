@@ -10,16 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from indusfactory import adherence
+from indusfactory.generation import adherence
 
 
 def _generate_all(setup):
-    from indusfactory.export import publish_dataset
-    from indusfactory.generate import generate_shard
+    from indusfactory.generation.generate import generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
     shards = [generate_shard(setup.ctx, setup.plan, setup.dataset_uri, i) for i in range(setup.plan.shards)]
-    dataset = publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
-                              setup.dataset_uri, shards)
+    dataset = publish_dataset(
+        setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, setup.dataset_uri, shards
+    )
     return shards, dataset
 
 
@@ -27,7 +28,7 @@ def _generate_all(setup):
 def sampler_following_masks(monkeypatch):
     """A stand-in sampler that paints each sample's masks dark on a noisy surface (what a condition that
     learned would do), so the QC plumbing can be checked without training one."""
-    from indusfactory import generate
+    from indusfactory.generation import generate
 
     def sample(ctx, pipe, embeds, rows, inputs, shape=None):
         out = []
@@ -68,7 +69,7 @@ def test_samples_that_follow_their_masks_are_marked_so(make_config, prepare_gene
 
 
 def test_publishing_a_near_chance_dataset_can_be_refused_keeping_its_shards(make_config, prepare_generation):
-    from indusfactory.errors import NearChanceError
+    from indusfactory.infra.errors import NearChanceError
 
     setup = prepare_generation(make_config(generation={"refuse_near_chance": True}))
     with pytest.raises(NearChanceError, match="do not follow their labels"):
@@ -86,8 +87,8 @@ def test_min_label_auc_fails_samples_below_it(make_config, prepare_generation, s
 
 
 def test_the_chance_pairing_does_not_depend_on_batching(make_config, prepare_generation, sampler_following_masks):
-    from indusfactory.generate import generate_rows
-    from indusfactory.plan import read_plan
+    from indusfactory.generation.generate import generate_rows
+    from indusfactory.generation.plan import read_plan
 
     rows = read_plan(prepare_generation(make_config()).plan, 0)
     small = prepare_generation(make_config(generation={"batch_size": 1}))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.data import brick
 
-from indusfactory.augment import (
+from indusfactory.drivers.augment import (
     AUGMENTATION_KEYS,
     PERTURBATION_KEYS,
     apply_augmentation,
@@ -216,8 +216,14 @@ def test_each_step_changes_the_mask():
     mask = np.zeros(SHAPE, bool)
     mask[20:40, 25:35] = True
     base = identity_perturbation()
-    for change in ({"rotation_deg": 20.0}, {"scale": 1.15}, {"shear": 0.15}, {"translate_x": 0.1},
-                   {"morph_radius": 1}, {"morph_radius": -1}):
+    for change in (
+        {"rotation_deg": 20.0},
+        {"scale": 1.15},
+        {"shear": 0.15},
+        {"translate_x": 0.1},
+        {"morph_radius": 1},
+        {"morph_radius": -1},
+    ):
         assert not np.array_equal(apply_perturbation(mask, {**base, **change}), mask), change
     assert apply_perturbation(mask, {**base, "morph_radius": 1}).sum() > mask.sum()
     assert apply_perturbation(mask, {**base, "morph_radius": -1}).sum() < mask.sum()
@@ -244,8 +250,7 @@ def test_erosion_of_a_thin_crack_falls_back_to_no_erosion_but_keeps_translation(
 def test_translation_out_of_the_image_falls_back_to_no_translation():
     mask = np.zeros(SHAPE, bool)
     mask[0:8, 0:8] = True
-    params = {**identity_perturbation(), "translate_x": -0.5, "morph_radius": -1, "rotation_deg": 20.0,
-              "scale": 1.15}
+    params = {**identity_perturbation(), "translate_x": -0.5, "morph_radius": -1, "rotation_deg": 20.0, "scale": 1.15}
     out = apply_perturbation(mask, params)
     expected = apply_perturbation(mask, {**params, "translate_x": 0.0, "morph_radius": 0})
     assert out.any() and np.array_equal(out, expected)
@@ -255,8 +260,14 @@ def test_translation_out_of_the_image_falls_back_to_no_translation():
 def test_last_resort_is_the_original_mask():
     mask = np.zeros(SHAPE, bool)
     mask[30, 30] = True
-    params = {**identity_perturbation(), "translate_x": 0.9, "elastic_alpha": 0.3, "elastic_sigma": 0.1,
-              "elastic_seed": 7, "morph_radius": -1}
+    params = {
+        **identity_perturbation(),
+        "translate_x": 0.9,
+        "elastic_alpha": 0.3,
+        "elastic_sigma": 0.1,
+        "elastic_seed": 7,
+        "morph_radius": -1,
+    }
     # roi = the original pixel: every perturbed version misses it, the original does not
     assert not (apply_perturbation(mask, {**params, "translate_x": 0.0, "morph_radius": 0}) & mask).any()
     assert np.array_equal(apply_perturbation(mask, params, roi=mask.copy()), mask)
@@ -304,7 +315,7 @@ def test_bad_perturbation_input_is_refused(mask, params, roi, message):
 
 def test_thin_crack_is_not_reduced_to_a_few_pixels():
     """Erosion would wipe a 1-px crack down to nothing; the perturbation keeps most of it instead."""
-    from indusfactory.augment import MIN_KEPT_AREA, apply_perturbation, identity_perturbation
+    from indusfactory.drivers.augment import MIN_KEPT_AREA, apply_perturbation, identity_perturbation
 
     mask = np.zeros((64, 64), dtype=bool)
     mask[32, 8:56] = True

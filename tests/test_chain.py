@@ -18,7 +18,7 @@ def _files(root: Path) -> dict[str, float]:
 
 def test_generate_dataset_end_to_end_and_rerun_from_cache(prefect_api, make_config):
     from flows.generate_dataset import generate_dataset
-    from indusfactory.plan import SourceImages, materialise, read_plan
+    from indusfactory.generation.plan import SourceImages, materialise, read_plan
     from indusfactory.schema import PlanRecord
 
     config = make_config()
@@ -98,11 +98,18 @@ def test_trained_models_load_with_plain_diffusers(prefect_api, make_config):
     pipe = StableDiffusionPipeline.from_pretrained(config.base_model.pretrained, safety_checker=None)
     pipe.load_lora_weights(str(concept_dir))
     controlnet = ControlNetModel.from_pretrained(condition.uri)
-    control_pipe = StableDiffusionControlNetPipeline(**{k: v for k, v in pipe.components.items()
-                                                       if k not in ("image_encoder",)}, controlnet=controlnet)
+    control_pipe = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pipe.components.items() if k not in ("image_encoder",)}, controlnet=controlnet
+    )
     control_pipe.set_progress_bar_config(disable=True)
-    out = control_pipe("an image of a sks with a hairline crack", image=torch.rand(1, 3, 64, 64), height=64,
-                       width=64, num_inference_steps=2, output_type="np").images
+    out = control_pipe(
+        "an image of a sks with a hairline crack",
+        image=torch.rand(1, 3, 64, 64),
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3)
     assert not [p for p in Path(config.factory_root).rglob("*") if p.suffix in (".bin", ".ckpt", ".pkl")]
 
@@ -131,9 +138,13 @@ def test_unreadable_image_is_reported_by_name(prefect_api, make_config, sample_r
     shutil.copytree(sample_root, root)
     bad = root / "defective" / "images" / "defect_0003.png"
     bad.write_bytes(b"\x89PNG truncated")
-    config = make_config(source={"coco_annotations": str(root / "defective" / "annotations.json"),
-                                 "images_dir": str(root / "defective" / "images"),
-                                 "defect_free_dir": str(root / "defect_free")})
+    config = make_config(
+        source={
+            "coco_annotations": str(root / "defective" / "annotations.json"),
+            "images_dir": str(root / "defective" / "images"),
+            "defect_free_dir": str(root / "defect_free"),
+        }
+    )
     record = ingest(config=config)
     assert record.quarantined == 1
     report = (Path(record.uri) / "report.md").read_text()

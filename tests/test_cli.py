@@ -1,7 +1,7 @@
 import yaml
 from typer.testing import CliRunner
 
-from indusfactory.cli import app
+from flows.cli import app
 
 runner = CliRunner()
 
@@ -29,12 +29,19 @@ def test_run_with_unknown_key_names_it(tmp_path):
 
 def test_run_with_missing_source_folder_names_it(prefect_api, tmp_path, sample_root, tiny_model_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "factory_root": str(tmp_path / "factory"),
-        "base_model": {"pretrained": str(tiny_model_path)},
-        "source": {"coco_annotations": str(sample_root / "defective" / "annotations.json"),
-                   "images_dir": str(tmp_path / "no-such-images"),
-                   "defect_free_dir": str(sample_root / "defect_free")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "factory_root": str(tmp_path / "factory"),
+                "base_model": {"pretrained": str(tiny_model_path)},
+                "source": {
+                    "coco_annotations": str(sample_root / "defective" / "annotations.json"),
+                    "images_dir": str(tmp_path / "no-such-images"),
+                    "defect_free_dir": str(sample_root / "defect_free"),
+                },
+            }
+        )
+    )
     result = runner.invoke(app, ["run", str(path), "--stage", "ingest"])
     assert result.exit_code == 2, result.output
     assert "source.images_dir" in result.output and "no-such-images" in result.output

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from indusfactory.config import FactoryConfig, load_config, parse_config
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 
 
 def test_defaults_run_the_embedded_demo():
@@ -55,11 +55,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("text", [
-    "a: " + "[" * 100_000 + "]" * 100_000,  # flow sequences 100,000 deep
-    "factory_root: " + "{a: " * 20_000 + "1" + "}" * 20_000,  # flow mappings
-    "\n".join("  " * i + f"k{i}:" for i in range(5_000)) + " 1",  # block mappings, 5,000 levels of indentation
-], ids=["sequences", "mappings", "blocks"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 100_000 + "]" * 100_000,  # flow sequences 100,000 deep
+        "factory_root: " + "{a: " * 20_000 + "1" + "}" * 20_000,  # flow mappings
+        "\n".join("  " * i + f"k{i}:" for i in range(5_000)) + " 1",  # block mappings, 5,000 levels of indentation
+    ],
+    ids=["sequences", "mappings", "blocks"],
+)
 def test_yaml_nested_too_deep_is_a_config_error_naming_the_file(tmp_path, text):
     path = tmp_path / "deep.yaml"
     path.write_text(text)
@@ -79,7 +83,7 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_pa
 def test_the_cli_prints_a_bad_config_file_in_a_few_lines(tmp_path):
     from typer.testing import CliRunner
 
-    from indusfactory.cli import app
+    from flows.cli import app
 
     for name, data in (("deep.yaml", ("a: " + "[" * 100_000).encode()), ("latin1.yaml", b"factory_root: caf\xe9\n")):
         path = tmp_path / name
@@ -92,3 +96,18 @@ def test_the_cli_prints_a_bad_config_file_in_a_few_lines(tmp_path):
 def test_prompt_templates_must_name_their_fields():
     with pytest.raises(ConfigError, match="classes"):
         parse_config({"condition": {"prompt_template": "an image of a {token}"}})
+
+
+def test_every_field_of_the_run_form_has_a_description():
+    """Prefect renders FactoryConfig's JSON schema as the run form: a field without a description is a bare name
+    there (a subclass that overrides a default must restate the inherited description)."""
+    schema = FactoryConfig.model_json_schema()
+    models = {"FactoryConfig": schema, **schema.get("$defs", {})}
+    bare = [
+        f"{model}.{name}"
+        for model, spec in models.items()
+        for name, field in spec.get("properties", {}).items()
+        if not field.get("description")
+    ]
+    assert bare == []
+    assert len(schema["$defs"]) >= 10  # every section is checked, not only the top level

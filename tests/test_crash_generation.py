@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 WORKER = textwrap.dedent("""
     import json, sys, time
-    from indusfactory import storage
+    from indusfactory.infra import storage
     from indusfactory.config import FactoryConfig
-    from indusfactory.generate import GenerationContext, generate_shard
+    from indusfactory.generation.generate import GenerationContext, generate_shard
     from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord
 
     args = json.load(open(sys.argv[1]))
@@ -55,7 +55,7 @@ WORKER = textwrap.dedent("""
                             condition=ModelRecord.model_validate(args["condition"]))
     records = [generate_shard(ctx, plan, args["dataset_uri"], shard) for shard in range(plan.shards)]
     if args.get("publish"):
-        from indusfactory.export import publish_dataset
+        from indusfactory.publishing.publish import publish_dataset
 
         publish_dataset(ctx.config, catalog, plan, ctx.concept, ctx.condition, args["dataset_uri"], records)
 """)
@@ -63,13 +63,23 @@ WORKER = textwrap.dedent("""
 
 def _start_worker(setup, tmp_path: Path, hang_moving: str | None, publish: bool = False) -> subprocess.Popen:
     args = tmp_path / "worker.json"
-    args.write_text(json.dumps({
-        "config": setup.config.model_dump(mode="json"), "catalog": setup.catalog.model_dump(mode="json"),
-        "plan": setup.plan.model_dump(mode="json"), "concept": setup.concept.model_dump(mode="json"),
-        "condition": setup.condition.model_dump(mode="json"), "dataset_uri": setup.dataset_uri,
-        "hang_moving": hang_moving, "publish": publish}))
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    args.write_text(
+        json.dumps(
+            {
+                "config": setup.config.model_dump(mode="json"),
+                "catalog": setup.catalog.model_dump(mode="json"),
+                "plan": setup.plan.model_dump(mode="json"),
+                "concept": setup.concept.model_dump(mode="json"),
+                "condition": setup.condition.model_dump(mode="json"),
+                "dataset_uri": setup.dataset_uri,
+                "hang_moving": hang_moving,
+                "publish": publish,
+            }
+        )
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
@@ -92,8 +102,8 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     from pycocotools.coco import COCO
 
     from flows.generate_dataset import generate_dataset
-    from indusfactory.export import shard_name
-    from indusfactory.plan import read_plan
+    from indusfactory.generation.plan import read_plan
+    from indusfactory.publishing.publish import shard_name
 
     config = make_config(generation={"steps": 8, "batch_size": 2, "shard_size": 2})
     setup = prepare_generation(config)
@@ -172,8 +182,9 @@ def test_sigkill_mid_finalisation_then_rerun(prefect_api, make_config, prepare_g
     assert not [p for p in Path(config.factory_root).rglob("*") if p.name.startswith(".tmp-")]
 
 
-def test_sigkill_between_manifest_and_latest_then_rerun_repairs_latest(prefect_api, make_config, prepare_generation,
-                                                                         tmp_path):
+def test_sigkill_between_manifest_and_latest_then_rerun_repairs_latest(
+    prefect_api, make_config, prepare_generation, tmp_path
+):
     """Killed while ``latest`` is moved into place, after the manifest: the rerun finds the version published
     and points ``latest`` at it (it named an older version)."""
     from flows.generate_dataset import generate_dataset
@@ -208,8 +219,9 @@ RACER = textwrap.dedent("""
 """)
 
 
-def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_api, make_config, prepare_generation,
-                                                                        tmp_path):
+def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(
+    prefect_api, make_config, prepare_generation, tmp_path
+):
     """Two processes run generate-dataset on one config at the same time, both released at once: one
     generates and publishes, the other waits for the version's lock and reuses it; every shard in the
     manifest is the file on storage, written by one run."""
@@ -217,16 +229,22 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_ap
 
     from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.export import shard_name
-    from indusfactory.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.publishing.publish import shard_name
 
     repo = Path(__file__).resolve().parents[1]
     config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})
     setup = prepare_generation(config)
     root = Path(setup.dataset_uri)
     uri = lock_uri(config.factory_root, f"dataset-{config.export.dataset_name}-{root.name}")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": str(repo), "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(repo),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
         env.pop(key, None)
     logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
@@ -235,9 +253,13 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_ap
     try:
         for name, log in logs.items():
             with open(log, "w") as out:
-                procs[name] = subprocess.Popen([sys.executable, "-c", RACER, config.model_dump_json()], cwd=repo,
-                                               env={**env, "INDUSFACTORY_WORKER_NAME": name}, stdout=out,
-                                               stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-c", RACER, config.model_dump_json()],
+                    cwd=repo,
+                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
         deadline = time.time() + 420
         while not all("held by test-holder" in log.read_text() for log in logs.values()):
             texts = "\n".join(log.read_text()[-3000:] for log in logs.values())
@@ -265,7 +287,8 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(prefect_ap
         assert hashlib.sha256((root / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
     assert {entry["worker"] for entry in manifest["shards"]} == {maker}, "one run wrote every shard"
     assert sorted(p.name for p in (root / "data").iterdir()) == [
-        f"{shard_name('train', i, setup.plan.shards)}.parquet" for i in range(setup.plan.shards)]
+        f"{shard_name('train', i, setup.plan.shards)}.parquet" for i in range(setup.plan.shards)
+    ]
     df = pd.read_parquet(root / "data")
     assert sorted(df["sample_id"]) == sorted(set(df["sample_id"])) and len(df) == setup.plan.samples
     assert (root.parent / "latest").read_text().strip() == root.name and not Path(uri).exists()

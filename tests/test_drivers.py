@@ -9,9 +9,9 @@ from skimage.data import brick
 from skimage.filters import threshold_local
 from skimage.transform import resize
 
-from indusfactory.augment import apply_perturbation, sample_perturbation
 from indusfactory.config import DriverConfig
-from indusfactory.drivers import (
+from indusfactory.drivers.augment import apply_perturbation, sample_perturbation
+from indusfactory.drivers.topology import (
     CLASS_PALETTE,
     class_colour,
     driver_to_pil,
@@ -114,11 +114,15 @@ def test_background_is_dark_binary_and_masks_carry_their_colour(seed):
 def test_driver_follows_the_paper_recipe(seed):
     rng = np.random.default_rng(seed)
     image = brick_crop(rng)
-    config = DriverConfig(downscale=int(rng.integers(1, 5)), block_size=int(rng.choice([3, 7, 15])),
-                          offset=float(rng.uniform(-0.02, 0.02)))
+    config = DriverConfig(
+        downscale=int(rng.integers(1, 5)),
+        block_size=int(rng.choice([3, 7, 15])),
+        offset=float(rng.uniform(-0.02, 0.02)),
+    )
     instances = random_instances(rng)
-    assert np.array_equal(extract_topological_driver(image, instances, config),
-                          reference_driver(image, instances, config))
+    assert np.array_equal(
+        extract_topological_driver(image, instances, config), reference_driver(image, instances, config)
+    )
 
 
 def test_threshold_is_adaptive_on_real_texture():

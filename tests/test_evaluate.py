@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indusfactory.metrics import (
+from indusfactory.evaluation.metrics import (
     OverlapCounts,
     coco_average_precision,
     frechet_distance,
@@ -44,9 +44,9 @@ def test_hausdorff95_by_hand():
 
 def test_coco_ap_through_pycocotools_by_hand():
     gt = np.zeros((32, 32), bool)
-    gt[5:15, 5:15] = True                           # 100 px
+    gt[5:15, 5:15] = True  # 100 px
     inside = np.zeros_like(gt)
-    inside[5:13, 5:14] = True                       # 72 px inside it: IoU 0.72
+    inside[5:13, 5:14] = True  # 72 px inside it: IoU 0.72
     perfect = coco_average_precision([[(1, gt)]], [[(1, gt, 0.9)]], [7])
     assert perfect["mask_ap"] == pytest.approx(1.0) and perfect["box_ap"] == pytest.approx(1.0)
     partial = coco_average_precision([[(1, gt)]], [[(1, inside, 0.9)]], [7])
@@ -75,8 +75,7 @@ def test_fid_and_kid_by_hand():
     a = np.random.default_rng(0).normal(size=(200, 3))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + 2.0) == pytest.approx(3 * 4.0), "same covariance: |mu_a - mu_b|^2"
-    kid, std = kernel_inception_distance(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]]), subsets=3,
-                                         subset_size=2)
+    kid, std = kernel_inception_distance(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]]), subsets=3, subset_size=2)
     # k(u, v) = (u v + 1)^3: off-diagonal means 1 and 27, cross mean (1 + 1 + 8 + 27) / 4.
     assert kid == pytest.approx(1 + 27 - 2 * 37 / 4) and std == pytest.approx(0.0)
 
@@ -94,10 +93,17 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     record = evaluate_dataset(config=config)
     regimes = [(row["regime"], row["real fraction"]) for row in record.table]
     # Issue 14 changed the layout: the controls are rows of their own, every row is a mean over seeds.
-    assert regimes == [("synthetic only", "0%"), ("real only", "10%"), ("synthetic + real", "10%"),
-                       ("shuffled labels + real", "10%"), ("empty masks + real", "10%"),
-                       ("real only", "100%"), ("synthetic + real", "100%"),
-                       ("shuffled labels + real", "100%"), ("empty masks + real", "100%")]
+    assert regimes == [
+        ("synthetic only", "0%"),
+        ("real only", "10%"),
+        ("synthetic + real", "10%"),
+        ("shuffled labels + real", "10%"),
+        ("empty masks + real", "10%"),
+        ("real only", "100%"),
+        ("synthetic + real", "100%"),
+        ("shuffled labels + real", "100%"),
+        ("empty masks + real", "100%"),
+    ]
     for row in record.table:
         assert row["seeds"] == 3 and row["iou_std"] is not None, row
         for key in ("iou", "miou", "mdice", "hd95", "mask_ap", "box_ap"):
@@ -123,7 +129,7 @@ def test_evaluate_dataset_flow_fills_every_cell(prefect_api, make_config):
     # The real-data segmentor the evaluation saved drives generation QC: same scores as the evaluation's.
     import pandas as pd
 
-    from indusfactory.generate import adherence_scorer
+    from indusfactory.generation.generate import adherence_scorer
     from indusfactory.schema import decode_image, rle_to_mask
 
     check = json.loads((Path(record.uri) / "segmentor" / "baseline_check.json").read_text())

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indusfactory.adherence import derangement
 from indusfactory.config import EvaluationConfig
-from indusfactory.evaluate import (
+from indusfactory.evaluation.evaluate import (
     HELPS,
     INCONCLUSIVE,
     NO_BENEFIT,
@@ -29,8 +28,9 @@ from indusfactory.evaluate import (
     run_protocol,
     write_evaluation,
 )
+from indusfactory.evaluation.segmentor import SegmentationSet
+from indusfactory.generation.adherence import derangement
 from indusfactory.schema import DatasetRecord
-from indusfactory.segmentor import SegmentationSet
 
 SIZE = 32
 DATASET = DatasetRecord(name="tiny", version="v", uri="unused", manifest_uri="unused", samples=8, shards=1)
@@ -65,8 +65,15 @@ def defect_images(n: int, seed: int, visible: bool = True) -> LabelledImages:
 
 
 def _config(**overrides) -> EvaluationConfig:
-    base = {"real_fractions": [1.0], "seeds": 2, "steps": 30, "finetune_steps": 30, "batch_size": 8,
-            "learning_rate": 3e-3, "controls": ["shuffled labels"]}
+    base = {
+        "real_fractions": [1.0],
+        "seeds": 2,
+        "steps": 30,
+        "finetune_steps": 30,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "controls": ["shuffled labels"],
+    }
     return EvaluationConfig(**{**base, **overrides})
 
 
@@ -75,14 +82,30 @@ def _result(protocol: dict, e: EvaluationConfig, test_images: int, synthetic: La
     pixels, aucs, chance = pixel_adherence(synthetic, seed=0)
     adherence = adherence_report(pixels, aucs, chance, DATASET, None)
     bins = [0.0, 0.5, 1.0]
-    return {"fingerprint": "fp", "dataset": {"name": "tiny", "version": "v"}, **protocol, "adherence": adherence,
-            "fidelity": {"feature_extractor": "small", "fid": None, "kid": None, "kid_std": None}, "seconds": 1.0,
-            "distributions": {"size_bins": bins, "real": {"mask_size_histogram": [1, 0]},
-                              "synthetic": {"mask_size_histogram": [1, 0]}},
-            "protocol": {"test_images": test_images, "segmentor": "tiny", "head": "binary", "seeds": [0, 1],
-                         "steps": e.steps, "finetune_steps": e.finetune_steps,
-                         "real_only_steps": e.steps + e.finetune_steps, "spread_rule": "max std",
-                         "synthetic_ratios": e.synthetic_ratios}}
+    return {
+        "fingerprint": "fp",
+        "dataset": {"name": "tiny", "version": "v"},
+        **protocol,
+        "adherence": adherence,
+        "fidelity": {"feature_extractor": "small", "fid": None, "kid": None, "kid_std": None},
+        "seconds": 1.0,
+        "distributions": {
+            "size_bins": bins,
+            "real": {"mask_size_histogram": [1, 0]},
+            "synthetic": {"mask_size_histogram": [1, 0]},
+        },
+        "protocol": {
+            "test_images": test_images,
+            "segmentor": "tiny",
+            "head": "binary",
+            "seeds": [0, 1],
+            "steps": e.steps,
+            "finetune_steps": e.finetune_steps,
+            "real_only_steps": e.steps + e.finetune_steps,
+            "spread_rule": "max std",
+            "synthetic_ratios": e.synthetic_ratios,
+        },
+    }
 
 
 def test_invisible_defects_make_the_evaluation_inconclusive(tmp_path):
@@ -91,8 +114,12 @@ def test_invisible_defects_make_the_evaluation_inconclusive(tmp_path):
     and the record, and the blind segmentor scores no adherence."""
     e = _config()
     synthetic = defect_images(8, seed=3)
-    data = ProtocolData(train=defect_images(6, seed=1, visible=False), test=defect_images(2, seed=2, visible=False),
-                        synthetic=synthetic.data, category_ids=[1])
+    data = ProtocolData(
+        train=defect_images(6, seed=1, visible=False),
+        test=defect_images(2, seed=2, visible=False),
+        synthetic=synthetic.data,
+        category_ids=[1],
+    )
     protocol, baseline = run_protocol(e, data)
     assert protocol["verdict"] == INCONCLUSIVE, protocol["baseline"]
     assert protocol["baseline"]["learned"] is False
@@ -103,8 +130,12 @@ def test_invisible_defects_make_the_evaluation_inconclusive(tmp_path):
     assert all(row["seeds"] == 2 and row["iou_std"] is not None for row in results_table(result))
 
     dataset = DATASET.model_copy(update={"uri": str(tmp_path / "dataset")})
-    per_sample = {"sample_id": synthetic.ids, "label_auc": [0.5] * 8, "chance_auc": [0.5] * 8,
-                  "adherence_iou": [None] * 8}
+    per_sample = {
+        "sample_id": synthetic.ids,
+        "label_auc": [0.5] * 8,
+        "chance_auc": [0.5] * 8,
+        "adherence_iou": [None] * 8,
+    }
     record = write_evaluation(str(tmp_path / "dataset" / "evaluation" / "fp"), dataset, result, per_sample, baseline)
     document = json.loads((tmp_path / "dataset" / "evaluation.json").read_text())
     assert record.verdict == document["verdict"] == INCONCLUSIVE
@@ -120,8 +151,9 @@ def test_synthetic_labels_not_where_the_defects_are_bring_no_benefit():
     synthetic = defect_images(8, seed=3)
     moved = derangement(len(synthetic.data), seed=5)
     wrong = SegmentationSet(synthetic.data.images, [synthetic.data.labels[j] for j in moved])
-    data = ProtocolData(train=defect_images(8, seed=1), test=defect_images(4, seed=2), synthetic=wrong,
-                        category_ids=[1])
+    data = ProtocolData(
+        train=defect_images(8, seed=1), test=defect_images(4, seed=2), synthetic=wrong, category_ids=[1]
+    )
     protocol, baseline = run_protocol(e, data)
     assert protocol["baseline"]["learned"] is True, protocol["baseline"]
     assert protocol["verdict"] == NO_BENEFIT, (protocol["comparisons"], protocol["verdict_reason"])
@@ -132,8 +164,8 @@ def test_synthetic_labels_not_where_the_defects_are_bring_no_benefit():
 
 def test_chance_levels_by_hand():
     a, b = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
-    a[0, :2] = 1                                   # 2 px
-    b[0, :] = 1                                    # 4 px, overlapping a in 2
+    a[0, :2] = 1  # 2 px
+    b[0, :] = 1  # 4 px, overlapping a in 2
     test = LabelledImages(SegmentationSet([np.zeros((4, 4, 3), np.uint8)] * 2, [a, b]), [[], []], ["a", "b"])
     levels = chance_levels(test, seed=0)
     assert levels["all_defect"] == pytest.approx(6 / 32)

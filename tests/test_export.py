@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from indusfactory import storage
+from indusfactory.infra import storage
 
 
 def test_local_writes_go_through_a_temporary_and_stale_ones_are_removed(tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def _manifest(folder, created: str) -> None:
 
 
 def test_latest_is_repaired_unless_it_names_a_version_published_later(tmp_path):
-    from indusfactory.export import point_latest
+    from indusfactory.publishing.publish import point_latest
 
     root = tmp_path / "datasets" / "demo"
     _manifest(root / "v1", "2026-01-01T00:00:00+00:00")
@@ -112,16 +112,17 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
     import pandas as pd
 
     from flows.generate_dataset import generate_dataset
-    from indusfactory.errors import VersionConflictError
-    from indusfactory.export import check_dataset_version
-    from indusfactory.generate import generate_shard
+    from indusfactory.generation.generate import generate_shard
+    from indusfactory.infra.errors import VersionConflictError
+    from indusfactory.publishing.publish import check_dataset_version
 
     def pinned(**overrides):
         return make_config(export={"version": "pinned"}, **{"generation": {"shard_size": 2}, **overrides})
 
     def check(setup):
-        check_dataset_version(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition,
-                              setup.dataset_uri)
+        check_dataset_version(
+            setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, setup.dataset_uri
+        )
 
     first = prepare_generation(pinned())
     root = Path(first.dataset_uri)
@@ -147,14 +148,19 @@ def test_a_pinned_version_is_one_closed_set_of_one_plan(prefect_api, make_config
     assert datasets.load_dataset(str(root), split="train").num_rows == planned
     card = (root / "README.md").read_text()
     assert [line.strip("- ") for line in card.splitlines() if line.startswith("    - data/")] == [
-        s["path"] for s in manifest["shards"]]
+        s["path"] for s in manifest["shards"]
+    ]
 
     # The first config (a larger plan) and a changed generation config, against the published version.
     published = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     changed = prepare_generation(pinned(plan={"max_defect_free_images": 1}, generation={"shard_size": 2, "steps": 3}))
-    for attempt in (lambda: check(first), lambda: generate_shard(first.ctx, first.plan, str(root), 2),
-                    lambda: generate_dataset(config=first.config), lambda: check(changed),
-                    lambda: generate_dataset(config=changed.config)):
+    for attempt in (
+        lambda: check(first),
+        lambda: generate_shard(first.ctx, first.plan, str(root), 2),
+        lambda: generate_dataset(config=first.config),
+        lambda: check(changed),
+        lambda: generate_dataset(config=changed.config),
+    ):
         with pytest.raises(VersionConflictError, match="published"):
             attempt()
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == published, "nothing written into it"

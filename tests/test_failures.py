@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from indusfactory import failures
-from indusfactory.errors import BadInputError, StorageNotFoundError, StoragePermissionError
+from indusfactory.infra import failures
+from indusfactory.infra.errors import BadInputError, StorageNotFoundError, StoragePermissionError
 
 
 def _raised(fn) -> BaseException:
@@ -59,8 +59,9 @@ def test_permanent_failures_from_the_s3_endpoint(s3_bucket, s3_iam):
 def _client_error(code: str, status: int, operation: str = "PutObject"):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       operation)
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
+    )
 
 
 def _translated(code: str, status: int):
@@ -75,15 +76,20 @@ def _transient_errors() -> dict[str, BaseException]:
     from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
     return {
-        "SlowDown": _translated("SlowDown", 503), "Throttling": _client_error("Throttling", 400),
-        "429": _client_error("TooManyRequests", 429), "InternalError": _translated("InternalError", 500),
-        "ServiceUnavailable": _translated("ServiceUnavailable", 503), "502": _client_error("BadGateway", 502),
+        "SlowDown": _translated("SlowDown", 503),
+        "Throttling": _client_error("Throttling", 400),
+        "429": _client_error("TooManyRequests", 429),
+        "InternalError": _translated("InternalError", 500),
+        "ServiceUnavailable": _translated("ServiceUnavailable", 503),
+        "502": _client_error("BadGateway", 502),
         "RequestTimeout": _translated("RequestTimeout", 400),
         "endpoint refused": EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
         "connect timeout": ConnectTimeoutError(endpoint_url="http://127.0.0.1:9"),
         "read timeout": ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
-        "dropped": aiohttp.ServerDisconnectedError(), "reset": ConnectionResetError(errno.ECONNRESET, "reset"),
-        "socket timeout": socket.timeout("timed out"), "TimeoutError": TimeoutError(),
+        "dropped": aiohttp.ServerDisconnectedError(),
+        "reset": ConnectionResetError(errno.ECONNRESET, "reset"),
+        "socket timeout": socket.timeout("timed out"),
+        "TimeoutError": TimeoutError(),
         "unknown": RuntimeError("something else"),
     }
 
@@ -93,14 +99,17 @@ def test_transient_failures_are_not_permanent(name):
     assert not failures.is_permanent(_transient_errors()[name]), name
 
 
-@pytest.mark.parametrize("exc, kind", [
-    (OSError(errno.ENOSPC, "No space left on device", "/data/factory/x.parquet"), "no_space"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "no_space"),
-    (PermissionError(errno.EACCES, "Permission denied", "/data/factory"), "denied"),
-    (OSError(errno.EROFS, "Read-only file system"), "denied"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/src/a.png"), "no_key"),
-    (BadInputError("bad config"), "bad_input"),
-])
+@pytest.mark.parametrize(
+    "exc, kind",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/data/factory/x.parquet"), "no_space"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "no_space"),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/factory"), "denied"),
+        (OSError(errno.EROFS, "Read-only file system"), "denied"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/src/a.png"), "no_key"),
+        (BadInputError("bad config"), "bad_input"),
+    ],
+)
 def test_constructed_permanent_failures(exc, kind):
     from botocore.exceptions import NoCredentialsError
 

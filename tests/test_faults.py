@@ -96,12 +96,13 @@ def s3_via_proxy(s3_endpoint, s3_bucket, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(prefect_api, s3_via_proxy, make_config,
-                                                                              monkeypatch):
+def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(
+    prefect_api, s3_via_proxy, make_config, monkeypatch
+):
     import fsspec
     import pandas as pd
 
-    import indusfactory.export as export
+    import indusfactory.publishing.publish as export
     from flows.generate_dataset import generate_dataset
 
     proxy, bucket = s3_via_proxy
@@ -117,7 +118,7 @@ def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(pref
             threading.Timer(3.0, proxy.up).start()
         return real_write_shard(*args, **kwargs)
 
-    monkeypatch.setattr("indusfactory.generate.write_shard", write_shard_during_outage)
+    monkeypatch.setattr("indusfactory.generation.generate.write_shard", write_shard_during_outage)
     record = generate_dataset(config=config)
     assert outages, "the outage was injected"
     frame = pd.read_parquet(f"{record.uri}/data/")
@@ -127,21 +128,24 @@ def test_s3_outage_during_export_is_retried_and_a_lasting_one_fails_clearly(pref
 
     # 2. An outage that lasts: the run fails with an error naming the endpoint; nothing half-written is visible.
     other = make_config(factory_root=f"{bucket}/factory", generation={"steps": 3})
-    monkeypatch.setattr("indusfactory.generate.write_shard", real_write_shard)
+    monkeypatch.setattr("indusfactory.generation.generate.write_shard", real_write_shard)
     real_publish = export.finalize_dataset
 
     def publish_while_down(*args, **kwargs):
         proxy.down()
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr("indusfactory.export.finalize_dataset", publish_while_down)
+    monkeypatch.setattr("indusfactory.publishing.publish.finalize_dataset", publish_while_down)
     with pytest.raises(Exception) as info:
         generate_dataset(config=other)
     assert f"127.0.0.1:{proxy.port}" in str(info.value) or "connect" in str(info.value).lower(), str(info.value)
     proxy.up()
-    monkeypatch.setattr("indusfactory.export.finalize_dataset", real_publish)
-    shards_before = {p: fs.info(p)["LastModified"] for p in fs.find(f"{bucket}/factory/datasets")
-                     if p.endswith(".parquet") and "/data/" in p}
+    monkeypatch.setattr("indusfactory.publishing.publish.finalize_dataset", real_publish)
+    shards_before = {
+        p: fs.info(p)["LastModified"]
+        for p in fs.find(f"{bucket}/factory/datasets")
+        if p.endswith(".parquet") and "/data/" in p
+    }
     again = generate_dataset(config=other)
     assert again.samples == 6
     assert not fs.exists(f"{again.uri}/manifest.json.tmp")

@@ -18,17 +18,20 @@ from pydantic import ValidationError
 from skimage.measure import label
 
 from indusfactory.config import SourceConfig, parse_config
-from indusfactory.errors import BadInputError, ConfigError
-from indusfactory.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
+from indusfactory.infra.errors import BadInputError, ConfigError
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 ORIENTATION = 0x0112
 
 
 def _source(root):
-    return SourceConfig(coco_annotations=str(root / "defective" / "annotations.json"),
-                        images_dir=str(root / "defective" / "images"), defect_free_dir=str(root / "defect_free"))
+    return SourceConfig(
+        coco_annotations=str(root / "defective" / "annotations.json"),
+        images_dir=str(root / "defective" / "images"),
+        defect_free_dir=str(root / "defect_free"),
+    )
 
 
 def _noise(seed: int, height: int = 40, width: int = 48) -> np.ndarray:
@@ -61,8 +64,13 @@ def _box(height: int, width: int, top: int, left: int, bottom: int, right: int) 
 
 
 def _ann(ann_id: int, image_id: int, segmentation, category_id: int = 1, iscrowd: int = 0) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": iscrowd,
-            "segmentation": segmentation}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": iscrowd,
+        "segmentation": segmentation,
+    }
 
 
 def _entry(image_id: int, name: str, array: np.ndarray, **extra) -> dict:
@@ -77,15 +85,20 @@ def _write(folder: Path, files: dict[str, bytes | np.ndarray]) -> None:
         path.write_bytes(_png(content) if isinstance(content, np.ndarray) else content)
 
 
-def _coco_dataset(root: Path, images: dict, entries: list[dict], annotations: list[dict],
-                  clean: dict | None = None, **source) -> SourceConfig:
+def _coco_dataset(
+    root: Path, images: dict, entries: list[dict], annotations: list[dict], clean: dict | None = None, **source
+) -> SourceConfig:
     """A COCO source under ``root``: images, their COCO file and a defect-free folder."""
     _write(root / "images", images)
     _write(root / "clean", {"clean.png": _noise(999)} if clean is None else clean)
     doc = {"images": entries, "annotations": annotations, "categories": CATEGORIES}
     (root / "annotations.json").write_text(json.dumps(doc))
-    return SourceConfig(coco_annotations=str(root / "annotations.json"), images_dir=str(root / "images"),
-                        defect_free_dir=str(root / "clean"), **source)
+    return SourceConfig(
+        coco_annotations=str(root / "annotations.json"),
+        images_dir=str(root / "images"),
+        defect_free_dir=str(root / "clean"),
+        **source,
+    )
 
 
 def _one_defective(root: Path, clean: dict, **source) -> SourceConfig:
@@ -101,9 +114,10 @@ def _quarantine(catalog: Path) -> list[dict]:
 
 def _reconciles(record) -> bool:
     counts = record.annotations
-    return (record.ingested + record.quarantined + record.duplicates == record.found
-            and counts["found"] == counts["ingested"] + counts["quarantined"] + counts["duplicates"]
-            + counts["orphaned"])
+    return (
+        record.ingested + record.quarantined + record.duplicates == record.found
+        and counts["found"] == counts["ingested"] + counts["quarantined"] + counts["duplicates"] + counts["orphaned"]
+    )
 
 
 def _rows(record) -> dict[str, dict]:
@@ -177,7 +191,7 @@ def test_rerun_reuses_the_catalog(sample_root, tmp_path):
 
 def test_an_image_rewritten_in_place_at_the_same_size_is_ingested_again(sample_root, tmp_path):
     """Same name, same byte count, other pixels: a new catalog (new content fingerprint), not the old one."""
-    from indusfactory.ingest import ingest_fingerprint
+    from indusfactory.sources.ingest import ingest_fingerprint
 
     root = tmp_path / "data"
     shutil.copytree(sample_root, root)
@@ -255,8 +269,12 @@ def bad_coco(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.png").write_bytes(_png(_noise(7)))
-    bombs = {"truncated.png": _png(_noise(8))[:600], "garbage.png": b"\x89PNG but not really",
-             "empty.png": b"", "big.png": _png(_noise(9, 120, 120))}
+    bombs = {
+        "truncated.png": _png(_noise(8))[:600],
+        "garbage.png": b"\x89PNG but not really",
+        "empty.png": b"",
+        "big.png": _png(_noise(9, 120, 120)),
+    }
     images.update(bombs)
     names = [f"img_{i}.png" for i in range(9)]
     images.update({name: _noise(200 + i) for i, name in enumerate(names)})
@@ -281,16 +299,27 @@ def bad_coco(tmp_path):
         _ann(51, 31, _rle(_box(h + 1, w, 5, 5, 15, 15))),  # RLE size mismatch
         _ann(52, 32, [[1, 1, 60, 1, 30, 20]]),  # polygon outside the image
         _ann(53, 33, _rle(box), category_id=99),  # unknown category
-        _ann(54, 34, _rle(box)), _ann(54, 35, _rle(box)),  # duplicate annotation id
+        _ann(54, 34, _rle(box)),
+        _ann(54, 35, _rle(box)),  # duplicate annotation id
         _ann(55, 36, {"size": [h, w], "counts": [5, 10]}),  # uncompressed runs do not cover the image
         _ann(56, 37, {"size": [h, w], "counts": "0000@@@"}),  # corrupt compressed string
         _ann(57, 38, [[1, 1, 5]]),  # degenerate polygon
         _ann(58, 9999, _rle(box)),  # names no image
     ]
-    source = _coco_dataset(root, images, entries, anns, clean={"clean_a.png": _noise(300), "clean_b.png": _noise(301),
-                                                                "copy.png": _noise(300), "notes.txt": b"hello",
-                                                                "empty.png": b""},
-                           max_image_pixels=100 * 100)
+    source = _coco_dataset(
+        root,
+        images,
+        entries,
+        anns,
+        clean={
+            "clean_a.png": _noise(300),
+            "clean_b.png": _noise(301),
+            "copy.png": _noise(300),
+            "notes.txt": b"hello",
+            "empty.png": b"",
+        },
+        max_image_pixels=100 * 100,
+    )
     os.symlink(outside / "secret.png", root / "images" / "link.png")
     os.symlink(outside / "secret.png", root / "clean" / "link_out.png")
     (root / "clean" / os.fsdecode(b"caf\xe9.png")).write_bytes(_png(_noise(302)))
@@ -313,12 +342,22 @@ def test_every_bad_case_is_quarantined_with_its_reason(bad_coco, tmp_path):
         return entry["kind"]
 
     expected = {
-        "truncated.png": "unreadable", "garbage.png": "unreadable", "big.png": "too_large",
-        "missing.png": "missing_file", "link.png": "unsafe_path",
-        "link_out.png": "unsafe_path", "img_1.png": "mask_size", "img_2.png": "mask_outside",
-        "img_3.png": "unknown_category", "img_4.png": "duplicate_annotation_id",
-        "img_5.png": "duplicate_annotation_id", "img_6.png": "bad_annotation", "img_7.png": "bad_annotation",
-        "img_8.png": "bad_annotation", "img_0.png": "duplicate_image_id", "img_0_again.png": "duplicate_image_id",
+        "truncated.png": "unreadable",
+        "garbage.png": "unreadable",
+        "big.png": "too_large",
+        "missing.png": "missing_file",
+        "link.png": "unsafe_path",
+        "link_out.png": "unsafe_path",
+        "img_1.png": "mask_size",
+        "img_2.png": "mask_outside",
+        "img_3.png": "unknown_category",
+        "img_4.png": "duplicate_annotation_id",
+        "img_5.png": "duplicate_annotation_id",
+        "img_6.png": "bad_annotation",
+        "img_7.png": "bad_annotation",
+        "img_8.png": "bad_annotation",
+        "img_0.png": "duplicate_image_id",
+        "img_0_again.png": "duplicate_image_id",
     }
     for name, want in expected.items():
         assert kind(name) == want, (name, by_file[name])
@@ -353,19 +392,23 @@ def test_too_large_is_refused_from_the_header(tmp_path, monkeypatch):
             return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(
-            b"IEND", b"")
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+        )
 
     def no_decoding(self):
         raise AssertionError("pixels were decoded")
 
-    source = _one_defective(tmp_path / "src", {"ok.png": _noise(5), "bomb.png": header_only_png(100_000, 100_000),
-                                               "big.png": header_only_png(9_000, 9_000)})
+    source = _one_defective(
+        tmp_path / "src",
+        {"ok.png": _noise(5), "bomb.png": header_only_png(100_000, 100_000), "big.png": header_only_png(9_000, 9_000)},
+    )
     from PIL import ImageFile
 
     original = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load",
-                        lambda self: no_decoding(self) if self.size[0] > 1000 else original(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: no_decoding(self) if self.size[0] > 1000 else original(self)
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     quarantine = {q["source_uri"].rsplit("/", 1)[-1]: q for q in _quarantine(tmp_path / "catalog")}
     assert quarantine["bomb.png"]["kind"] == quarantine["big.png"]["kind"] == "too_large"
@@ -393,8 +436,10 @@ def _modes() -> dict[str, tuple[bytes, np.ndarray]]:
     rgba = np.dstack([rgb, alpha])
     on_black = np.round(rgb.astype(np.float64) * alpha[:, :, None] / 255.0).astype(np.uint8)
     modes["rgba.png"] = (_png(rgba), on_black)
-    modes["grey_alpha.png"] = (_png(np.dstack([grey, alpha])),
-                               np.repeat(np.round(grey * (alpha / 255.0)).astype(np.uint8)[:, :, None], 3, 2))
+    modes["grey_alpha.png"] = (
+        _png(np.dstack([grey, alpha])),
+        np.repeat(np.round(grey * (alpha / 255.0)).astype(np.uint8)[:, :, None], 3, 2),
+    )
     colours = np.array(palette, dtype=np.uint8).reshape(-1, 3)
     image = Image.frombytes("P", (30, 20), indices.tobytes())
     image.putpalette(palette)
@@ -439,10 +484,16 @@ def test_unsupported_mode_is_quarantined(tmp_path):
     assert entry["kind"] == "unsupported_mode" and "mode F" in entry["reason"]
 
 
-@pytest.mark.parametrize(("orientation", "turn"), [
-    (3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1)),
-    (2, lambda a: a[:, ::-1]), (5, lambda a: np.transpose(a, (1, 0, 2))),
-])
+@pytest.mark.parametrize(
+    ("orientation", "turn"),
+    [
+        (3, lambda a: np.rot90(a, 2)),
+        (6, lambda a: np.rot90(a, -1)),
+        (8, lambda a: np.rot90(a, 1)),
+        (2, lambda a: a[:, ::-1]),
+        (5, lambda a: np.transpose(a, (1, 0, 2))),
+    ],
+)
 def test_exif_orientation_is_applied_and_annotations_are_in_the_oriented_frame(tmp_path, orientation, turn):
     raw = _noise(11, 30, 50)
     exif = Image.Exif()
@@ -452,8 +503,12 @@ def test_exif_orientation_is_applied_and_annotations_are_in_the_oriented_frame(t
     height, width = oriented.shape[:2]
     mask = _box(height, width, 2, 3, 12, 9)
     raw_entry = {"id": 2, "file_name": "raw_frame.png", "height": raw.shape[0], "width": raw.shape[1]}
-    source = _coco_dataset(tmp_path / "src", {"turned.png": data, "raw_frame.png": data},
-                           [_entry(1, "turned.png", oriented), raw_entry], [_ann(1, 1, _rle(mask))])
+    source = _coco_dataset(
+        tmp_path / "src",
+        {"turned.png": data, "raw_frame.png": data},
+        [_entry(1, "turned.png", oriented), raw_entry],
+        [_ann(1, 1, _rle(mask))],
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     row = _rows(record)["turned.png"]
     assert np.array_equal(decode_image(row["image"]["bytes"]), oriented)
@@ -482,10 +537,14 @@ def test_exif_orientation_of_a_jpeg(tmp_path):
 
 
 def test_split_is_reproducible_by_seed(sample_root, tmp_path):
-    first = {r["image_id"]: r["split"] for r in read_catalog(ingest(_source(sample_root), str(tmp_path / "a")).uri)
-             .to_pylist()}
-    again = {r["image_id"]: r["split"] for r in read_catalog(ingest(_source(sample_root), str(tmp_path / "b")).uri)
-             .to_pylist()}
+    first = {
+        r["image_id"]: r["split"]
+        for r in read_catalog(ingest(_source(sample_root), str(tmp_path / "a")).uri).to_pylist()
+    }
+    again = {
+        r["image_id"]: r["split"]
+        for r in read_catalog(ingest(_source(sample_root), str(tmp_path / "b")).uri).to_pylist()
+    }
     assert first == again and set(first.values()) <= {"train", "val", "test"}
     assert all(split_of(i, 0, (0.7, 0.15, 0.15)) == s for i, s in first.items())
     other = [split_of(i, 1, (0.7, 0.15, 0.15)) for i in first]
@@ -495,14 +554,19 @@ def test_split_is_reproducible_by_seed(sample_root, tmp_path):
 def test_given_split_is_used_and_validated(tmp_path):
     images = {f"i{k}.png": _noise(400 + k) for k in range(6)}
     splits = ["train", "val", "test", "Test", "validation", None]
-    entries = [_entry(k + 1, f"i{k}.png", images[f"i{k}.png"], **({"subset": s} if s else {}))
-               for k, s in enumerate(splits)]
+    entries = [
+        _entry(k + 1, f"i{k}.png", images[f"i{k}.png"], **({"subset": s} if s else {})) for k, s in enumerate(splits)
+    ]
     annotations = [_ann(k + 1, k + 1, _rle(_box(40, 48, 1, 1, 9, 9))) for k in range(6)]
     source = _coco_dataset(tmp_path / "src", images, entries, annotations, split_field="subset")
     record = ingest(source, str(tmp_path / "catalog"))
     rows = _rows(record)
     assert {n: rows[n]["split"] for n in ("i0.png", "i1.png", "i2.png", "i3.png")} == {
-        "i0.png": "train", "i1.png": "val", "i2.png": "test", "i3.png": "test"}
+        "i0.png": "train",
+        "i1.png": "val",
+        "i2.png": "test",
+        "i3.png": "test",
+    }
     bad = {q["source_uri"].rsplit("/", 1)[-1]: q for q in _quarantine(tmp_path / "catalog")}
     assert set(bad) == {"i4.png", "i5.png"} and {q["kind"] for q in bad.values()} == {"bad_split"}
     assert "subset='validation'" in bad["i4.png"]["reason"] and "train, val, test" in bad["i4.png"]["reason"]
@@ -518,7 +582,7 @@ def _label_map(seed: int, height: int = 40, width: int = 48) -> np.ndarray:
     labels[2:8, 2:10] = 1
     labels[20:30, 30:40] = 1
     labels[30, 40] = 1  # diagonal neighbour: the same 8-connected component
-    labels[12:18, 5 + seed:25 + seed] = 2
+    labels[12:18, 5 + seed : 25 + seed] = 2
     return labels
 
 
@@ -526,8 +590,13 @@ def _mask_folder(root: Path, images: dict, masks: dict, clean: dict | None = Non
     _write(root / "images", images)
     _write(root / "masks", masks)
     _write(root / "clean", {"clean.png": _noise(999)} if clean is None else clean)
-    return SourceConfig(format="mask_folder", images_dir=str(root / "images"), masks_dir=str(root / "masks"),
-                        mask_values={1: "scratch", 2: "dent"}, defect_free_dir=str(root / "clean"))
+    return SourceConfig(
+        format="mask_folder",
+        images_dir=str(root / "images"),
+        masks_dir=str(root / "masks"),
+        mask_values={1: "scratch", 2: "dent"},
+        defect_free_dir=str(root / "clean"),
+    )
 
 
 def _expected_instances(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -562,8 +631,10 @@ def test_mask_folder_instances_equal_the_masks(tmp_path):
     record = ingest(source, str(tmp_path / "catalog"))
     assert record.found == 4 and record.ingested == 4 and record.quarantined == 0
     table = read_catalog(record.uri)
-    assert categories_from_metadata(table.schema) == [{"id": 1, "name": "scratch", "supercategory": ""},
-                                                      {"id": 2, "name": "dent", "supercategory": ""}]
+    assert categories_from_metadata(table.schema) == [
+        {"id": 1, "name": "scratch", "supercategory": ""},
+        {"id": 2, "name": "dent", "supercategory": ""},
+    ]
     rows = {r["file_name"]: r for r in table.to_pylist()}
     names = {f"{stem}.{'jpg' if k == 2 else 'png'}": lab for k, (stem, lab) in enumerate(labels.items())}
     _check_mask_rows(rows, names)
@@ -575,14 +646,32 @@ def test_mask_folder_bad_cases(tmp_path):
     rotated = np.rot90(_label_map(1), -1).copy()
     exif = Image.Exif()
     exif[ORIENTATION] = 6
-    images = {"good.png": _noise(600), "turned.png": _png(_noise(601), exif=exif), "small_mask.png": _noise(602),
-              "unknown_value.png": _noise(603), "no_mask.png": _noise(604), "colour_mask.png": _noise(605),
-              "broken_mask.png": _noise(606), "zdup.png": _noise(600), "twin.png": _noise(607),
-              "twin.jpg": _save(Image.fromarray(_noise(608)), "JPEG"), "broken.png": b"\x89PNG"}
-    masks = {"good.png": _png(good), "turned.png": _png(rotated), "small_mask.png": _png(good[:-1]),
-             "unknown_value.png": _png(np.where(good == 2, 7, good).astype(np.uint8)),
-             "colour_mask.png": _png(_noise(1)), "broken_mask.png": b"\x89PNG garbage", "zdup.png": _png(good),
-             "twin.png": _png(good), "broken.png": _png(good), "orphan.png": _png(good), "readme.txt": b"x"}
+    images = {
+        "good.png": _noise(600),
+        "turned.png": _png(_noise(601), exif=exif),
+        "small_mask.png": _noise(602),
+        "unknown_value.png": _noise(603),
+        "no_mask.png": _noise(604),
+        "colour_mask.png": _noise(605),
+        "broken_mask.png": _noise(606),
+        "zdup.png": _noise(600),
+        "twin.png": _noise(607),
+        "twin.jpg": _save(Image.fromarray(_noise(608)), "JPEG"),
+        "broken.png": b"\x89PNG",
+    }
+    masks = {
+        "good.png": _png(good),
+        "turned.png": _png(rotated),
+        "small_mask.png": _png(good[:-1]),
+        "unknown_value.png": _png(np.where(good == 2, 7, good).astype(np.uint8)),
+        "colour_mask.png": _png(_noise(1)),
+        "broken_mask.png": b"\x89PNG garbage",
+        "zdup.png": _png(good),
+        "twin.png": _png(good),
+        "broken.png": _png(good),
+        "orphan.png": _png(good),
+        "readme.txt": b"x",
+    }
     source = _mask_folder(tmp_path / "src", images, masks)
     record = ingest(source, str(tmp_path / "catalog"))
     rows = _rows(record)
@@ -590,28 +679,41 @@ def test_mask_folder_bad_cases(tmp_path):
     _check_mask_rows(rows, {"good.png": good, "turned.png": rotated})
     assert record.duplicates == 1 and record.ingested + record.quarantined + record.duplicates == record.found == 12
     assert record.annotations == {"found": 9, "ingested": 6, "quarantined": 0, "duplicates": 3, "orphaned": 0}
-    kinds = {q["source_uri"].rsplit("/", 1)[-1]: (q["item"], q["kind"], q["reason"])
-             for q in _quarantine(tmp_path / "catalog")}
+    kinds = {
+        q["source_uri"].rsplit("/", 1)[-1]: (q["item"], q["kind"], q["reason"])
+        for q in _quarantine(tmp_path / "catalog")
+    }
     assert {name: k[:2] for name, k in kinds.items()} == {
-        "small_mask.png": ("image", "mask_size"), "unknown_value.png": ("image", "unknown_mask_value"),
-        "no_mask.png": ("image", "missing_mask"), "colour_mask.png": ("image", "bad_mask"),
-        "broken_mask.png": ("image", "bad_mask"), "twin.png": ("image", "ambiguous_mask"),
-        "twin.jpg": ("image", "ambiguous_mask"), "broken.png": ("image", "unreadable"),
-        "orphan.png": ("mask", "orphan_mask")}
+        "small_mask.png": ("image", "mask_size"),
+        "unknown_value.png": ("image", "unknown_mask_value"),
+        "no_mask.png": ("image", "missing_mask"),
+        "colour_mask.png": ("image", "bad_mask"),
+        "broken_mask.png": ("image", "bad_mask"),
+        "twin.png": ("image", "ambiguous_mask"),
+        "twin.jpg": ("image", "ambiguous_mask"),
+        "broken.png": ("image", "unreadable"),
+        "orphan.png": ("mask", "orphan_mask"),
+    }
     assert "values [7]" in kinds["unknown_value.png"][2] and "48x39" in kinds["small_mask.png"][2]
     report = (tmp_path / "catalog" / "report.md").read_text()
     assert "readme.txt" in report and "= found 12" in report
 
 
-@pytest.mark.parametrize(("data", "needle"), [
-    ({"format": "mask_folder"}, "source.masks_dir and source.mask_values required"),
-    ({"format": "mask_folder", "masks_dir": "m"}, "source.mask_values required"),
-    ({"format": "mask_folder", "masks_dir": "m", "mask_values": {0: "bg"}}, "0 is background"),
-    ({"format": "mask_folder", "masks_dir": "m", "mask_values": {1: "a", 2: "a"}}, "distinct"),
-    ({"format": "mask_folder", "masks_dir": "m", "mask_values": {1: "a"}, "split_field": "s"}, "COCO image entries"),
-    ({"masks_dir": "m"}, "only used with format 'mask_folder'"),
-    ({"format": "masks"}, "source.format"),
-])
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"format": "mask_folder"}, "source.masks_dir and source.mask_values required"),
+        ({"format": "mask_folder", "masks_dir": "m"}, "source.mask_values required"),
+        ({"format": "mask_folder", "masks_dir": "m", "mask_values": {0: "bg"}}, "0 is background"),
+        ({"format": "mask_folder", "masks_dir": "m", "mask_values": {1: "a", 2: "a"}}, "distinct"),
+        (
+            {"format": "mask_folder", "masks_dir": "m", "mask_values": {1: "a"}, "split_field": "s"},
+            "COCO image entries",
+        ),
+        ({"masks_dir": "m"}, "only used with format 'mask_folder'"),
+        ({"format": "masks"}, "source.format"),
+    ],
+)
 def test_source_config_names_what_the_format_needs(data, needle):
     with pytest.raises(ConfigError, match="source") as info:
         parse_config({"source": data})
@@ -630,12 +732,20 @@ def test_mask_folder_from_s3(s3_bucket, tmp_path):
     import fsspec
 
     labels = {f"m{k}": _label_map(k) for k in range(3)}
-    local = _mask_folder(tmp_path / "src", {f"{s}.png": _noise(700 + k) for k, s in enumerate(labels)},
-                         {f"{s}.png": _png(lab) for s, lab in labels.items()} | {"orphan.png": _png(labels["m0"])},
-                         clean={"clean.png": _noise(710), "bad.png": b"nope"})
+    local = _mask_folder(
+        tmp_path / "src",
+        {f"{s}.png": _noise(700 + k) for k, s in enumerate(labels)},
+        {f"{s}.png": _png(lab) for s, lab in labels.items()} | {"orphan.png": _png(labels["m0"])},
+        clean={"clean.png": _noise(710), "bad.png": b"nope"},
+    )
     fsspec.filesystem("s3").put(str(tmp_path / "src") + "/", f"{s3_bucket}/src/", recursive=True)
-    source = local.model_copy(update={"images_dir": f"{s3_bucket}/src/images", "masks_dir": f"{s3_bucket}/src/masks",
-                                      "defect_free_dir": f"{s3_bucket}/src/clean"})
+    source = local.model_copy(
+        update={
+            "images_dir": f"{s3_bucket}/src/images",
+            "masks_dir": f"{s3_bucket}/src/masks",
+            "defect_free_dir": f"{s3_bucket}/src/clean",
+        }
+    )
     assert source_listing(source)["masks"][0][0] == "m0.png"
     record = ingest(source, f"{s3_bucket}/catalog")
     assert record.found == 5 and record.ingested == 4 and record.quarantined == 1
@@ -650,21 +760,26 @@ def test_mask_folder_from_s3(s3_bucket, tmp_path):
 def test_duplicate_defective_image_accounts_its_annotations(tmp_path):
     image = _noise(800)
     box = _rle(_box(40, 48, 3, 3, 9, 9))
-    source = _coco_dataset(tmp_path / "src", {"a.png": image, "b.png": image},
-                           [_entry(1, "a.png", image), _entry(2, "b.png", image)],
-                           [_ann(1, 1, box), _ann(2, 2, box), _ann(3, 2, box)])
+    source = _coco_dataset(
+        tmp_path / "src",
+        {"a.png": image, "b.png": image},
+        [_entry(1, "a.png", image), _entry(2, "b.png", image)],
+        [_ann(1, 1, box), _ann(2, 2, box), _ann(3, 2, box)],
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     assert record.duplicates == 1 and set(_rows(record)) == {"a.png", "clean.png"}
     assert record.annotations == {"found": 3, "ingested": 1, "quarantined": 0, "duplicates": 2, "orphaned": 0}
 
 
 def test_cache_key_ignores_threads_and_names_missing_masks_dir(tmp_path):
-    from indusfactory.ingest import ingest_fingerprint
+    from indusfactory.sources.ingest import ingest_fingerprint
 
     source = _mask_folder(tmp_path / "src", {"a.png": _noise(1)}, {"a.png": _png(_label_map(0))})
     assert ingest_fingerprint(source, str(tmp_path)) == ingest_fingerprint(
-        source.model_copy(update={"read_workers": 1}), str(tmp_path))
+        source.model_copy(update={"read_workers": 1}), str(tmp_path)
+    )
     assert ingest_fingerprint(source, str(tmp_path)) != ingest_fingerprint(
-        source.model_copy(update={"mask_values": {1: "scratch", 2: "gouge"}}), str(tmp_path))
+        source.model_copy(update={"mask_values": {1: "scratch", 2: "gouge"}}), str(tmp_path)
+    )
     with pytest.raises(BadInputError, match="source.masks_dir .*nowhere does not exist"):
         source_listing(source.model_copy(update={"masks_dir": str(tmp_path / "nowhere")}))

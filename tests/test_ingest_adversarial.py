@@ -15,11 +15,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage.measure import label
 
-from indusfactory import ingest as ingest_module
 from indusfactory.config import SourceConfig
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
+from indusfactory.infra.errors import BadInputError
 from indusfactory.schema import mask_to_rle, rle_to_mask
+from indusfactory.sources import ingest as ingest_module
+from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 H, W = 40, 48
@@ -47,8 +47,14 @@ def _rle(mask: np.ndarray) -> dict:
 
 
 def _ann(ann_id: int, image_id: int, segmentation, category_id=1, **extra) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
-            "segmentation": segmentation, **extra}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
+        "segmentation": segmentation,
+        **extra,
+    }
 
 
 def _write(folder: Path, files: dict) -> None:
@@ -57,8 +63,9 @@ def _write(folder: Path, files: dict) -> None:
         (folder / name).write_bytes(_png(content) if isinstance(content, np.ndarray) else content)
 
 
-def _coco(root: Path, images: dict, annotations: list[dict], clean: dict | None = None, text=None,
-          **source) -> SourceConfig:
+def _coco(
+    root: Path, images: dict, annotations: list[dict], clean: dict | None = None, text=None, **source
+) -> SourceConfig:
     """A COCO source: image i of ``images`` has id i + 1 (None: an entry without a file); ``text`` edits the
     JSON text before writing."""
     _write(root / "images", {n: a for n, a in images.items() if a is not None})
@@ -66,16 +73,26 @@ def _coco(root: Path, images: dict, annotations: list[dict], clean: dict | None 
     entries = [{"id": i + 1, "file_name": name, "height": H, "width": W} for i, name in enumerate(images)]
     doc = json.dumps({"images": entries, "annotations": annotations, "categories": CATEGORIES})
     (root / "annotations.json").write_text(text(doc) if text else doc)
-    return SourceConfig(coco_annotations=str(root / "annotations.json"), images_dir=str(root / "images"),
-                        defect_free_dir=str(root / "clean"), **source)
+    return SourceConfig(
+        coco_annotations=str(root / "annotations.json"),
+        images_dir=str(root / "images"),
+        defect_free_dir=str(root / "clean"),
+        **source,
+    )
 
 
 def _mask_folder(root: Path, images: dict, masks: dict, **source) -> SourceConfig:
     _write(root / "images", images)
     _write(root / "masks", masks)
     _write(root / "clean", {"clean.png": _noise(999)})
-    return SourceConfig(format="mask_folder", images_dir=str(root / "images"), masks_dir=str(root / "masks"),
-                        mask_values={1: "scratch", 2: "dent"}, defect_free_dir=str(root / "clean"), **source)
+    return SourceConfig(
+        format="mask_folder",
+        images_dir=str(root / "images"),
+        masks_dir=str(root / "masks"),
+        mask_values={1: "scratch", 2: "dent"},
+        defect_free_dir=str(root / "clean"),
+        **source,
+    )
 
 
 def _quarantine(catalog: Path) -> dict[str, dict]:
@@ -86,8 +103,9 @@ def _quarantine(catalog: Path) -> dict[str, dict]:
 
 def _reconciles(record) -> bool:
     counts = record.annotations
-    return (record.ingested + record.quarantined + record.duplicates == record.found
-            and counts["found"] == sum(v for k, v in counts.items() if k != "found"))
+    return record.ingested + record.quarantined + record.duplicates == record.found and counts["found"] == sum(
+        v for k, v in counts.items() if k != "found"
+    )
 
 
 def _rows(record) -> dict[str, dict]:
@@ -102,8 +120,10 @@ BOX = _box(5, 5, 15, 15)
 
 def test_annotations_that_crashed_ingest_are_quarantined_naming_file_and_annotation(tmp_path):
     huge_run = "P" * 5000 + "1"  # one run of 5001 characters: a 25,000-bit number
-    images = {f"{name}.png": _noise(10 + i) for i, name in enumerate(
-        ["good", "list_category", "big_int", "big_float", "huge_run", "bad_size"])}
+    images = {
+        f"{name}.png": _noise(10 + i)
+        for i, name in enumerate(["good", "list_category", "big_int", "big_float", "huge_run", "bad_size"])
+    }
     images["nul\0byte.png"] = None
     anns = [
         _ann(1, 1, _rle(BOX)),
@@ -128,8 +148,13 @@ def test_annotations_that_crashed_ingest_are_quarantined_naming_file_and_annotat
     nul = quarantine["nul\\x00byte.png"]
     assert nul["kind"] == "bad_file_name" and "NUL byte" in nul["reason"] and nul["annotation_ids"] == [7]
     assert {name: q["annotation_ids"] for name, q in quarantine.items()} == {
-        "list_category.png": [2], "big_int.png": [3], "big_float.png": [4], "huge_run.png": [5],
-        "bad_size.png": [6], "nul\\x00byte.png": [7]}
+        "list_category.png": [2],
+        "big_int.png": [3],
+        "big_float.png": [4],
+        "huge_run.png": [5],
+        "bad_size.png": [6],
+        "nul\\x00byte.png": [7],
+    }
     report = (tmp_path / "catalog" / "report.md").read_text()
     assert "\0" not in report and "nul\\x00byte.png" in report
 
@@ -166,10 +191,20 @@ def test_huge_or_deeply_nested_values_give_short_reasons(tmp_path):
     """Values anywhere in the COCO file (ids, categories, names) appear in reasons only in brief."""
     images = {"good.png": _noise(1), "long_id.png": _noise(2), "deep_category.png": _noise(3)}
     deep = "[" * 700 + "]" * 700
-    anns = [_ann(1, 1, _rle(BOX)), _ann([0] * 100_000, 2, _rle(BOX)), _ann(3, 3, _rle(BOX), category_id="DEEP"),
-            _ann(4, "DEEP", _rle(BOX))]
-    source = _coco(tmp_path / "src", images, anns, text=lambda doc: doc.replace(
-        '"DEEP"', deep).replace('"images": [', '"images": [{"id": 99, "file_name": {"x": 1}}, '))
+    anns = [
+        _ann(1, 1, _rle(BOX)),
+        _ann([0] * 100_000, 2, _rle(BOX)),
+        _ann(3, 3, _rle(BOX), category_id="DEEP"),
+        _ann(4, "DEEP", _rle(BOX)),
+    ]
+    source = _coco(
+        tmp_path / "src",
+        images,
+        anns,
+        text=lambda doc: doc.replace('"DEEP"', deep).replace(
+            '"images": [', '"images": [{"id": 99, "file_name": {"x": 1}}, '
+        ),
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     assert set(_rows(record)) == {"good.png", "clean.png"} and _reconciles(record)
     rows = pq.read_table(tmp_path / "catalog" / QUARANTINE_FILE).to_pylist()
@@ -180,10 +215,13 @@ def test_huge_or_deeply_nested_values_give_short_reasons(tmp_path):
     assert kinds["annotations.json#annotations[3]"] == "orphan_annotation"
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
-    ('{"images": [], "annotations": [], "categories": [], "x": ' + "7" * 5000 + "}", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ('{"images": [], "annotations": [], "categories": [], "x": ' + "7" * 5000 + "}", "not valid JSON"),
+    ],
+)
 def test_an_unparseable_coco_file_is_one_clear_error_naming_it(tmp_path, text, needle):
     source = _coco(tmp_path / "src", {"a.png": _noise(1)}, [], text=lambda doc: text)
     with pytest.raises(BadInputError, match=needle) as info:
@@ -241,12 +279,18 @@ def test_a_file_above_max_file_bytes_is_refused_from_its_size_unread(tmp_path, m
     from fsspec.implementations.local import LocalFileSystem
 
     big = _noise(5, 200, 200)  # about 120 kB of incompressible PNG
-    source = _coco(tmp_path / "src", {"a.png": _noise(1)}, [_ann(1, 1, _rle(BOX))],
-                   clean={"clean.png": _noise(999), "big.png": big}, max_file_bytes=50_000)
+    source = _coco(
+        tmp_path / "src",
+        {"a.png": _noise(1)},
+        [_ann(1, 1, _rle(BOX))],
+        clean={"clean.png": _noise(999), "big.png": big},
+        max_file_bytes=50_000,
+    )
     read = []
     original = LocalFileSystem.cat_file
-    monkeypatch.setattr(LocalFileSystem, "cat_file", lambda self, path, *a, **k: read.append(path) or original(
-        self, path, *a, **k))
+    monkeypatch.setattr(
+        LocalFileSystem, "cat_file", lambda self, path, *a, **k: read.append(path) or original(self, path, *a, **k)
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     entry = _quarantine(tmp_path / "catalog")["big.png"]
     assert entry["kind"] == "too_large" and "above the limit of 50000 (source.max_file_bytes)" in entry["reason"]
@@ -258,15 +302,25 @@ def test_a_file_above_max_file_bytes_is_refused_from_its_size_unread(tmp_path, m
 
 
 def test_caps_on_annotations_polygon_points_and_rle_length(tmp_path):
-    images = {"good.png": _noise(1), "many.png": _noise(2), "points.png": _noise(3), "long_rle.png": _noise(4),
-              "long_list.png": _noise(5)}
+    images = {
+        "good.png": _noise(1),
+        "many.png": _noise(2),
+        "points.png": _noise(3),
+        "long_rle.png": _noise(4),
+        "long_list.png": _noise(5),
+    }
     rle, ring = _rle(BOX), _rle(_box(3, 3, 30, 30) ^ BOX)
     assert len(rle["counts"]) <= 30 < len(ring["counts"])
-    anns = [_ann(1, 1, rle), _ann(2, 2, rle), _ann(3, 2, rle), _ann(4, 2, rle),
-            _ann(5, 3, [[1, 1, 10, 1, 10, 10, 5, 12, 1, 10]]), _ann(6, 4, ring),
-            _ann(7, 5, {"size": [H, W], "counts": [0] * 40 + [H * W]})]
-    source = _coco(tmp_path / "src", images, anns, max_annotations_per_image=2, max_polygon_points=4,
-                   max_rle_length=30)
+    anns = [
+        _ann(1, 1, rle),
+        _ann(2, 2, rle),
+        _ann(3, 2, rle),
+        _ann(4, 2, rle),
+        _ann(5, 3, [[1, 1, 10, 1, 10, 10, 5, 12, 1, 10]]),
+        _ann(6, 4, ring),
+        _ann(7, 5, {"size": [H, W], "counts": [0] * 40 + [H * W]}),
+    ]
+    source = _coco(tmp_path / "src", images, anns, max_annotations_per_image=2, max_polygon_points=4, max_rle_length=30)
     record = ingest(source, str(tmp_path / "catalog"))
     assert set(_rows(record)) == {"good.png", "clean.png"} and _reconciles(record)
     quarantine = _quarantine(tmp_path / "catalog")
@@ -285,8 +339,9 @@ def test_compressed_rle_runs_equal_pycocotools_and_a_huge_run_is_refused_at_once
         mask = rng.random((height, width)) < rng.random()
         counts = _rle(mask)["counts"]
         runs = rle_string_counts(counts)
-        uncompressed = mask_utils.frPyObjects({"size": [int(height), int(width)], "counts": runs.tolist()},
-                                              int(height), int(width))
+        uncompressed = mask_utils.frPyObjects(
+            {"size": [int(height), int(width)], "counts": runs.tolist()}, int(height), int(width)
+        )
         assert uncompressed["counts"].decode("ascii") == counts  # the runs re-encode to the same string
         assert runs.sum() == height * width
     # One run of a million characters: a pure-Python big-integer parse would take minutes.
@@ -301,8 +356,11 @@ def test_compressed_rle_runs_equal_pycocotools_and_a_huge_run_is_refused_at_once
 
 def test_vertices_within_half_a_pixel_of_the_border_are_valid(tmp_path):
     images = {"edge.png": _noise(1), "left.png": _noise(2), "bottom.png": _noise(3)}
-    anns = [_ann(1, 1, [[-0.5, -0.5, W + 0.5, -0.5, W + 0.5, H + 0.5, -0.5, H + 0.5]]),
-            _ann(2, 2, [[-0.6, 1, 10, 1, 10, 10]]), _ann(3, 3, [[1, 1, 10, 1, 10, H + 0.6]])]
+    anns = [
+        _ann(1, 1, [[-0.5, -0.5, W + 0.5, -0.5, W + 0.5, H + 0.5, -0.5, H + 0.5]]),
+        _ann(2, 2, [[-0.6, 1, 10, 1, 10, 10]]),
+        _ann(3, 3, [[1, 1, 10, 1, 10, H + 0.6]]),
+    ]
     source = _coco(tmp_path / "src", images, anns)
     record = ingest(source, str(tmp_path / "catalog"))
     (instance,) = _rows(record)["edge.png"]["instances"]
@@ -318,10 +376,12 @@ def test_vertices_within_half_a_pixel_of_the_border_are_valid(tmp_path):
 
 def _bbox_source(root: Path, policy: str) -> SourceConfig:
     images = {"agrees.png": _noise(1), "off.png": _noise(2), "outside.png": _noise(3), "junk.png": _noise(4)}
-    anns = [_ann(1, 1, _rle(BOX), bbox=[5.4, 4.6, 10, 10.5]),  # within a pixel: agrees
-            _ann(2, 2, _rle(BOX), bbox=[25, 25, 10, 10]),  # no overlap with the mask's box
-            _ann(3, 3, _rle(BOX), bbox=[5, 5, 60, 10]),  # beyond the right border
-            _ann(4, 4, _rle(BOX), bbox="5,5,10,10")]
+    anns = [
+        _ann(1, 1, _rle(BOX), bbox=[5.4, 4.6, 10, 10.5]),  # within a pixel: agrees
+        _ann(2, 2, _rle(BOX), bbox=[25, 25, 10, 10]),  # no overlap with the mask's box
+        _ann(3, 3, _rle(BOX), bbox=[5, 5, 60, 10]),  # beyond the right border
+        _ann(4, 4, _rle(BOX), bbox="5,5,10,10"),
+    ]
     return _coco(root, images, anns, bbox_policy=policy)
 
 
@@ -343,7 +403,10 @@ def test_bbox_off_its_mask_is_quarantined_when_refused(tmp_path):
     assert set(_rows(record)) == {"agrees.png", "clean.png"} and _reconciles(record)
     quarantine = _quarantine(tmp_path / "catalog")
     assert {n: q["kind"] for n, q in quarantine.items()} == {
-        "off.png": "bbox_mismatch", "outside.png": "bbox_mismatch", "junk.png": "bbox_mismatch"}
+        "off.png": "bbox_mismatch",
+        "outside.png": "bbox_mismatch",
+        "junk.png": "bbox_mismatch",
+    }
     assert "source.bbox_policy: refuse" in quarantine["off.png"]["reason"]
     assert "not [x, y, width, height]" in quarantine["junk.png"]["reason"]
 
@@ -354,14 +417,20 @@ def test_bbox_off_its_mask_is_quarantined_when_refused(tmp_path):
 def test_same_pixels_with_other_annotations_is_a_conflicting_duplicate(tmp_path):
     image = _noise(1)
     images = {"a.png": image, "same.png": image, "other.png": image, "other_class.png": image}
-    anns = [_ann(1, 1, _rle(BOX)), _ann(2, 2, _rle(BOX)), _ann(3, 3, _rle(_box(20, 20, 30, 30))),
-            _ann(4, 4, _rle(BOX), category_id=2)]
+    anns = [
+        _ann(1, 1, _rle(BOX)),
+        _ann(2, 2, _rle(BOX)),
+        _ann(3, 3, _rle(_box(20, 20, 30, 30))),
+        _ann(4, 4, _rle(BOX), category_id=2),
+    ]
     record = ingest(_coco(tmp_path / "src", images, anns), str(tmp_path / "catalog"))
     assert set(_rows(record)) == {"a.png", "clean.png"} and _reconciles(record)
     assert record.duplicates == 1 and record.annotations["duplicates"] == 1
     quarantine = _quarantine(tmp_path / "catalog")
     assert {n: (q["kind"], q["annotation_ids"]) for n, q in quarantine.items()} == {
-        "other.png": ("conflicting_duplicate", [3]), "other_class.png": ("conflicting_duplicate", [4])}
+        "other.png": ("conflicting_duplicate", [3]),
+        "other_class.png": ("conflicting_duplicate", [4]),
+    }
     assert "same pixels as" in quarantine["other.png"]["reason"] and "a.png" in quarantine["other.png"]["reason"]
     assert "same.png" in (tmp_path / "catalog" / "report.md").read_text().split("## Duplicates dropped")[1]
 
@@ -369,8 +438,9 @@ def test_same_pixels_with_other_annotations_is_a_conflicting_duplicate(tmp_path)
 def test_same_pixels_with_another_mask_is_a_conflicting_duplicate_in_a_mask_folder(tmp_path):
     image = _noise(1)
     one, other = BOX.astype(np.uint8), _box(20, 20, 30, 30).astype(np.uint8) * 2
-    source = _mask_folder(tmp_path / "src", {"a.png": image, "b.png": image, "c.png": image},
-                          {"a.png": one, "b.png": one, "c.png": other})
+    source = _mask_folder(
+        tmp_path / "src", {"a.png": image, "b.png": image, "c.png": image}, {"a.png": one, "b.png": one, "c.png": other}
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     assert set(_rows(record)) == {"a.png", "clean.png"} and record.duplicates == 1
     assert _quarantine(tmp_path / "catalog")["c.png"]["kind"] == "conflicting_duplicate"
@@ -392,8 +462,9 @@ def test_mask_folder_with_many_components_is_labelled_once_per_value(tmp_path, m
     monkeypatch.setattr(ingest_module, "label", lambda *a, **k: calls.append(1) or label(*a, **k))
     monkeypatch.setattr(ingest_module, "mask_to_rle", lambda mask: pytest.fail("a full-image mask was encoded"))
     images = {"dots.png": _noise(1, size, size), "small.png": _noise(2)}
-    source = _mask_folder(tmp_path / "src", images, {"dots.png": labels, "small.png": small},
-                          max_annotations_per_image=30_000)
+    source = _mask_folder(
+        tmp_path / "src", images, {"dots.png": labels, "small.png": small}, max_annotations_per_image=30_000
+    )
     record = ingest(source, str(tmp_path / "catalog"))
     instances = _rows(record)["dots.png"]["instances"]
     assert len(calls) == 3  # once per value per image

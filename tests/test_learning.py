@@ -13,9 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from indusfactory import adherence
 from indusfactory.config import parse_config
-from indusfactory.imaging import fit_square
+from indusfactory.generation import adherence
+from indusfactory.infra.imaging import fit_square
 
 pytestmark = pytest.mark.slow
 RESOLUTION = 64
@@ -24,11 +24,18 @@ BUDGET = {"concept": {"steps": 150}, "condition": {"steps": 800, "validation_ima
 
 
 def _config(data, root, **sections) -> "FactoryConfig":  # noqa: F821
-    raw = {"factory_root": str(root),
-           "source": {"coco_annotations": str(data.coco_annotations), "images_dir": str(data.images_dir),
-                      "defect_free_dir": str(data.defect_free_dir), "split_field": "split"},
-           "concept": {"validation_images": 0}, "generation": {"steps": 12},
-           "evaluation": {"enabled": False}}
+    raw = {
+        "factory_root": str(root),
+        "source": {
+            "coco_annotations": str(data.coco_annotations),
+            "images_dir": str(data.images_dir),
+            "defect_free_dir": str(data.defect_free_dir),
+            "split_field": "split",
+        },
+        "concept": {"validation_images": 0},
+        "generation": {"steps": 12},
+        "evaluation": {"enabled": False},
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_config(raw)
@@ -36,19 +43,26 @@ def _config(data, root, **sections) -> "FactoryConfig":  # noqa: F821
 
 @pytest.fixture(scope="module")
 def surfaces(tmp_path_factory):
-    from indusfactory.surfaces import write_surface_dataset
+    from indusfactory.demo.surfaces import write_surface_dataset
 
     # A seed the benchmark does not use: these exact images were never looked at while tuning.
-    return write_surface_dataset(tmp_path_factory.mktemp("surfaces"), n_defective=32, n_defect_free=8,
-                                 n_heldout=8, size=128, tint="grey", seed=11)
+    return write_surface_dataset(
+        tmp_path_factory.mktemp("surfaces"),
+        n_defective=32,
+        n_defect_free=8,
+        n_heldout=8,
+        size=128,
+        tint="grey",
+        seed=11,
+    )
 
 
 @pytest.fixture(scope="module")
 def learned(surfaces, tmp_path_factory):
     """Ingest, concept and condition of the shortened default recipe (trained once for the module)."""
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.condition import condition_uri_for, train_condition
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.learning.condition import condition_uri_for, train_condition
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = _config(surfaces, tmp_path_factory.mktemp("factory"), **BUDGET)
     catalog = ingest(config.source, catalog_uri_for(config))
@@ -68,19 +82,31 @@ def _held_out(surfaces, categories):
     test_ids = {i["id"] for i in coco["images"] if i["split"] == "test"}
     names = {c["id"]: c["name"] for c in coco["categories"]}
     to_class = category_index(categories)
-    masks = [(to_class[a["category_id"]], names[a["category_id"]],
-              fit_square(mask_utils.decode({"size": a["segmentation"]["size"],
-                                            "counts": a["segmentation"]["counts"].encode()}).astype(bool), RESOLUTION))
-             for a in coco["annotations"] if a["image_id"] in test_ids]
-    images = [fit_square(np.asarray(Image.open(p).convert("RGB")), RESOLUTION)
-              for p in sorted(surfaces.heldout_defect_free_dir.glob("*.png"))]
+    masks = [
+        (
+            to_class[a["category_id"]],
+            names[a["category_id"]],
+            fit_square(
+                mask_utils.decode(
+                    {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
+                ).astype(bool),
+                RESOLUTION,
+            ),
+        )
+        for a in coco["annotations"]
+        if a["image_id"] in test_ids
+    ]
+    images = [
+        fit_square(np.asarray(Image.open(p).convert("RGB")), RESOLUTION)
+        for p in sorted(surfaces.heldout_defect_free_dir.glob("*.png"))
+    ]
     return images, masks
 
 
 def _probe(config, catalog, concept_uri, condition_uri, surfaces):
-    from indusfactory.condition import condition_prompt
-    from indusfactory.controllability import probe_cases, sample_probe
-    from indusfactory.models import load_generation_pipeline
+    from indusfactory.learning.condition import condition_prompt
+    from indusfactory.learning.controllability import probe_cases, sample_probe
+    from indusfactory.learning.models import load_generation_pipeline
 
     images, masks = _held_out(surfaces, catalog.categories)
     pipe = load_generation_pipeline(config.base_model, concept_uri, condition_uri, config.generation.scheduler)
@@ -100,11 +126,12 @@ def test_defects_land_where_held_out_masks_say_far_above_chance(learned, surface
 
 
 def test_a_conditioning_network_that_learned_nothing_is_near_chance(learned, surfaces, tmp_path):
-    from indusfactory.condition import condition_uri_for, train_condition
+    from indusfactory.learning.condition import condition_uri_for, train_condition
 
     config, catalog, concept, _ = learned
-    untrained = config.model_copy(update={"factory_root": str(tmp_path),
-                                          "condition": config.condition.model_copy(update={"steps": 1})})
+    untrained = config.model_copy(
+        update={"factory_root": str(tmp_path), "condition": config.condition.model_copy(update={"steps": 1})}
+    )
     record = train_condition(untrained, catalog, concept, condition_uri_for(untrained, catalog, concept))
     assert record.adherence["verdict"] == adherence.NEAR_CHANCE
     summary = _probe(untrained, catalog, concept.uri, record.uri, surfaces).summary
@@ -119,8 +146,11 @@ def test_the_concept_measures_its_look_against_its_sources(learned):
     assert "colourfulness" in card
 
 
-@pytest.mark.xfail(strict=True, reason="known open goal of issue 13: the shipped base model's VAE adds colour "
-                   "noise to grey images (colourfulness 9 after a round trip), so grey in does not yet give grey out")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known open goal of issue 13: the shipped base model's VAE adds colour "
+    "noise to grey images (colourfulness 9 after a round trip), so grey in does not yet give grey out",
+)
 def test_grey_sources_give_grey_images(learned):
     _, _, concept, _ = learned
     assert concept.look["generated"]["colourfulness"] <= 6, concept.look

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from indusfactory.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
+from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
 
 HOLDER = """
 import sys, time
-from indusfactory.locking import StorageLock
+from indusfactory.infra.locking import StorageLock
 lock = StorageLock(sys.argv[1], owner="doomed-worker", stale_after=600).acquire()
 print("held", flush=True)
 time.sleep(3600)
@@ -58,9 +58,16 @@ def test_a_zombie_holder_counts_as_dead(tmp_path):
 
 
 def _planted(path: str, **fields) -> LockInfo:
-    info = LockInfo(owner="planted", token="t", host=socket.gethostname(), pid=os.getppid(),
-                    acquired_at=time.time(), heartbeat_at=time.time(), stale_after=600,
-                    extra=process_identity(os.getppid()))
+    info = LockInfo(
+        owner="planted",
+        token="t",
+        host=socket.gethostname(),
+        pid=os.getppid(),
+        acquired_at=time.time(),
+        heartbeat_at=time.time(),
+        stale_after=600,
+        extra=process_identity(os.getppid()),
+    )
     for name, value in fields.items():
         setattr(info, name, value)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +77,9 @@ def _planted(path: str, **fields) -> LockInfo:
 
 def test_only_a_holder_known_to_be_gone_from_this_host_is_taken_over_at_once(tmp_path):
     uri = lock_uri(str(tmp_path), "planted")
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     alive = _planted(uri)
     assert not holder_died_here(alive)  # our parent process: alive, same start time
     cases = {

@@ -117,10 +117,12 @@ def test_kubernetes_template_requests_a_gpu_and_mounts_the_model_cache():
     assert container["env"]["HF_HOME"].startswith(mounts["model-cache"] + "/")
     assert container["image"] == "indusfactory:gpu"
     assert container["envFrom"] == [{"secretRef": {"name": "indusfactory-credentials", "optional": True}}]
-    assert pod["securityContext"]["runAsUser"] == int(re.search(r"useradd .*--uid (\d+)",
-                                                                  _dockerfile("Dockerfile.gpu")).group(1))
-    custom = apply_values(template["job_configuration"], {**_defaults(template), "gpu_count": 2,
-                                                          "node_selector": {"pool": "a100"}})
+    assert pod["securityContext"]["runAsUser"] == int(
+        re.search(r"useradd .*--uid (\d+)", _dockerfile("Dockerfile.gpu")).group(1)
+    )
+    custom = apply_values(
+        template["job_configuration"], {**_defaults(template), "gpu_count": 2, "node_selector": {"pool": "a100"}}
+    )
     custom_pod = custom["job_manifest"]["spec"]["template"]["spec"]
     assert custom_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert custom_pod["nodeSelector"] == {"pool": "a100"}
@@ -149,9 +151,23 @@ def test_templates_are_accepted_by_a_real_server_and_a_broken_one_is_not(prefect
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "home")}
     suffix = uuid.uuid4().hex[:6]
     for kind in ("process", "kubernetes", "docker"):
-        result = subprocess.run([PREFECT, "work-pool", "create", f"gpu-{kind}-{suffix}", "--type", kind,
-                                 "--base-job-template", str(POOLS / f"{kind}.json")], env=env, cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                PREFECT,
+                "work-pool",
+                "create",
+                f"gpu-{kind}-{suffix}",
+                "--type",
+                kind,
+                "--base-job-template",
+                str(POOLS / f"{kind}.json"),
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     with get_client(sync_client=True) as client:
         for kind in ("process", "kubernetes", "docker"):
@@ -162,9 +178,14 @@ def test_templates_are_accepted_by_a_real_server_and_a_broken_one_is_not(prefect
     broken["job_configuration"]["env"] = "{{ not_declared }}"
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
-    result = subprocess.run([PREFECT, "work-pool", "create", f"broken-{suffix}", "--type", "process",
-                             "--base-job-template", str(path)], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [PREFECT, "work-pool", "create", f"broken-{suffix}", "--type", "process", "--base-job-template", str(path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "not_declared" in result.stdout + result.stderr
 
 
@@ -239,11 +260,18 @@ def test_results_on_an_s3_factory_root(prefect_api, make_config, s3_bucket):
 
 
 def _stale_lock(owner: str, age: float) -> bytes:
-    from indusfactory.locking import LockInfo
+    from indusfactory.infra.locking import LockInfo
 
     now = time.time()
-    return LockInfo(owner=owner, token=uuid.uuid4().hex, host="gone", pid=1, acquired_at=now - age - 60,
-                    heartbeat_at=now - age, stale_after=600).dumps()
+    return LockInfo(
+        owner=owner,
+        token=uuid.uuid4().hex,
+        host="gone",
+        pid=1,
+        acquired_at=now - age - 60,
+        heartbeat_at=now - age,
+        stale_after=600,
+    ).dumps()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -260,7 +288,7 @@ def lock_root(request, tmp_path):
 
 
 def test_lock_excludes_concurrent_holders(lock_root):
-    from indusfactory.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import StorageLock, lock_uri
 
     uri = lock_uri(lock_root, "learn-concept-abc")
     inside, most, guard = [], [0], threading.Lock()
@@ -283,8 +311,8 @@ def test_lock_excludes_concurrent_holders(lock_root):
 
 
 def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_root, caplog):
-    from indusfactory import storage
-    from indusfactory.locking import LockTimeout, StorageLock, lock_uri
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
 
     uri = lock_uri(lock_root, "learn-condition-def")
     holder = StorageLock(uri, owner="live-worker", stale_after=2.0, poll_every=0.05).acquire()
@@ -308,13 +336,14 @@ def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_
 
 def test_a_lock_with_a_frozen_heartbeat_is_taken_over_by_the_waiters_own_clock(tmp_path):
     """A holder whose clock runs far ahead still loses a dead lock: the waiter times the silence itself."""
-    from indusfactory import storage
-    from indusfactory.locking import LockInfo, StorageLock, lock_uri
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockInfo, StorageLock, lock_uri
 
     uri = lock_uri(str(tmp_path), "x")
     future = time.time() + 3600
-    storage.write_bytes_atomic(uri, LockInfo(owner="skewed", token="t", acquired_at=future, heartbeat_at=future,
-                                             stale_after=0.3).dumps())
+    storage.write_bytes_atomic(
+        uri, LockInfo(owner="skewed", token="t", acquired_at=future, heartbeat_at=future, stale_after=0.3).dumps()
+    )
     started = time.monotonic()
     with StorageLock(uri, owner="me", stale_after=0.3, poll_every=0.05) as lock:
         assert lock.took_over == "skewed" and 0.3 <= time.monotonic() - started < 5
@@ -335,16 +364,22 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.concept import concept_uri_for
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.locking import StorageLock, lock_uri
-    from tasks._prefect import storage_basename
+    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config(execution={"torch_threads": 1})
     catalog = ingest(config.source, catalog_uri_for(config))
     uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": str(REPO), "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(REPO),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
         env.pop(key, None)
     logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
@@ -353,14 +388,19 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     try:
         for name, log in logs.items():
             with open(log, "w") as out:
-                procs[name] = subprocess.Popen([sys.executable, "-c", SCRIPT, config.model_dump_json()], cwd=REPO,
-                                               env={**env, "INDUSFACTORY_WORKER_NAME": name}, stdout=out,
-                                               stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-c", SCRIPT, config.model_dump_json()],
+                    cwd=REPO,
+                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
         deadline = time.time() + 420
         while not all("held by test-holder" in log.read_text() for log in logs.values()):
             assert time.time() < deadline, "\n".join(log.read_text()[-3000:] for log in logs.values())
-            assert all(p.poll() is None for p in procs.values()), "\n".join(log.read_text()[-3000:]
-                                                                            for log in logs.values())
+            assert all(p.poll() is None for p in procs.values()), "\n".join(
+                log.read_text()[-3000:] for log in logs.values()
+            )
             time.sleep(0.5)
     finally:
         gate.release()
@@ -391,13 +431,12 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
 
 
 def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_api, make_config):
-    from indusfactory import storage
-    from indusfactory.concept import concept_uri_for
-    from indusfactory.ingest import catalog_uri_for, ingest
-    from indusfactory.locking import lock_uri
-    from tasks._prefect import storage_basename
-
     from flows.learn_concept import learn_concept
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config(execution={"lock_stale_seconds": 120})
     catalog = ingest(config.source, catalog_uri_for(config))
@@ -411,11 +450,13 @@ def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_ap
 
 # -- 4. logs and secrets ---------------------------------------------------------------------------------
 
+
 @task(name="leaky", retries=0, cache_key_fn=lambda context, parameters: f"leaky-{uuid.uuid4().hex}")
 def leaky_task(config: FactoryConfig) -> None:
     token, password = os.environ["HF_TOKEN"], os.environ["FACTORY_DB_PASSWORD"]
-    logging.getLogger("indusfactory.leak").warning("library: token %s, url s3://AKIAEXAMPLE:%s@bucket/key", token,
-                                                   password)
+    logging.getLogger("indusfactory.leak").warning(
+        "library: token %s, url s3://AKIAEXAMPLE:%s@bucket/key", token, password
+    )
     get_run_logger().info(f"task: session {os.environ['AWS_SESSION_TOKEN']}")
     raise PermissionError(f"access denied for https://factory:{password}@registry.example/v2 (token {token})")
 
@@ -446,8 +487,12 @@ def _what_prefect_holds(client, flow_run_ids: list) -> tuple[list, list[str]]:
     texts += [f"{a.key} {a.description} {a.data}" for a in _all_pages(client.read_artifacts, flow_run_filter=runs)]
     for run in _all_pages(client.read_task_runs, flow_run_filter=runs) + client.read_flow_runs(flow_run_filter=runs):
         texts += [f"{run.name} {run.state.name} {run.state.message}"]
-        texts += [f"{s.name} {s.message}" for s in (client.read_task_run_states(run.id) if hasattr(run, "task_key")
-                                                     else client.read_flow_run_states(run.id))]
+        texts += [
+            f"{s.name} {s.message}"
+            for s in (
+                client.read_task_run_states(run.id) if hasattr(run, "task_key") else client.read_flow_run_states(run.id)
+            )
+        ]
     return logs, texts
 
 
@@ -456,17 +501,21 @@ def _files_under(root: Path) -> list[tuple[Path, bytes]]:
 
 
 def test_library_logs_reach_the_run_and_no_secret_reaches_logs_artifacts_files_or_errors(
-        prefect_api, make_config, monkeypatch, tmp_path):
+    prefect_api, make_config, monkeypatch, tmp_path
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
     from prefect.logging.handlers import APILogWorker
 
     from flows.generate_dataset import generate_dataset
     from flows.ingest import ingest
-    from indusfactory.errors import BadInputError
+    from indusfactory.infra.errors import BadInputError
 
-    planted = {"HF_TOKEN": f"hf_{uuid.uuid4().hex}", "AWS_SESSION_TOKEN": f"FwoGZXIvYXdzE{uuid.uuid4().hex}",
-               "FACTORY_DB_PASSWORD": f"pw{uuid.uuid4().hex}"}
+    planted = {
+        "HF_TOKEN": f"hf_{uuid.uuid4().hex}",
+        "AWS_SESSION_TOKEN": f"FwoGZXIvYXdzE{uuid.uuid4().hex}",
+        "FACTORY_DB_PASSWORD": f"pw{uuid.uuid4().hex}",
+    }
     for name, value in planted.items():
         monkeypatch.setenv(name, value)
     url_secret = f"wJalrXUtnFEMI{uuid.uuid4().hex}"
@@ -478,8 +527,9 @@ def test_library_logs_reach_the_run_and_no_secret_reaches_logs_artifacts_files_o
     assert states[0].is_completed()
 
     # Credentials in a config URI are refused before anything is written, and not repeated.
-    bad = make_config(factory_root=tmp_path / "refused",
-                      source={"images_dir": f"s3://AKIAEXAMPLE:{url_secret}@inspection/images"})
+    bad = make_config(
+        factory_root=tmp_path / "refused", source={"images_dir": f"s3://AKIAEXAMPLE:{url_secret}@inspection/images"}
+    )
     states.append(ingest(config=bad, return_state=True))
     with pytest.raises(BadInputError) as refused:
         states[-1].result()
@@ -496,8 +546,10 @@ def test_library_logs_reach_the_run_and_no_secret_reaches_logs_artifacts_files_o
     APILogWorker.drain_all(timeout=30)  # logs are sent in the background: all of them, before reading
     with get_client(sync_client=True) as client:
         logs, held = _what_prefect_holds(client, [s.state_details.flow_run_id for s in states])
-        found = {secret: client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query=f'"{secret}"')))
-                 for secret in secrets}
+        found = {
+            secret: client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query=f'"{secret}"')))
+            for secret in secrets
+        }
     files = _files_under(Path(config.factory_root))
     names = {p.name for p, _ in files}
     assert {"manifest.json", "README.md", "record.json", "catalog.json"} <= names
@@ -521,7 +573,6 @@ def test_library_loggers_are_routed_and_quiet_outside_runs(recwarn):
     from prefect.logging.handlers import APILogHandler
 
     import tasks._prefect  # noqa: F401 - routes the library loggers on import
-
     from tasks._prefect import LIBRARY_LOGGERS
 
     assert {"indusfactory", "diffusers", "transformers"} <= set(LIBRARY_LOGGERS)
@@ -535,17 +586,27 @@ def test_library_loggers_are_routed_and_quiet_outside_runs(recwarn):
 
 
 def test_redaction_of_environment_values_and_url_credentials():
-    from indusfactory import redact
+    from indusfactory.infra import redact
 
-    env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "HF_TOKEN": "hf_abcdefghijklmnop",
-           "SERVICE_PASSWORD": "correct-horse", "TOKENIZERS_PARALLELISM": "false", "MY_API_TOKEN_TTL": "3600",
-           "PATH": "/usr/bin"}
-    text = ("key wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY token hf_abcdefghijklmnop pw correct-horse "
-            "s3://AKIA:s3cret@bucket/x https://user:p%40ss@host:8443/y false 3600 /usr/bin http://host:80/a@b")
-    assert redact.scrub(text, env) == ("key *** token *** pw *** s3://***@bucket/x https://***@host:8443/y false 3600 "
-                                       "/usr/bin http://host:80/a@b")
-    assert redact.uri_credentials({"a": {"b": "s3://k:s@b/x", "c": ["file:///x", "https://u:p@h"]}}) == ["a.b",
-                                                                                                        "a.c[1]"]
+    env = {
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY",
+        "HF_TOKEN": "hf_abcdefghijklmnop",
+        "SERVICE_PASSWORD": "correct-horse",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MY_API_TOKEN_TTL": "3600",
+        "PATH": "/usr/bin",
+    }
+    text = (
+        "key wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY token hf_abcdefghijklmnop pw correct-horse "
+        "s3://AKIA:s3cret@bucket/x https://user:p%40ss@host:8443/y false 3600 /usr/bin http://host:80/a@b"
+    )
+    assert redact.scrub(text, env) == (
+        "key *** token *** pw *** s3://***@bucket/x https://***@host:8443/y false 3600 /usr/bin http://host:80/a@b"
+    )
+    assert redact.uri_credentials({"a": {"b": "s3://k:s@b/x", "c": ["file:///x", "https://u:p@h"]}}) == [
+        "a.b",
+        "a.c[1]",
+    ]
     inner = ValueError("inner correct-horse")
     outer = FileNotFoundError(2, "no file", "/data/correct-horse/x.png")
     outer.__cause__ = inner
@@ -585,8 +646,9 @@ def test_gpu_image_is_a_cuda_runtime_with_cuda_torch():
     assert base.startswith("nvidia/cuda:") and "runtime" in base
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", dockerfile, re.MULTILINE)
     cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)", base).groups()
-    assert re.search(rf"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cu{''.join(cuda)}$", dockerfile,
-                     re.MULTILINE), "torch wheels for the CUDA version of the base image"
+    assert re.search(
+        rf"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cu{''.join(cuda)}$", dockerfile, re.MULTILINE
+    ), "torch wheels for the CUDA version of the base image"
 
 
 def test_dockerignore_keeps_the_context_small():

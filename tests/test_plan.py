@@ -1,15 +1,12 @@
 import json
 import os
 
-from indusfactory.augment import apply_augmentation
-
 import numpy as np
 import pytest
 
-from indusfactory.drivers import class_colour
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import catalog_uri_for, ingest
-from indusfactory.plan import (
+from indusfactory.drivers.augment import apply_augmentation
+from indusfactory.drivers.topology import class_colour
+from indusfactory.generation.plan import (
     PLAN_FILE,
     PREVIEW_FILE,
     SourceImages,
@@ -20,6 +17,8 @@ from indusfactory.plan import (
     plan_uri_for,
     read_plan,
 )
+from indusfactory.infra.errors import BadInputError
+from indusfactory.sources.ingest import catalog_uri_for, ingest
 
 
 def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
@@ -40,7 +39,7 @@ def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
 
 def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
     config = make_config(plan={"max_instances_per_image": 3, "images_per_driver": 5})
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -58,7 +57,7 @@ def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
 
 
 def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, catalog):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     config = make_config(plan={"procedural_fraction": 1.0, "procedural_styles": {"hairline": "branched"}})
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
@@ -74,7 +73,7 @@ def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, cata
 
 
 def test_unknown_style_and_missing_drivers_are_clear_errors(make_config, catalog):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     rows = read_catalog(catalog.uri).to_pylist()
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -98,20 +97,25 @@ def bordered(sample_root, tmp_path, make_config):
         image = np.asarray(Image.open(path).convert("RGB")).copy()
         image[:, : image.shape[1] // 3] = 0
         Image.fromarray(image).save(path)
-    source = {"coco_annotations": str(root / "defective" / "annotations.json"),
-              "images_dir": str(root / "defective" / "images"), "defect_free_dir": str(root / "defect_free")}
+    source = {
+        "coco_annotations": str(root / "defective" / "annotations.json"),
+        "images_dir": str(root / "defective" / "images"),
+        "defect_free_dir": str(root / "defect_free"),
+    }
     return root, source
 
 
 @pytest.mark.parametrize("procedural", [0.0, 1.0])
 def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedural):
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     root, source = bordered
-    config = make_config(source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6,
-                                              "procedural_fraction": procedural})
+    config = make_config(
+        source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6, "procedural_fraction": procedural}
+    )
     catalog = ingest(config.source, catalog_uri_for(config))
     sources = SourceImages(catalog.uri, catalog.categories)
+
     def dark_region(row):
         image = apply_augmentation(sources.image(row["driver_image_id"], 64), json.loads(row["augmentation"]))
         return image.mean(axis=2) <= 20
@@ -125,14 +129,17 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
     # Without the constraint, masks do land on the border: the constraint is what keeps them off.
     free = make_config(source=source, plan={"images_per_driver": 6, "procedural_fraction": procedural})
     unconstrained = build_plan_rows(free, read_catalog(catalog.uri).to_pylist(), sources)
-    assert any((mask & dark_region(row)).any() for row in unconstrained
-               for _, mask in materialise(row, sources, free).instances)
+    assert any(
+        (mask & dark_region(row)).any()
+        for row in unconstrained
+        for _, mask in materialise(row, sources, free).instances
+    )
 
 
 def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     from PIL import Image
 
-    from indusfactory.ingest import read_catalog
+    from indusfactory.sources.ingest import read_catalog
 
     root, source = bordered
     roi_dir = tmp_path / "roi"
@@ -148,7 +155,7 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
         for _, mask in materialise(row, sources, config).instances:
             assert mask.any() and not mask[:, :16].any(), "a mask left the allowed right half"
     # A ROI file redrawn in place is a new plan (its contents decide the placements).
-    from indusfactory.plan import plan_fingerprint
+    from indusfactory.generation.plan import plan_fingerprint
 
     before = plan_fingerprint(config, catalog)
     roi_file = sorted(roi_dir.iterdir())[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from indusfactory import preflight
-from indusfactory.errors import ConfigError, PreflightError
+from indusfactory.infra.errors import ConfigError, PreflightError
 
 FLOWS = ("evaluate_dataset", "generate_dataset", "generate_shards", "ingest", "learn_concept", "learn_condition")
 
@@ -40,7 +40,7 @@ def test_a_misspelt_scorer_and_a_bad_crack_style_are_named(make_config):
 
 
 def test_import_path_scorers_need_the_deployments_permission(make_config, monkeypatch):
-    from indusfactory.scorers import adherence_scorer
+    from indusfactory.generation.scorers import adherence_scorer
 
     monkeypatch.delenv("INDUSFACTORY_ALLOW_SCORER_IMPORTS", raising=False)
     config = make_config(generation={"adherence_scorer": "indusfactory.generate:dark_iou"})
@@ -57,7 +57,7 @@ def test_import_path_scorers_need_the_deployments_permission(make_config, monkey
 
 
 def test_scorers_registered_by_an_installed_package_entry_point(make_config, tmp_path, monkeypatch):
-    from indusfactory.scorers import adherence_scorer, known_names
+    from indusfactory.generation.scorers import adherence_scorer, known_names
 
     site = tmp_path / "site"
     (site / "acme_scorers").mkdir(parents=True)
@@ -65,8 +65,9 @@ def test_scorers_registered_by_an_installed_package_entry_point(make_config, tmp
     info = site / "acme_scorers-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-scorers\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[indusfactory.adherence_scorers]\nacme_blob = acme_scorers:score\n"
-                                           "acme_broken = acme_scorers:nothing_here\n")
+    (info / "entry_points.txt").write_text(
+        "[indusfactory.adherence_scorers]\nacme_blob = acme_scorers:score\nacme_broken = acme_scorers:nothing_here\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("INDUSFACTORY_ALLOW_SCORER_IMPORTS", raising=False)
 
@@ -118,8 +119,13 @@ def test_bad_base_model_folders_are_named(make_config, tiny_model_path, tmp_path
 
 
 def test_missing_evaluation_model_folders_are_named(make_config, tmp_path):
-    config = make_config(evaluation={"enabled": True, "segmentor_pretrained": str(tmp_path / "no-segformer"),
-                                     "feature_extractor": f"clip:{tmp_path / 'no-clip'}"})
+    config = make_config(
+        evaluation={
+            "enabled": True,
+            "segmentor_pretrained": str(tmp_path / "no-segformer"),
+            "feature_extractor": f"clip:{tmp_path / 'no-clip'}",
+        }
+    )
     text = _text(preflight.check(config, only=["base_model"]))
     assert "evaluation.segmentor_pretrained" in text and "no-segformer does not exist" in text
     assert "evaluation.feature_extractor" in text and "no-clip does not exist" in text
@@ -131,9 +137,10 @@ def test_missing_evaluation_model_folders_are_named(make_config, tmp_path):
 def test_missing_or_unreadable_sources_and_an_unwritable_factory_root_are_named(make_config, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    config = make_config(factory_root=str(blocker / "factory"),
-                         source={"images_dir": str(tmp_path / "no-such-images"),
-                                 "coco_annotations": str(tmp_path / "none.json")})
+    config = make_config(
+        factory_root=str(blocker / "factory"),
+        source={"images_dir": str(tmp_path / "no-such-images"), "coco_annotations": str(tmp_path / "none.json")},
+    )
     text = _text(preflight.check(config, only=["storage"]))
     assert "source.images_dir" in text and "no-such-images does not exist" in text
     assert "source.coco_annotations" in text and "none.json does not exist" in text
@@ -164,8 +171,11 @@ def test_cuda_asked_for_but_absent_is_named(make_config):
 def test_every_flow_runs_preflight_first():
     for name in FLOWS:
         tree = ast.parse((Path(__file__).parents[1] / "flows" / f"{name}.py").read_text())
-        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Call)
-                 and getattr(n.func.func, "id", None) == "run"]
+        calls = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Call) and getattr(n.func.func, "id", None) == "run"
+        ]
         first = min(calls, key=lambda n: (n.lineno, n.col_offset))
         assert first.func.args[0].id == "preflight_task", f"flows/{name}.py: preflight is not the first task"
         assert ast.literal_eval(first.args[1]) == name.replace("_", "-")
@@ -193,15 +203,19 @@ def test_s3_places_are_checked_against_the_endpoint(make_config, s3_bucket, s3_e
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.put(str(sample_root) + "/", f"{s3_bucket}/sources/", recursive=True)
-    sources = {"coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
-               "images_dir": f"{s3_bucket}/sources/defective/images",
-               "defect_free_dir": f"{s3_bucket}/sources/defect_free"}
+    sources = {
+        "coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
+        "images_dir": f"{s3_bucket}/sources/defective/images",
+        "defect_free_dir": f"{s3_bucket}/sources/defect_free",
+    }
     good = make_config(factory_root=f"{s3_bucket}/factory", source=sources)
     assert preflight.check(good, only=["storage"]) == []
     assert not [p for p in fs.find(s3_bucket) if ".preflight-" in p], "the test object is removed"
 
-    missing = make_config(factory_root="s3://no-such-bucket-here/factory",
-                          source={**sources, "images_dir": f"{s3_bucket}/sources/nothing-here"})
+    missing = make_config(
+        factory_root="s3://no-such-bucket-here/factory",
+        source={**sources, "images_dir": f"{s3_bucket}/sources/nothing-here"},
+    )
     text = _text(preflight.check(missing, only=["storage"]))
     assert "factory_root" in text and "'no-such-bucket-here'" in text and "NoSuchBucket" in text
     assert s3_endpoint in text

@@ -16,10 +16,14 @@ def test_ingest_from_s3_sources_and_publish_to_s3(prefect_api, s3_bucket, sample
 
     fs = fsspec.filesystem("s3")
     fs.put(str(sample_root) + "/", f"{s3_bucket}/sources/", recursive=True)
-    config = make_config(factory_root=f"{s3_bucket}/factory", source={
-        "coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
-        "images_dir": f"{s3_bucket}/sources/defective/images",
-        "defect_free_dir": f"{s3_bucket}/sources/defect_free"})
+    config = make_config(
+        factory_root=f"{s3_bucket}/factory",
+        source={
+            "coco_annotations": f"{s3_bucket}/sources/defective/annotations.json",
+            "images_dir": f"{s3_bucket}/sources/defective/images",
+            "defect_free_dir": f"{s3_bucket}/sources/defect_free",
+        },
+    )
     record = generate_dataset(config=config)
     assert record.uri.startswith(f"{s3_bucket}/factory/datasets/demo-cracks/")
 
@@ -54,7 +58,7 @@ def test_a_model_upload_cut_mid_way_leaves_no_marker_and_the_marker_goes_last(s3
     import fsspec
     import s3fs
 
-    from indusfactory import storage
+    from indusfactory.infra import storage
     from indusfactory.schema import ModelRecord
 
     uri = f"{s3_bucket}/factory/models/concept/fp"
@@ -96,8 +100,8 @@ def test_legacy_marker_without_weights_is_detected_named_and_not_reused(s3_bucke
 def _marker_without_weights(s3_bucket, caplog, listing: bool) -> None:
     import fsspec
 
-    from indusfactory import storage
-    from indusfactory.errors import IncompleteOutputError
+    from indusfactory.infra import storage
+    from indusfactory.infra.errors import IncompleteOutputError
     from indusfactory.schema import ModelRecord
 
     uri = f"{s3_bucket}/factory/models/concept/fp"
@@ -125,8 +129,8 @@ def _marker_without_weights(s3_bucket, caplog, listing: bool) -> None:
 def test_a_model_whose_weights_went_missing_on_s3_is_trained_again(s3_bucket, make_config):
     import fsspec
 
-    from indusfactory.concept import concept_uri_for, train_concept
-    from indusfactory.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_uri_for, train_concept
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
 
     config = make_config(factory_root=f"{s3_bucket}/factory", concept={"validation_images": 0})
     catalog = ingest(config.source, catalog_uri_for(config))

@@ -11,8 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from skimage.morphology import dilation, disk
 
-from indusfactory.cracks import CRACK_STYLES, CrackStyle, random_crack_mask
-from indusfactory.sample_data import SampleDataPaths, write_sample_data
+from indusfactory.demo.sample_data import SampleDataPaths, write_sample_data
+from indusfactory.drivers.cracks import CRACK_STYLES, CrackStyle, random_crack_mask
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -164,3 +164,18 @@ def test_style_object_accepted_and_validated() -> None:
 def test_unknown_style_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"'zigzag'.*branched.*hairline"):
         random_crack_mask((32, 32), "zigzag", np.random.default_rng(0))
+
+
+def test_make_sample_data_false_leaves_missing_sources_missing(tmp_path):
+    from indusfactory.config import FactoryConfig, SourceConfig
+    from tasks.ingest import _sample_data_if_asked
+
+    root = tmp_path / "sample-data"
+    source = SourceConfig(
+        coco_annotations=str(root / "defective" / "annotations.json"),
+        images_dir=str(root / "defective" / "images"),
+        defect_free_dir=str(root / "defect_free"),
+        make_sample_data=False,
+    )
+    assert _sample_data_if_asked(FactoryConfig(source=source)) is None
+    assert not root.exists()

@@ -4,9 +4,9 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig
-from indusfactory.errors import ModelLoadError
-from indusfactory.models import embedded_model_path, load_base_components, resolve_base_model
-from indusfactory.tiny_model import VOCABULARY_WORDS, build_clip_tokenizer
+from indusfactory.demo.tiny_model import VOCABULARY_WORDS, build_clip_tokenizer
+from indusfactory.infra.errors import ModelLoadError
+from indusfactory.learning.models import embedded_model_path, load_base_components, resolve_base_model
 
 
 def test_tokenizer_has_one_token_per_factory_word():
@@ -23,11 +23,22 @@ def test_tokenizer_has_one_token_per_factory_word():
 def test_written_model_loads_like_sd15(tiny_model_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("an image of a sks", num_inference_steps=2, height=64, width=64, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "an image of a sks",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.shape == (64, 64, 3)
     assert sorted(p.name for p in tiny_model_path.iterdir() if p.is_dir()) == [
-        "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     assert not list(tiny_model_path.rglob("*.bin")), "weights must be safetensors only"
     controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 96))
     assert controlnet.config.block_out_channels == pipe.unet.config.block_out_channels
@@ -50,8 +61,8 @@ def test_embedded_model_is_pretrained_not_random():
     import skimage.data
     from PIL import Image
 
-    from indusfactory.imaging import to_model_tensor
-    from indusfactory.tiny_model import build_tiny_pipeline
+    from indusfactory.demo.tiny_model import build_tiny_pipeline
+    from indusfactory.infra.imaging import to_model_tensor
 
     assert (embedded_model_path() / "model_index.json").is_file()
     crop = np.asarray(Image.fromarray(skimage.data.gravel()[100:228, 300:428]).resize((64, 64)).convert("RGB"))
@@ -59,8 +70,10 @@ def test_embedded_model_is_pretrained_not_random():
     shipped = load_base_components(BaseModelConfig(pretrained=EMBEDDED_BASE_MODEL)).vae
     random_vae = build_tiny_pipeline(seed=1).vae
     with torch.no_grad():
-        errors = [float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
-                  for vae in (shipped, random_vae)]
+        errors = [
+            float((vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean())
+            for vae in (shipped, random_vae)
+        ]
     assert errors[0] < 0.15 < errors[1], errors
 
 
@@ -68,8 +81,8 @@ def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
     """A changed local base model (same path, other weights) must not reuse models trained on the old one."""
     import shutil
 
-    from indusfactory.models import base_model_fingerprint
-    from indusfactory.tiny_model import write_tiny_model
+    from indusfactory.demo.tiny_model import write_tiny_model
+    from indusfactory.learning.models import base_model_fingerprint
 
     folder = tmp_path / "base"
     shutil.copytree(tiny_model_path, folder)
@@ -79,7 +92,9 @@ def test_base_model_fingerprint_follows_the_weights(tmp_path, tiny_model_path):
     other = write_tiny_model(tmp_path / "other", seed=5)
     assert base_model_fingerprint(BaseModelConfig(pretrained=str(other))) != before
     assert base_model_fingerprint(BaseModelConfig(pretrained="org/model", revision="v2")) == {
-        "hub_id": "org/model", "revision": "v2"}
+        "hub_id": "org/model",
+        "revision": "v2",
+    }
 
 
 def _copy(src, dst):
@@ -116,7 +131,7 @@ def test_lora_for_another_architecture_is_refused(tmp_path, tiny_model_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.learning.models import load_concept_pipeline
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -128,14 +143,21 @@ def test_lora_for_another_architecture_is_refused(tmp_path, tiny_model_path):
     # Another UNet layout (other block names): diffusers would skip these keys silently.
     foreign = tmp_path / "foreign"
     StableDiffusionPipeline.save_lora_weights(
-        foreign, unet_lora_layers={k.replace("down_blocks", "encoder_stages"): v for k, v in layers.items()},
-        safe_serialization=True)
+        foreign,
+        unet_lora_layers={k.replace("down_blocks", "encoder_stages"): v for k, v in layers.items()},
+        safe_serialization=True,
+    )
     with pytest.raises(ModelLoadError, match="made for another architecture"):
         load_concept_pipeline(config, str(foreign))
     # Same names, other shapes (another width).
     resized = tmp_path / "resized"
     StableDiffusionPipeline.save_lora_weights(
-        resized, unet_lora_layers={k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ("lora_A" in k or "lora.down" in k) else v
-                                   for k, v in layers.items()}, safe_serialization=True)
+        resized,
+        unet_lora_layers={
+            k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ("lora_A" in k or "lora.down" in k) else v
+            for k, v in layers.items()
+        },
+        safe_serialization=True,
+    )
     with pytest.raises(ModelLoadError, match="does not fit base model"):
         load_concept_pipeline(config, str(resized))

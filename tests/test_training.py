@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indusfactory.concept import concept_fingerprint, train_concept
-from indusfactory.models import LORA_WEIGHTS
-from indusfactory.condition import train_condition
-from indusfactory.errors import BadInputError
-from indusfactory.ingest import catalog_uri_for, ingest
-from indusfactory.training import CHECKPOINT_FILE, checkpoint_uri_for
+from indusfactory.infra.errors import BadInputError
+from indusfactory.learning.concept import concept_fingerprint, train_concept
+from indusfactory.learning.condition import train_condition
+from indusfactory.learning.models import LORA_WEIGHTS
+from indusfactory.learning.training import CHECKPOINT_FILE, checkpoint_uri_for
+from indusfactory.sources.ingest import catalog_uri_for, ingest
 
 
 class Crash(Exception):
@@ -79,16 +79,23 @@ def _generate(pipe, prompt="an image of a sks", seed=0):
     import numpy as np
 
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt, height=64, width=64, num_inference_steps=2, output_type="np",
-               generator=torch.Generator().manual_seed(seed)).images
+    out = pipe(
+        prompt,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
     return np.asarray(out)
 
 
 def test_lora_with_text_encoder_loads_in_a_plain_pipeline(make_config, catalog, tmp_path, tiny_model_path):
     from diffusers import StableDiffusionPipeline
 
-    config = make_config(concept={"steps": 3, "train_text_encoder": True, "learning_rate": 1e-2,
-                                  "validation_images": 0})
+    config = make_config(
+        concept={"steps": 3, "train_text_encoder": True, "learning_rate": 1e-2, "validation_images": 0}
+    )
     record = train_concept(config, catalog, str(tmp_path / "concept"))
     weights = load_file(tmp_path / "concept" / LORA_WEIGHTS)
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
@@ -108,7 +115,7 @@ def test_lora_with_text_encoder_loads_in_a_plain_pipeline(make_config, catalog, 
 def test_full_fine_tuning_writes_diffusers_unet_and_loads(make_config, catalog, tmp_path, tiny_model_path):
     from diffusers import UNet2DConditionModel
 
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.learning.models import load_concept_pipeline
 
     config = make_config(concept={"steps": 2, "method": "full", "learning_rate": 1e-4, "validation_images": 0})
     record = train_concept(config, catalog, str(tmp_path / "concept"))
@@ -126,10 +133,15 @@ def test_full_fine_tuning_writes_diffusers_unet_and_loads(make_config, catalog, 
 
 
 def test_prior_preservation_generates_class_images_once(make_config, catalog, tmp_path):
-    from indusfactory.concept import class_images_uri_for
+    from indusfactory.learning.concept import class_images_uri_for
 
-    prior = {"steps": 2, "prior_preservation": True, "num_class_images": 3, "class_image_inference_steps": 2,
-             "validation_images": 0}
+    prior = {
+        "steps": 2,
+        "prior_preservation": True,
+        "num_class_images": 3,
+        "class_image_inference_steps": 2,
+        "validation_images": 0,
+    }
     config = make_config(concept=prior)
     train_concept(config, catalog, str(tmp_path / "with-prior"))
     class_dir = class_images_uri_for(config)
@@ -150,9 +162,18 @@ def test_prior_preservation_generates_class_images_once(make_config, catalog, tm
 def test_validation_grids_survive_a_resume_and_land_in_the_model_folder(make_config, catalog, tmp_path):
     from PIL import Image
 
-    config = make_config(concept={"steps": 4, "checkpoint_every": 2, "validation_every": 2, "validation_images": 2,
-                                  "validation_inference_steps": 2, "prior_preservation": True,
-                                  "num_class_images": 2, "class_image_inference_steps": 2})
+    config = make_config(
+        concept={
+            "steps": 4,
+            "checkpoint_every": 2,
+            "validation_every": 2,
+            "validation_images": 2,
+            "validation_inference_steps": 2,
+            "prior_preservation": True,
+            "num_class_images": 2,
+            "class_image_inference_steps": 2,
+        }
+    )
     with pytest.raises(Crash):
         train_concept(config, catalog, str(tmp_path / "concept"), progress=_crash_at(3))
     record = train_concept(config, catalog, str(tmp_path / "concept"))
@@ -166,7 +187,7 @@ def test_condition_validation_grid_and_controlnet_pipeline(make_config, catalog,
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from PIL import Image
 
-    from indusfactory.models import load_concept_pipeline
+    from indusfactory.learning.models import load_concept_pipeline
 
     config = make_config(condition={"steps": 2, "validation_images": 2, "validation_inference_steps": 2})
     concept = train_concept(config, catalog, str(tmp_path / "concept"))
@@ -175,25 +196,37 @@ def test_condition_validation_grid_and_controlnet_pipeline(make_config, catalog,
     grid = Image.open(tmp_path / "condition" / record.validation[0])
     assert grid.size == (3 * 64, 2 * 64), "rows of driver | generated | mask overlay"
     concept_pipe = load_concept_pipeline(config.base_model, concept.uri)
-    pipe = StableDiffusionControlNetPipeline(**{k: v for k, v in concept_pipe.components.items()
-                                                if k != "image_encoder"},
-                                             controlnet=ControlNetModel.from_pretrained(record.uri))
+    pipe = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in concept_pipe.components.items() if k != "image_encoder"},
+        controlnet=ControlNetModel.from_pretrained(record.uri),
+    )
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("an image of a sks with a hairline crack", image=torch.rand(1, 3, 64, 64), height=64, width=64,
-               num_inference_steps=2, output_type="np").images
+    out = pipe(
+        "an image of a sks with a hairline crack",
+        image=torch.rand(1, 3, 64, 64),
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        output_type="np",
+    ).images
     assert out.shape == (1, 64, 64, 3)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_fp32_weights(make_config, catalog, tmp_path, precision):
-    config = make_config(concept={"steps": 2, "precision": precision, "validation_images": 1,
-                                  "validation_inference_steps": 2})
+    config = make_config(
+        concept={"steps": 2, "precision": precision, "validation_images": 1, "validation_inference_steps": 2}
+    )
     record = train_concept(config, catalog, str(tmp_path / "concept"))
     weights = load_file(tmp_path / "concept" / LORA_WEIGHTS)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     assert record.final_loss is not None and record.final_loss == record.final_loss  # not NaN
-    cond = train_condition(make_config(condition={"steps": 2, "precision": precision, "validation_images": 0}),
-                           catalog, record, str(tmp_path / "condition"))
+    cond = train_condition(
+        make_config(condition={"steps": 2, "precision": precision, "validation_images": 0}),
+        catalog,
+        record,
+        str(tmp_path / "condition"),
+    )
     assert load_file(tmp_path / "condition" / "diffusion_pytorch_model.safetensors")
     assert cond.final_loss == cond.final_loss
 
@@ -210,7 +243,7 @@ def test_gradient_checkpointing_trains_the_same_weights(make_config, catalog, tm
 
 def test_gradient_accumulation_averages_micro_batches():
     from indusfactory.config import TrainingConfig
-    from indusfactory.training import run_training
+    from indusfactory.learning.training import run_training
 
     def train(accumulate: int, batch: int):
         weight = torch.nn.Parameter(torch.zeros(3))
@@ -221,8 +254,14 @@ def test_gradient_accumulation_averages_micro_batches():
             calls.append(index.tolist())
             return ((weight - targets[index]) ** 2).mean()
 
-        config = TrainingConfig(steps=3, batch_size=batch, gradient_accumulation_steps=accumulate,
-                                learning_rate=0.1, max_grad_norm=100.0, validation_images=0)
+        config = TrainingConfig(
+            steps=3,
+            batch_size=batch,
+            gradient_accumulation_steps=accumulate,
+            learning_rate=0.1,
+            max_grad_norm=100.0,
+            validation_images=0,
+        )
         losses, _ = run_training([weight], config, len(targets), step, "toy")
         return weight.detach(), calls, losses
 
@@ -243,11 +282,14 @@ def test_gradient_accumulation_averages_micro_batches():
 def test_min_snr_weighting_matches_the_formula(tiny_model_path):
     from diffusers import DDPMScheduler
 
-    from indusfactory.training import diffusion_loss
+    from indusfactory.learning.training import diffusion_loss
 
     scheduler = DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler")
     timesteps = torch.tensor([10, 500, 990])
-    prediction, target = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)
+    prediction, target = (
+        torch.zeros(3, 1, 2, 2),
+        torch.ones(3, 1, 2, 2) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1),
+    )
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
     expected = (torch.tensor([1.0, 4.0, 9.0]) * torch.clamp(snr, max=5.0) / snr).mean()
@@ -256,10 +298,16 @@ def test_min_snr_weighting_matches_the_formula(tiny_model_path):
 
 
 def test_training_settings_are_validated_before_training(make_config):
-    from indusfactory.errors import ConfigError
+    from indusfactory.infra.errors import ConfigError
 
-    for bad in ({"gradient_accumulation_steps": 0}, {"lr_scheduler": "warp"}, {"precision": "fp8"},
-                {"method": "dora"}, {"snr_gamma": -1}, {"class_prompt_template": "a thing"}):
+    for bad in (
+        {"gradient_accumulation_steps": 0},
+        {"lr_scheduler": "warp"},
+        {"precision": "fp8"},
+        {"method": "dora"},
+        {"snr_gamma": -1},
+        {"class_prompt_template": "a thing"},
+    ):
         with pytest.raises(ConfigError, match="concept"):
             make_config(concept=bad)
 

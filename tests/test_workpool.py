@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +39,7 @@ class Processes:
 
     def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed in stop_all
-        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((proc, log))
         return proc
 
@@ -115,8 +113,16 @@ def test_deploy_all_and_fan_out_to_two_workers(prefect_server, sample_root, tiny
     env, procs, logs = prefect_server
     _cli(env, "work-pool", "create", "local-process", "--type", "process")
     # The GPU pool from its job template, as docs/OPERATIONS.md creates it.
-    _cli(env, "work-pool", "create", "gpu-pool", "--type", "process", "--base-job-template",
-         "deployments/pools/process.json")
+    _cli(
+        env,
+        "work-pool",
+        "create",
+        "gpu-pool",
+        "--type",
+        "process",
+        "--base-job-template",
+        "deployments/pools/process.json",
+    )
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
 
     from prefect.client.orchestration import get_client
@@ -124,8 +130,16 @@ def test_deploy_all_and_fan_out_to_two_workers(prefect_server, sample_root, tiny
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-    expected = {"generate-dataset/local", "generate-dataset/nightly", "generate-shards/gpu", "generate-shards/local",
-                "ingest/local", "learn-concept/local", "learn-condition/local", "evaluate-dataset/local"}
+    expected = {
+        "generate-dataset/local",
+        "generate-dataset/nightly",
+        "generate-shards/gpu",
+        "generate-shards/local",
+        "ingest/local",
+        "learn-concept/local",
+        "learn-condition/local",
+        "evaluate-dataset/local",
+    }
     assert expected <= set(deployments), sorted(deployments)
     nightly = deployments["generate-dataset/nightly"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
@@ -135,20 +149,40 @@ def test_deploy_all_and_fan_out_to_two_workers(prefect_server, sample_root, tiny
     # One worker for the parent run, two "GPU" workers with a concurrency of one each.
     procs.start("worker-parent", [PREFECT, "worker", "start", "--pool", "local-process", "--name", "parent"], env)
     for gpu in ("0", "1"):
-        procs.start(f"worker-gpu{gpu}", [PREFECT, "worker", "start", "--pool", "gpu-pool", "--limit", "1",
-                                          "--name", f"gpu-{gpu}"],
-                    {**env, "INDUSFACTORY_WORKER_NAME": f"gpu-worker-{gpu}"})
+        procs.start(
+            f"worker-gpu{gpu}",
+            [PREFECT, "worker", "start", "--pool", "gpu-pool", "--limit", "1", "--name", f"gpu-{gpu}"],
+            {**env, "INDUSFACTORY_WORKER_NAME": f"gpu-worker-{gpu}"},
+        )
 
     factory = tmp_path / "factory"
-    config = tiny_config(sample_root, factory, tiny_model_path,
-                         plan={"augmentations_per_image": 1, "images_per_driver": 4, "max_defect_free_images": 2},
-                         generation={"steps": 2, "shard_size": 2, "batch_size": 2},
-                         execution={"fan_out": "work_pool", "shard_deployment": "generate-shards/gpu",
-                                    "shards_per_run": 1, "torch_threads": 1})
+    config = tiny_config(
+        sample_root,
+        factory,
+        tiny_model_path,
+        plan={"augmentations_per_image": 1, "images_per_driver": 4, "max_defect_free_images": 2},
+        generation={"steps": 2, "shard_size": 2, "batch_size": 2},
+        execution={
+            "fan_out": "work_pool",
+            "shard_deployment": "generate-shards/gpu",
+            "shards_per_run": 1,
+            "torch_threads": 1,
+        },
+    )
     params = json.dumps({"config": config.model_dump(mode="json")})
     try:
-        out = _cli(env, "deployment", "run", "generate-dataset/local", "--params", params, "--watch",
-                   "--watch-timeout", "540", timeout=600)
+        out = _cli(
+            env,
+            "deployment",
+            "run",
+            "generate-dataset/local",
+            "--params",
+            params,
+            "--watch",
+            "--watch-timeout",
+            "540",
+            timeout=600,
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{_logs_tail(logs)}") from None
     assert "Completed" in out, out + _logs_tail(logs)

@@ -1,0 +1,1 @@
+"""Drivers and masks: the topological driver a ControlNet follows, synthetic crack masks, augmentations."""

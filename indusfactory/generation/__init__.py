@@ -1,0 +1,1 @@
+"""Generation: the plan (one row per sample), sampling into shards, per-sample adherence QC and scorers."""

@@ -1,0 +1,1 @@
+"""Infrastructure under every stage: storage, locks, redaction, devices, failures, fingerprints, errors, images."""

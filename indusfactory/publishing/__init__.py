@@ -1,0 +1,1 @@
+"""Publishing: a dataset version from finished shards (manifest, card, COCO, `latest` pointer)."""
