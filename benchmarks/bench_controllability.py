@@ -135,14 +135,23 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     sheet_path = RESULTS / f"controllability-{tint}.png"
     _contact_sheet(result, sheet_path)
     return {
-        "tint": tint, "resolution": resolution, "probe_samples": len(cases),
-        "generated": result.summary.as_dict(), "real": real.as_dict(), "real_through_vae": through_vae.as_dict(),
-        "colourfulness": {"generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
-                          "real": float(np.median([adherence.colourfulness(i) for i in real_images])),
-                          "real_through_vae": float(np.median([adherence.colourfulness(i) for i in round_trip]))},
-        "mean_rgb": {"generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
-                     "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist()},
-        "kid_small_features": kid, "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "tint": tint,
+        "resolution": resolution,
+        "probe_samples": len(cases),
+        "generated": result.summary.as_dict(),
+        "real": real.as_dict(),
+        "real_through_vae": through_vae.as_dict(),
+        "colourfulness": {
+            "generated": float(np.median([adherence.colourfulness(i) for i in result.images])),
+            "real": float(np.median([adherence.colourfulness(i) for i in real_images])),
+            "real_through_vae": float(np.median([adherence.colourfulness(i) for i in round_trip])),
+        },
+        "mean_rgb": {
+            "generated": np.mean([i.reshape(-1, 3).mean(0) for i in result.images], 0).round(1).tolist(),
+            "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist(),
+        },
+        "kid_small_features": kid,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
         "contact_sheet": sheet_path.name,
     }
 

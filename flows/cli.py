@@ -101,7 +101,7 @@ def _print_dataset(record) -> None:
     typer.echo(f"  pandas:      pd.read_parquet('{record.uri}/data/')")
     typer.echo(f"  datasets:    load_dataset('{record.uri}')")
     typer.echo(f"  pycocotools: COCO('{record.uri}/annotations/instances_train.json')")
-    from indusfactory.catalogue import version_lines
+    from indusfactory.publishing.catalogue import version_lines
 
     for line in version_lines(record.uri):
         typer.echo(f"  {line}")
@@ -162,12 +162,18 @@ def run(
 
 
 @app.command("tiny-model")
-def tiny_model(path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
-               pretrain: bool = typer.Option(False, help="Pretrain VAE and UNet on general pictures (scikit-image "
-                                             "photographs and shapes; how the shipped model was made; ~32 min on 2 "
-                                             "CPU cores)."),
-               vae_steps: int = typer.Option(2500), unet_steps: int = typer.Option(3000),
-               seed: int = typer.Option(0)):
+def tiny_model(
+    path: Path = typer.Argument(..., help="Output folder (diffusers layout)."),
+    pretrain: bool = typer.Option(
+        False,
+        help="Pretrain VAE and UNet on general pictures (scikit-image "
+        "photographs and shapes; how the shipped model was made; ~32 min on 2 "
+        "CPU cores).",
+    ),
+    vae_steps: int = typer.Option(2500),
+    unet_steps: int = typer.Option(3000),
+    seed: int = typer.Option(0),
+):
     """Write a tiny Stable Diffusion 1.x pipeline (random, or pretrained with --pretrain)."""
     from indusfactory.demo.tiny_model import pretrain_tiny_model, write_tiny_model
 
@@ -204,7 +210,7 @@ ROOT_OPTION = typer.Option("./factory", "--factory-root", help="Local path or s3
 
 
 def _catalogue_errors(call):
-    from indusfactory.errors import IndusfactoryError
+    from indusfactory.infra.errors import IndusfactoryError
 
     try:
         return call()
@@ -216,31 +222,36 @@ def _catalogue_errors(call):
 @datasets_app.command("list")
 def datasets_list(factory_root: str = ROOT_OPTION, name: str = typer.Argument(None, help="Only this dataset.")):
     """Every version: latest marked *, counts, labels and evaluation verdicts, models it was made with."""
-    from indusfactory.catalogue import versions
+    from indusfactory.publishing.catalogue import versions
 
     for row in _catalogue_errors(lambda: [v.row() for v in versions(factory_root, name)]):
-        typer.echo(f"{'*' if row['latest'] else ' '} {row['dataset']}/{row['version']}  {row['state']}  "
-                   f"{row['created'] or '-'}  samples={row['samples']} shards={row['shards']} "
-                   f"flagged={row['flagged']} dropped={row['dropped']}  labels: {row['labels']}  "
-                   f"evaluation: {row['evaluation']}  concept={row['concept']} condition={row['condition']} "
-                   f"catalog={row['catalog']}")
+        typer.echo(
+            f"{'*' if row['latest'] else ' '} {row['dataset']}/{row['version']}  {row['state']}  "
+            f"{row['created'] or '-'}  samples={row['samples']} shards={row['shards']} "
+            f"flagged={row['flagged']} dropped={row['dropped']}  labels: {row['labels']}  "
+            f"evaluation: {row['evaluation']}  concept={row['concept']} condition={row['condition']} "
+            f"catalog={row['catalog']}"
+        )
 
 
 @datasets_app.command("show")
-def datasets_show(ref: str = typer.Argument(..., help="name (its latest version) or name/version."),
-                  factory_root: str = ROOT_OPTION):
+def datasets_show(
+    ref: str = typer.Argument(..., help="name (its latest version) or name/version."), factory_root: str = ROOT_OPTION
+):
     """One version as JSON: counts, lineage and its models' cards, classes, labels, evaluation, contact sheet."""
-    from indusfactory.catalogue import show
+    from indusfactory.publishing.catalogue import show
 
     typer.echo(json.dumps(_catalogue_errors(lambda: show(factory_root, ref)), indent=2, default=str))
 
 
 @datasets_app.command("diff")
-def datasets_diff(a: str = typer.Argument(..., help="name/version (or name: its latest)."),
-                  b: str = typer.Argument(..., help="name/version (or name: its latest)."),
-                  factory_root: str = ROOT_OPTION):
+def datasets_diff(
+    a: str = typer.Argument(..., help="name/version (or name: its latest)."),
+    b: str = typer.Argument(..., help="name/version (or name: its latest)."),
+    factory_root: str = ROOT_OPTION,
+):
     """What changed from A to B: counts, lineage fingerprints, config, class counts, labels, evaluation."""
-    from indusfactory.catalogue import diff
+    from indusfactory.publishing.catalogue import diff
 
     changes = _catalogue_errors(lambda: diff(factory_root, a, b))
     typer.echo(f"{changes.pop('a')} -> {changes.pop('b')}")
@@ -250,12 +261,14 @@ def datasets_diff(a: str = typer.Argument(..., help="name/version (or name: its 
 
 
 @datasets_app.command("gc")
-def datasets_gc(factory_root: str = ROOT_OPTION,
-                keep: int = typer.Option(0, min=0, help="Also keep the N newest versions of each dataset."),
-                grace_hours: float = typer.Option(24.0, min=0, help="Keep unreferenced models younger than this."),
-                delete: str = typer.Option(None, help="Remove what the dry run listed: pass the token it printed.")):
+def datasets_gc(
+    factory_root: str = ROOT_OPTION,
+    keep: int = typer.Option(0, min=0, help="Also keep the N newest versions of each dataset."),
+    grace_hours: float = typer.Option(24.0, min=0, help="Keep unreferenced models younger than this."),
+    delete: str = typer.Option(None, help="Remove what the dry run listed: pass the token it printed."),
+):
     """Dry run (default): list the versions and models nothing references. --delete TOKEN removes exactly them."""
-    from indusfactory.catalogue import apply_gc, plan_gc
+    from indusfactory.publishing.catalogue import apply_gc, plan_gc
 
     seconds = grace_hours * 3600
     if delete:
@@ -269,9 +282,11 @@ def datasets_gc(factory_root: str = ROOT_OPTION,
         typer.echo(f"keep   {item.kind} {item.uri}  ({item.reason})")
     for item in plan.remove:
         typer.echo(f"remove {item.kind} {item.uri}  ({item.reason})")
-    typer.echo(f"dry run: {len(plan.remove)} would be removed; to remove exactly these: "
-               f"indusfactory datasets gc --factory-root {plan.root} --keep {keep} --grace-hours {grace_hours:g} "
-               f"--delete {plan.token}")
+    typer.echo(
+        f"dry run: {len(plan.remove)} would be removed; to remove exactly these: "
+        f"indusfactory datasets gc --factory-root {plan.root} --keep {keep} --grace-hours {grace_hours:g} "
+        f"--delete {plan.token}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

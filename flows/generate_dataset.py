@@ -11,9 +11,9 @@ and publishing run under the version's storage lock: two runs of one config neve
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from indusfactory.catalogue import NOT_RUN, evaluation_headline, published_evaluation
 from indusfactory.config import FactoryConfig
-from indusfactory.export import check_dataset_version, dataset_uri_for
+from indusfactory.publishing.catalogue import NOT_RUN, evaluation_headline, published_evaluation
+from indusfactory.publishing.publish import check_dataset_version, dataset_uri_for
 from indusfactory.runform import ProfileName, RunSources, compose_config
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run, run_logger
@@ -29,11 +29,17 @@ from tasks.report import StageClock, summarise_run
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def generate_dataset(dataset_name: str | None = None, images_per_driver: int | None = None,
-                     defect_free_images: int | None = None, sources: RunSources | None = None,
-                     base_model: str | None = None, profile: ProfileName | None = None,
-                     factory_root: str | None = None, config_file: str | None = None,
-                     config: FactoryConfig | None = None) -> DatasetRecord:
+def generate_dataset(
+    dataset_name: str | None = None,
+    images_per_driver: int | None = None,
+    defect_free_images: int | None = None,
+    sources: RunSources | None = None,
+    base_model: str | None = None,
+    profile: ProfileName | None = None,
+    factory_root: str | None = None,
+    config_file: str | None = None,
+    config: FactoryConfig | None = None,
+) -> DatasetRecord:
     """Make a dataset version. The first parameters are the short form; `config` is the full configuration.
 
     Args:
@@ -49,9 +55,17 @@ def generate_dataset(dataset_name: str | None = None, images_per_driver: int | N
 
     Order: profile < config_file < config < short parameters (indusfactory/runform.py).
     """
-    config, layers = compose_config(profile, config_file, config, dataset_name=dataset_name,
-                                    images_per_driver=images_per_driver, defect_free_images=defect_free_images,
-                                    sources=sources, base_model=base_model, factory_root=factory_root)
+    config, layers = compose_config(
+        profile,
+        config_file,
+        config,
+        dataset_name=dataset_name,
+        images_per_driver=images_per_driver,
+        defect_free_images=defect_free_images,
+        sources=sources,
+        base_model=base_model,
+        factory_root=factory_root,
+    )
     run_logger().info("configuration: %s", " < ".join(layers))
     clock = StageClock()  # time per stage, for the summary
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
@@ -69,8 +83,9 @@ def generate_dataset(dataset_name: str | None = None, images_per_driver: int | N
                 if config.execution.fan_out == "work_pool":
                     shards = dispatch_shard_runs(config, catalog, plan, concept, condition, dataset_uri)
                 else:
-                    shards = generate_shards_locally(run, config, catalog, plan, concept, condition, dataset_uri,
-                                                     range(plan.shards))
+                    shards = generate_shards_locally(
+                        run, config, catalog, plan, concept, condition, dataset_uri, range(plan.shards)
+                    )
             dataset = run(publish_dataset_task)(config, catalog, plan, concept, condition, dataset_uri, shards)
         record_throughput(config, dataset, shards, clock.seconds["generation"])  # for the next run's estimate
         catalogue_artifact(config)  # the factory root's datasets, this version included

@@ -194,11 +194,14 @@ class TrainingConfig(Section):
         None, gt=0, description="Min-SNR loss weighting (5.0 is the usual choice); None: plain MSE."
     )
     noise_offset: float = Field(
-        0.0, ge=0, le=1, description="Offset noise (as diffusers' training scripts' --noise_offset; 0.1 is usual): "
+        0.0,
+        ge=0,
+        le=1,
+        description="Offset noise (as diffusers' training scripts' --noise_offset; 0.1 is usual): "
         "each example's noise gets this times a random constant per channel, so the model cannot read an "
         "image's mean brightness and colour off the noisy input and has to learn them (0: plain noise).",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the run: weight init, noise, timesteps and data order.")
     checkpoint_every: int = Field(
         100, ge=0, description="Save a resumable checkpoint every N steps (0: never); a retry resumes from it."
     )
@@ -266,10 +269,14 @@ class ConceptConfig(TrainingConfig):
         "content), guided samples drift away from it in the other direction (grey sources come out coloured). "
         "Training the empty prompt on the instance images too keeps guided samples in the data's look.",
     )
-    steps: int = Field(150, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    # Defaults of this stage; the descriptions are TrainingConfig's (an override would otherwise drop them).
+    steps: int = Field(150, gt=0, description=_described(TrainingConfig, "steps"))
+    learning_rate: float = Field(1e-3, gt=0, description=_described(TrainingConfig, "learning_rate"))
     noise_offset: float = Field(
-        0.1, ge=0, le=1, description="Offset noise (as diffusers' --noise_offset): each example's noise gets this "
+        0.1,
+        ge=0,
+        le=1,
+        description="Offset noise (as diffusers' --noise_offset): each example's noise gets this "
         "times a random constant per channel, so the concept has to learn its images' brightness and colour "
         "instead of reading them off the noisy input (0: plain noise). Part of the measured default recipe.",
     )
@@ -281,10 +288,14 @@ class ConditionConfig(TrainingConfig):
     prompt_template: str = Field(
         "an image of a {token} with a {classes} crack", description="{token} and {classes} are replaced."
     )
-    steps: int = Field(1000, gt=0, description="Optimisation steps (1000 at 64 px: about 4.5 min on 2 CPU cores; "
-                       "600 gave a held-out label AUC of 0.59-0.65, 1000 0.66-0.68, see BENCHMARKS.md).")
-    batch_size: int = Field(8, gt=0)
-    learning_rate: float = Field(3e-4, gt=0)
+    steps: int = Field(
+        1000,
+        gt=0,
+        description="Optimisation steps (1000 at 64 px: about 4.5 min on 2 CPU cores; "
+        "600 gave a held-out label AUC of 0.59-0.65, 1000 0.66-0.68, see BENCHMARKS.md).",
+    )
+    batch_size: int = Field(8, gt=0, description=_described(TrainingConfig, "batch_size"))
+    learning_rate: float = Field(3e-4, gt=0, description=_described(TrainingConfig, "learning_rate"))
     empty_prompt_probability: float = Field(
         0.0, ge=0, le=1, description="Share of examples trained with the empty prompt (ControlNet uses 0.5)."
     )
@@ -383,13 +394,14 @@ class GenerationConfig(Section):
         "for defects to follow the masks; a fully trained SD 1.5 network usually runs at 1.0.",
     )
     signal_leak: Literal["none", "source_mean"] = Field(
-        "source_mean", description="How sampling starts. 'none': pure noise. 'source_mean': noise plus the mean latent of the "
+        "source_mean",
+        description="How sampling starts. 'none': pure noise. 'source_mean': noise plus the mean latent of the "
         "defect-free image the driver was made from, at the first step's signal level, as every training example "
         "carried it at that noise level (the signal-leak bias, Everaert et al. 2024): the sources' brightness and "
         "colour carry over to the samples, which pure noise pulls towards the base model's average (measured on "
         "grey sources of mean 152: 123 with 'none', 148 with 'source_mean'; adherence unchanged).",
     )
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="Images sampled at once on a device (halved on out-of-memory).")
     shard_size: int = Field(16, gt=0, description="Plan rows per shard (hundreds in production).")
     min_mask_contrast: float = Field(
         0.0, description="Samples whose defect is not this much darker than its surroundings fail QC (qc_passed=false)."

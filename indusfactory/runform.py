@@ -24,9 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from indusfactory import storage
 from indusfactory.config import FactoryConfig, parse_config
-from indusfactory.errors import ConfigError
+from indusfactory.infra import storage
+from indusfactory.infra.errors import ConfigError
 
 ProfileName = Literal["demo", "fast", "sd15-gpu"]
 
@@ -34,8 +34,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {},
     "fast": {
         "concept": {"steps": 10, "validation_images": 1, "validation_inference_steps": 4},
-        "condition": {"steps": 10, "validation_images": 1, "validation_inference_steps": 4,
-                      "validation_probe_samples": 4},
+        "condition": {
+            "steps": 10,
+            "validation_images": 1,
+            "validation_inference_steps": 4,
+            "validation_probe_samples": 4,
+        },
         "plan": {"augmentations_per_image": 1, "images_per_driver": 2, "max_defect_free_images": 4},
         "generation": {"steps": 4, "shard_size": 8},
         "evaluation": {"enabled": False},
@@ -92,15 +96,22 @@ def read_config_file(uri: str) -> dict:
     return data
 
 
-def short_overrides(dataset_name: str | None = None, images_per_driver: int | None = None,
-                    defect_free_images: int | None = None, sources: RunSources | dict | None = None,
-                    base_model: str | None = None, factory_root: str | None = None) -> dict:
+def short_overrides(
+    dataset_name: str | None = None,
+    images_per_driver: int | None = None,
+    defect_free_images: int | None = None,
+    sources: RunSources | dict | None = None,
+    base_model: str | None = None,
+    factory_root: str | None = None,
+) -> dict:
     """The config keys the short parameters set (only those given)."""
     src = RunSources.model_validate(sources or {}).model_dump(exclude_none=True)
     layer: dict[str, Any] = {
-        "factory_root": factory_root, "export": {"dataset_name": dataset_name},
+        "factory_root": factory_root,
+        "export": {"dataset_name": dataset_name},
         "plan": {"images_per_driver": images_per_driver, "max_defect_free_images": defect_free_images},
-        "base_model": {"pretrained": base_model}, "source": src,
+        "base_model": {"pretrained": base_model},
+        "source": src,
     }
     return _without_none(layer)
 
@@ -117,8 +128,9 @@ def _without_none(layer: dict) -> dict:
     return out
 
 
-def compose_config(profile: str | None = None, config_file: str | None = None,
-                   config: FactoryConfig | dict | None = None, **short: Any) -> tuple[FactoryConfig, list[str]]:
+def compose_config(
+    profile: str | None = None, config_file: str | None = None, config: FactoryConfig | dict | None = None, **short: Any
+) -> tuple[FactoryConfig, list[str]]:
     """The run's ``FactoryConfig`` from its layers (see the module's order), and the layers applied, by name.
 
     With only ``config`` given it is returned as it is (the callers that pass a full config see no change).
@@ -135,8 +147,9 @@ def compose_config(profile: str | None = None, config_file: str | None = None,
     if config_file:
         data, applied = merge(data, read_config_file(config_file)), [*applied, f"file {config_file}"]
     if config is not None:
-        given = (config.model_dump(mode="json", exclude_unset=True) if isinstance(config, FactoryConfig)
-                 else dict(config))
+        given = (
+            config.model_dump(mode="json", exclude_unset=True) if isinstance(config, FactoryConfig) else dict(config)
+        )
         data, applied = merge(data, given), [*applied, "advanced config"]
     if layers:
         data, applied = merge(data, layers), [*applied, "short parameters " + ", ".join(sorted(_keys(layers)))]
@@ -144,5 +157,8 @@ def compose_config(profile: str | None = None, config_file: str | None = None,
 
 
 def _keys(layer: dict, prefix: str = "") -> list[str]:
-    return [k for key, value in layer.items()
-            for k in (_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+    return [
+        k
+        for key, value in layer.items()
+        for k in (_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    ]

@@ -3,9 +3,9 @@ earlier runs measured on the same device kind (``indusfactory.throughput``), and
 
 from __future__ import annotations
 
-from indusfactory import throughput
 from indusfactory.config import FactoryConfig
-from indusfactory.export import is_published
+from indusfactory.generation import throughput
+from indusfactory.publishing.publish import is_published
 from indusfactory.schema import DatasetRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import EXPECTED
@@ -25,16 +25,22 @@ def announce_estimate(config: FactoryConfig, plan: PlanRecord, dataset_uri: str)
         return None
     EXPECTED.set(found)
     if found is None:
-        logger.info("estimate: no earlier run on %s with %s at %d px: no estimate for %d images (this run's "
-                    "throughput is kept for the next one)", device, config.base_model.pretrained,
-                    config.base_model.resolution, plan.samples)
+        logger.info(
+            "estimate: no earlier run on %s with %s at %d px: no estimate for %d images (this run's "
+            "throughput is kept for the next one)",
+            device,
+            config.base_model.pretrained,
+            config.base_model.resolution,
+            plan.samples,
+        )
     else:
         logger.info("estimate: %s", found.text())
     return found
 
 
-def record_throughput(config: FactoryConfig, dataset: DatasetRecord, shards: list[ShardRecord],
-                      seconds: float) -> str | None:
+def record_throughput(
+    config: FactoryConfig, dataset: DatasetRecord, shards: list[ShardRecord], seconds: float
+) -> str | None:
     """Keep what this run's generation measured (wall seconds of the stage) for the next runs' estimates."""
     images = sum(s.planned for s in shards if not s.reused)
     try:
@@ -43,6 +49,7 @@ def record_throughput(config: FactoryConfig, dataset: DatasetRecord, shards: lis
         run_logger().warning("throughput not kept (%s: %s)", type(exc).__name__, exc)
         return None
     if uri:
-        run_logger().info("throughput: %d images in %.1f s (%.2f images/s) kept in %s", images, seconds,
-                          images / seconds, uri)
+        run_logger().info(
+            "throughput: %d images in %.1f s (%.2f images/s) kept in %s", images, seconds, images / seconds, uri
+        )
     return uri

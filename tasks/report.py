@@ -12,15 +12,19 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 
 from prefect import Task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 
-from indusfactory import storage
-from indusfactory.adherence import FOLLOWS_LABELS
-from indusfactory.catalogue import CONTACT_SHEET, NOT_RUN, adherence_headline
+from indusfactory.generation.adherence import FOLLOWS_LABELS
+from indusfactory.generation.throughput import Estimate, duration
+from indusfactory.infra import storage
+from indusfactory.publishing.catalogue import CONTACT_SHEET, NOT_RUN, adherence_headline
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
-from indusfactory.throughput import Estimate, duration
 from tasks._prefect import run_logger
 
 
@@ -70,43 +74,92 @@ def _stage_line(name: str, reused: bool, clock: StageClock | None, detail: str, 
     return f"| {name} | {'reused (cached)' if reused else 'ran'} | {seconds:.1f} s | {detail} |"
 
 
-def summarise_run(catalog: CatalogRecord, concept: ModelRecord, condition: ModelRecord, plan: PlanRecord,
-                  shards: list[ShardRecord], dataset: DatasetRecord, clock: StageClock | None = None,
-                  evaluation: str = NOT_RUN) -> str:
+def summarise_run(
+    catalog: CatalogRecord,
+    concept: ModelRecord,
+    condition: ModelRecord,
+    plan: PlanRecord,
+    shards: list[ShardRecord],
+    dataset: DatasetRecord,
+    clock: StageClock | None = None,
+    evaluation: str = NOT_RUN,
+) -> str:
     """Log and publish the run summary; returns the markdown.
 
     ``evaluation``: the headline of the dataset's evaluation, ``not run`` or why it is missing."""
     reused_shards = sum(s.reused for s in shards)
     flagged, dropped = sum(s.flagged for s in shards), sum(s.dropped for s in shards)
-    markdown = "\n".join([
-        f"# Dataset `{dataset.name}/{dataset.version}`", "",
-        f"Written to `{dataset.uri}` ({dataset.samples} samples, {dataset.shards} shards).", "",
-        *_adherence_lines(dataset, condition),
-        f"**Evaluation: {evaluation}.**", "",
-        f"**Throughput: {_rate(shards)}.**", "",
-        "| stage | status | time | detail |", "| --- | --- | --- | --- |",
-        _stage_line("ingest", catalog.reused, clock, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"),
-        _stage_line("learn-concept", concept.reused, clock, f"`{concept.fingerprint}`, {concept.steps} steps"
-                    + (f"; colourfulness {concept.look['generated']['colourfulness']} vs sources "
-                       f"{concept.look['sources']['colourfulness']}" if concept.look else "")),
-        _stage_line("learn-condition", condition.reused, clock, f"`{condition.fingerprint}`, {condition.steps} steps"
-                    + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else "")),
-        _stage_line("build-plan", plan.reused, clock, f"{plan.samples} samples"),
-        _stage_line("generate-shard", reused_shards == len(shards), clock, f"{len(shards) - reused_shards} shards "
-                    f"generated, {reused_shards} reused; {_rate(shards)}; QC: {flagged} flagged, {dropped} dropped",
-                    fallback=sum(s.seconds for s in shards if not s.reused)),
-        _stage_line("publish-dataset", dataset.reused, clock, "manifest.json written last"),
-        *([f"| evaluate-dataset | {'ran' if 'evaluate-dataset' in clock.seconds else '-'} | "
-           f"{clock.seconds.get('evaluate-dataset', 0.0):.1f} s | {evaluation} |",
-           f"| total | | {clock.total():.1f} s | wall time of the run so far |"] if clock else []), "",
-        "## Models", "",
-        f"- concept `{concept.fingerprint}`: [model card]({storage.join(concept.uri, 'README.md')})",
-        f"- condition `{condition.fingerprint}`: [model card]({storage.join(condition.uri, 'README.md')})", "",
-        *_contact_sheet_lines(dataset),
-        "## Load it", "", "```python", "import pandas as pd",
-        f"df = pd.read_parquet('{dataset.uri}/data/')", "from pycocotools.coco import COCO",
-        f"coco = COCO('{dataset.uri}/annotations/instances_train.json')", "```",
-    ])
+    markdown = "\n".join(
+        [
+            f"# Dataset `{dataset.name}/{dataset.version}`",
+            "",
+            f"Written to `{dataset.uri}` ({dataset.samples} samples, {dataset.shards} shards).",
+            "",
+            *_adherence_lines(dataset, condition),
+            f"**Evaluation: {evaluation}.**",
+            "",
+            f"**Throughput: {_rate(shards)}.**",
+            "",
+            "| stage | status | time | detail |",
+            "| --- | --- | --- | --- |",
+            _stage_line(
+                "ingest", catalog.reused, clock, f"{catalog.ingested} ingested, {catalog.quarantined} quarantined"
+            ),
+            _stage_line(
+                "learn-concept",
+                concept.reused,
+                clock,
+                f"`{concept.fingerprint}`, {concept.steps} steps"
+                + (
+                    f"; colourfulness {concept.look['generated']['colourfulness']} vs sources "
+                    f"{concept.look['sources']['colourfulness']}"
+                    if concept.look
+                    else ""
+                ),
+            ),
+            _stage_line(
+                "learn-condition",
+                condition.reused,
+                clock,
+                f"`{condition.fingerprint}`, {condition.steps} steps"
+                + (f"; held-out validation: {_headline(condition.adherence)}" if condition.adherence else ""),
+            ),
+            _stage_line("build-plan", plan.reused, clock, f"{plan.samples} samples"),
+            _stage_line(
+                "generate-shard",
+                reused_shards == len(shards),
+                clock,
+                f"{len(shards) - reused_shards} shards "
+                f"generated, {reused_shards} reused; {_rate(shards)}; QC: {flagged} flagged, {dropped} dropped",
+                fallback=sum(s.seconds for s in shards if not s.reused),
+            ),
+            _stage_line("publish-dataset", dataset.reused, clock, "manifest.json written last"),
+            *(
+                [
+                    f"| evaluate-dataset | {'ran' if 'evaluate-dataset' in clock.seconds else '-'} | "
+                    f"{clock.seconds.get('evaluate-dataset', 0.0):.1f} s | {evaluation} |",
+                    f"| total | | {clock.total():.1f} s | wall time of the run so far |",
+                ]
+                if clock
+                else []
+            ),
+            "",
+            "## Models",
+            "",
+            f"- concept `{concept.fingerprint}`: [model card]({storage.join(concept.uri, 'README.md')})",
+            f"- condition `{condition.fingerprint}`: [model card]({storage.join(condition.uri, 'README.md')})",
+            "",
+            *_contact_sheet_lines(dataset),
+            "## Load it",
+            "",
+            "```python",
+            "import pandas as pd",
+            f"df = pd.read_parquet('{dataset.uri}/data/')",
+            "from pycocotools.coco import COCO",
+            f"coco = COCO('{dataset.uri}/annotations/instances_train.json')",
+            "```",
+        ]
+    )
     key = "".join(ch if ch.isalnum() else "-" for ch in dataset.name.lower())
     create_markdown_artifact(markdown, key=f"{key}-summary", description="indusfactory dataset run")
     create_table_artifact([_shard_row(s) for s in shards], key=f"{key}-shards", description="per-shard figures")
@@ -176,8 +229,11 @@ EXPECTED: ContextVar[Estimate | None] = ContextVar("indusfactory_expected_throug
 def eta_text(remaining: int, generated: int, elapsed: float, expected: Estimate | None) -> str:
     """``; expected 2.10 images/s (3 earlier runs on cpu x1); ETA 04:51:10 UTC (2 min 10 s left)``: the ETA from
     the rate measured so far in this run, else from the estimate."""
-    text = (f"; expected {expected.images_per_s:.2f} images/s ({expected.runs} earlier runs on {expected.device})"
-            if expected else "")
+    text = (
+        f"; expected {expected.images_per_s:.2f} images/s ({expected.runs} earlier runs on {expected.device})"
+        if expected
+        else ""
+    )
     rate = generated / elapsed if generated and elapsed > 0 else expected.images_per_s if expected else None
     if remaining > 0 and rate:
         left = remaining / rate
@@ -200,9 +256,9 @@ class ShardProgress:
 
     def description(self) -> str:
         elapsed = time.perf_counter() - self.started
-        return progress_description(self.done, self.total, self.generated, elapsed, self.reused,
-                                    self.dropped) + eta_text(self.total - self.done, self.generated, elapsed,
-                                                             EXPECTED.get())
+        return progress_description(
+            self.done, self.total, self.generated, elapsed, self.reused, self.dropped
+        ) + eta_text(self.total - self.done, self.generated, elapsed, EXPECTED.get())
 
     def add(self, samples: int, reused: bool, dropped: int = 0) -> None:
         """``samples`` more plan rows are done (``reused``: found on storage, not generated)."""

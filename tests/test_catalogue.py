@@ -9,19 +9,26 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from indusfactory.cli import app
+from flows.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 
 def _publish(prepared) -> str:
-    from indusfactory.export import publish_dataset
-    from indusfactory.generate import generate_shard
+    from indusfactory.generation.generate import generate_shard
+    from indusfactory.publishing.publish import publish_dataset
 
     shards = [generate_shard(prepared.ctx, prepared.plan, prepared.dataset_uri, i) for i in range(prepared.plan.shards)]
-    return publish_dataset(prepared.config, prepared.catalog, prepared.plan, prepared.concept, prepared.condition,
-                           prepared.dataset_uri, shards).version
+    return publish_dataset(
+        prepared.config,
+        prepared.catalog,
+        prepared.plan,
+        prepared.concept,
+        prepared.condition,
+        prepared.dataset_uri,
+        shards,
+    ).version
 
 
 @pytest.fixture
@@ -50,12 +57,15 @@ def _tree(root: Path) -> set[str]:
 
 
 def test_list_show_diff_and_gc_remove_exactly_what_the_dry_run_listed(three_versions):
-    from indusfactory.catalogue import find_version, plan_gc, versions
+    from indusfactory.publishing.catalogue import find_version, plan_gc, versions
 
     root, (a, b, c), (va, vb, vc) = three_versions
     listed = versions(str(root))
-    assert [(v.version, v.latest, v.published) for v in listed] == [(va, False, True), (vb, False, True),
-                                                                    (vc, True, True)]
+    assert [(v.version, v.latest, v.published) for v in listed] == [
+        (va, False, True),
+        (vb, False, True),
+        (vc, True, True),
+    ]
     result = runner.invoke(app, ["datasets", "list", "--factory-root", str(root)])
     assert result.exit_code == 0, result.output
     assert f"* demo-cracks/{vc}" in result.output and f"  demo-cracks/{va}" in result.output
@@ -68,8 +78,9 @@ def test_list_show_diff_and_gc_remove_exactly_what_the_dry_run_listed(three_vers
     assert sum(shown["classes"].values()) == shown["counts"]["annotations"] and shown["evaluation"] == "not run"
     assert shown["contact_sheet"] and Path(shown["contact_sheet"]).is_file()
 
-    result = runner.invoke(app, ["datasets", "diff", f"demo-cracks/{va}", f"demo-cracks/{vb}",
-                                 "--factory-root", str(root)])
+    result = runner.invoke(
+        app, ["datasets", "diff", f"demo-cracks/{va}", f"demo-cracks/{vb}", "--factory-root", str(root)]
+    )
     assert result.exit_code == 0, result.output
     assert "config: generation.steps: 2 -> 3" in result.output
     assert "lineage: generation_fingerprint:" in result.output and "concept_fingerprint" not in result.output
@@ -85,15 +96,18 @@ def test_list_show_diff_and_gc_remove_exactly_what_the_dry_run_listed(three_vers
     assert {i.uri for i in plan.keep} >= {c.dataset_uri, c.condition.uri, c.concept.uri}
 
     before = _tree(root)
-    refused = runner.invoke(app, ["datasets", "gc", "--factory-root", str(root), "--grace-hours", "0",
-                                  "--delete", "0" * 12])
+    refused = runner.invoke(
+        app, ["datasets", "gc", "--factory-root", str(root), "--grace-hours", "0", "--delete", "0" * 12]
+    )
     assert refused.exit_code == 2 and "changed since the dry run" in refused.output and _tree(root) == before
-    result = runner.invoke(app, ["datasets", "gc", "--factory-root", str(root), "--grace-hours", "0",
-                                 "--delete", token])
+    result = runner.invoke(
+        app, ["datasets", "gc", "--factory-root", str(root), "--grace-hours", "0", "--delete", token]
+    )
     assert result.exit_code == 0, result.output
     gone = {p for p in before - _tree(root)}
-    assert {p for p in gone if not any(p.startswith(r + "/") for r in removes)} == set(removes), \
+    assert {p for p in gone if not any(p.startswith(r + "/") for r in removes)} == set(removes), (
         "exactly the listed folders (and what is inside them) were removed"
+    )
     for kept in (c.dataset_uri, c.condition.uri, c.concept.uri, str(root / "datasets" / "demo-cracks" / "latest")):
         assert Path(kept).exists(), kept
     assert find_version(str(root), "demo-cracks").version == vc
@@ -101,7 +115,7 @@ def test_list_show_diff_and_gc_remove_exactly_what_the_dry_run_listed(three_vers
 
 
 def test_gc_keeps_newest_versions_unpublished_folders_and_what_a_kept_config_names(three_versions):
-    from indusfactory.catalogue import plan_gc
+    from indusfactory.publishing.catalogue import plan_gc
 
     root, (a, b, c), (va, vb, vc) = three_versions
     partial = root / "datasets" / "demo-cracks" / "v-being-written" / "data"
@@ -135,4 +149,7 @@ def test_each_publish_leaves_the_catalogue_as_a_table_artifact(prefect_api, thre
     table = max(tables, key=lambda a: a.created)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [(r["version"], r["latest"], r["samples"]) for r in rows] == [
-        (va, False, a.plan.samples), (vb, False, b.plan.samples), (vc, True, c.plan.samples)]
+        (va, False, a.plan.samples),
+        (vb, False, b.plan.samples),
+        (vc, True, c.plan.samples),
+    ]

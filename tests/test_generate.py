@@ -122,7 +122,7 @@ def test_signal_leak_carries_the_source_brightness_into_the_samples(scheduler):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from indusfactory.models import embedded_model_path, leaked_latents, scheduler_for
+    from indusfactory.learning.models import embedded_model_path, leaked_latents, scheduler_for
 
     pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None)
     pipe.scheduler = scheduler_for(scheduler, pipe.scheduler.config)
@@ -132,8 +132,16 @@ def test_signal_leak_carries_the_source_brightness_into_the_samples(scheduler):
     def brightness(leak: bool) -> np.ndarray:
         generators = [torch.Generator().manual_seed(0) for _ in range(2)]  # the same noise for both rows
         latents = leaked_latents(pipe, [dark, bright], generators, 8) if leak else None
-        out = pipe(["a photo of shapes"] * 2, height=64, width=64, num_inference_steps=8, guidance_scale=3.0,
-                   generator=generators, latents=latents, output_type="np")
+        out = pipe(
+            ["a photo of shapes"] * 2,
+            height=64,
+            width=64,
+            num_inference_steps=8,
+            guidance_scale=3.0,
+            generator=generators,
+            latents=latents,
+            output_type="np",
+        )
         return out.images.mean(axis=(1, 2, 3)) * 255
 
     plain, leaked = brightness(False), brightness(True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from indusfactory.throughput import Estimate, estimate, record
+from indusfactory.generation.throughput import Estimate, estimate, record
 
 pytestmark = pytest.mark.slow
 STAGES = ("ingest", "learn-concept", "learn-condition", "build-plan", "generate-shard", "publish-dataset")
@@ -17,14 +17,22 @@ STAGES = ("ingest", "learn-concept", "learn-condition", "build-plan", "generate-
 def _artifacts(key: str | None = None, kind: str | None = None, flow_runs: set | None = None) -> list:
     """Artifacts of ``key`` and ``kind``, oldest first (filtered by the server: the session's API holds many)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, ArtifactFilterType, FlowRunFilter,
-                                                FlowRunFilterId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
 
-    artifact_filter = ArtifactFilter(key=ArtifactFilterKey(any_=[key]) if key else None,
-                                     type=ArtifactFilterType(any_=[kind]) if kind else None)
+    artifact_filter = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]) if key else None, type=ArtifactFilterType(any_=[kind]) if kind else None
+    )
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=artifact_filter, flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=list(flow_runs))) if flow_runs else None)
+        found = client.read_artifacts(
+            artifact_filter=artifact_filter,
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_runs))) if flow_runs else None,
+        )
     return sorted(found, key=lambda a: a.created)
 
 
@@ -38,8 +46,11 @@ def _logs(flow_run_id, query: str, wait: float = 60.0) -> str:
     deadline = time.time() + wait
     while True:
         with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
-                                                         text=LogFilterTextSearch(query=f'"{query}"')))
+            logs = client.read_logs(
+                log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), text=LogFilterTextSearch(query=f'"{query}"')
+                )
+            )
         if logs or time.time() > deadline:
             return "\n".join(log.message for log in logs)
         time.sleep(1)
@@ -60,14 +71,19 @@ def check_summary(markdown: str, dataset_uri: str, concept_uri: str, condition_u
 
 
 def test_the_summary_says_what_the_run_made_and_the_next_run_is_estimated(prefect_api, make_config, capsys):
+    from flows.cli import _print_dataset
     from flows.generate_dataset import generate_dataset
-    from indusfactory.catalogue import evaluation_headline, published_evaluation
-    from indusfactory.cli import _print_dataset
+    from indusfactory.publishing.catalogue import evaluation_headline, published_evaluation
 
-    evaluation = {"enabled": True, "steps": 4, "finetune_steps": 2, "seeds": 1, "real_fractions": [1.0],
-                  "batch_size": 4}
-    config = make_config(export={"dataset_name": "summary-test"}, evaluation=evaluation,
-                         execution={"torch_threads": 1})
+    evaluation = {
+        "enabled": True,
+        "steps": 4,
+        "finetune_steps": 2,
+        "seeds": 1,
+        "real_fractions": [1.0],
+        "batch_size": 4,
+    }
+    config = make_config(export={"dataset_name": "summary-test"}, evaluation=evaluation, execution={"torch_threads": 1})
     first = generate_dataset(config=config)
     headline = evaluation_headline(published_evaluation(first.uri))
     assert headline != "not run" and headline.split(":")[0] in ("synthetic helps", "no benefit", "inconclusive")
@@ -85,17 +101,24 @@ def test_the_summary_says_what_the_run_made_and_the_next_run_is_estimated(prefec
     # The first run kept its throughput; the second (another version on the same device) is estimated from it.
     kept = list((Path(config.factory_root) / "throughput").rglob("*.json"))
     assert len(kept) == 1
-    second = generate_dataset(config=make_config(export={"dataset_name": "summary-test"},
-                                                 generation={"steps": 3, "shard_size": 4, "batch_size": 3},
-                                                 execution={"torch_threads": 1}))
+    second = generate_dataset(
+        config=make_config(
+            export={"dataset_name": "summary-test"},
+            generation={"steps": 3, "shard_size": 4, "batch_size": 3},
+            execution={"torch_threads": 1},
+        )
+    )
     assert second.version != first.version
     runs = {a.flow_run_id for a in _artifacts("summary-test-summary", "markdown")}
     assert len(runs) == 2
     progress = _artifacts(kind="progress", flow_runs=runs)
     last = max(progress, key=lambda a: a.created)
-    assert re.search(r"expected [0-9.]+ images/s \(1 earlier runs on cpu x1\)", last.description or ""), last.description
-    assert re.search(r"estimate: 6 images at [0-9.]+ images/s on cpu x1: about [0-9]+ (s|min)",
-                     _logs(last.flow_run_id, "estimate:"))
+    assert re.search(r"expected [0-9.]+ images/s \(1 earlier runs on cpu x1\)", last.description or ""), (
+        last.description
+    )
+    assert re.search(
+        r"estimate: 6 images at [0-9.]+ images/s on cpu x1: about [0-9]+ (s|min)", _logs(last.flow_run_id, "estimate:")
+    )
     assert "no earlier run on cpu x1" in _logs(summary.flow_run_id, "no earlier run")
     assert len(list((Path(config.factory_root) / "throughput").rglob("*.json"))) == 2
 

@@ -11,11 +11,19 @@ import pytest
 import yaml
 
 from indusfactory.config import FactoryConfig
-from indusfactory.errors import ConfigError
+from indusfactory.infra.errors import ConfigError
 from indusfactory.runform import PROFILES, ProfileName, compose_config
 
-SHORT = ["dataset_name", "images_per_driver", "defect_free_images", "sources", "base_model", "profile",
-         "factory_root", "config_file"]
+SHORT = [
+    "dataset_name",
+    "images_per_driver",
+    "defect_free_images",
+    "sources",
+    "base_model",
+    "profile",
+    "factory_root",
+    "config_file",
+]
 
 
 def test_the_run_form_lists_the_short_parameters_first_and_the_full_config_last():
@@ -33,8 +41,11 @@ def test_the_run_form_lists_the_short_parameters_first_and_the_full_config_last(
 
 def test_composition_order_is_profile_then_file_then_config_then_short_parameters(tmp_path):
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"factory_root": "/srv/factory", "plan": {"images_per_driver": 7, "seed": 3},
-                                    "generation": {"steps": 9}}))
+    site.write_text(
+        yaml.safe_dump(
+            {"factory_root": "/srv/factory", "plan": {"images_per_driver": 7, "seed": 3}, "generation": {"steps": 9}}
+        )
+    )
     advanced = FactoryConfig.model_validate({"plan": {"images_per_driver": 5}, "export": {"dataset_name": "adv"}})
     config, layers = compose_config("fast", str(site), advanced, dataset_name="short", base_model="/m")
     assert layers[:4] == ["defaults", "profile fast", f"file {site}", "advanced config"]
@@ -59,7 +70,8 @@ def test_a_config_file_on_s3(s3_bucket):
     import s3fs
 
     s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(
-        f"{s3_bucket}/nightly.yaml".removeprefix("s3://"), yaml.safe_dump({"generation": {"steps": 11}}).encode())
+        f"{s3_bucket}/nightly.yaml".removeprefix("s3://"), yaml.safe_dump({"generation": {"steps": 11}}).encode()
+    )
     config, layers = compose_config("sd15-gpu", f"{s3_bucket}/nightly.yaml")
     assert config.generation.steps == 11 and config.base_model.resolution == 512
     assert layers[-1] == f"file {s3_bucket}/nightly.yaml"
@@ -68,8 +80,11 @@ def test_a_config_file_on_s3(s3_bucket):
 def test_the_nightly_deployment_uses_the_short_form():
     from test_workpool import REPO
 
-    nightly = next(d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
-                   if d["name"] == "nightly")
+    nightly = next(
+        d
+        for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
+        if d["name"] == "nightly"
+    )
     params = dict(nightly["parameters"])
     assert params["profile"] == "sd15-gpu" and params["dataset_name"] and params["sources"]
     config, _ = compose_config(params.pop("profile"), None, params.pop("config"), **params)
@@ -88,34 +103,74 @@ def short_form_run(tmp_path_factory, sample_root, tiny_model_path):
     tmp = tmp_path_factory.mktemp("short-form")
     with running_prefect_server(tmp, ui=True) as (env, procs, logs):
         _cli(env, "work-pool", "create", "local-process", "--type", "process")
-        _cli(env, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-             "--name", "generate-dataset/local")
+        _cli(
+            env,
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            "deployments/prefect.yaml",
+            "--name",
+            "generate-dataset/local",
+        )
         procs.start("worker", [PREFECT, "worker", "start", "--pool", "local-process", "--name", "operator"], env)
         factory = tmp / "factory"
-        params = {"dataset_name": "short-form", "images_per_driver": 2, "defect_free_images": 1, "profile": "fast",
-                  "base_model": str(tiny_model_path), "factory_root": str(factory),
-                  "sources": {"coco_annotations": str(sample_root / "defective" / "annotations.json"),
-                              "images_dir": str(sample_root / "defective" / "images"),
-                              "defect_free_dir": str(sample_root / "defect_free")}}
+        params = {
+            "dataset_name": "short-form",
+            "images_per_driver": 2,
+            "defect_free_images": 1,
+            "profile": "fast",
+            "base_model": str(tiny_model_path),
+            "factory_root": str(factory),
+            "sources": {
+                "coco_annotations": str(sample_root / "defective" / "annotations.json"),
+                "images_dir": str(sample_root / "defective" / "images"),
+                "defect_free_dir": str(sample_root / "defect_free"),
+            },
+        }
         try:
-            out = _cli(env, "deployment", "run", "generate-dataset/local", "--params", json.dumps(params), "--watch",
-                       "--watch-timeout", "540", timeout=600)
+            out = _cli(
+                env,
+                "deployment",
+                "run",
+                "generate-dataset/local",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-timeout",
+                "540",
+                timeout=600,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_logs_tail(logs)}") from None
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             (run,) = client.read_flow_runs()
             artifacts = client.read_artifacts()
-        yield SimpleNamespace(env=env, out=out, logs=logs, factory=factory, run=run, tmp=tmp,
-                              artifacts=[a for a in artifacts if a.flow_run_id == run.id],
-                              ui=env["PREFECT_API_URL"].removesuffix("/api"), tail=lambda: _logs_tail(logs))
+        yield SimpleNamespace(
+            env=env,
+            out=out,
+            logs=logs,
+            factory=factory,
+            run=run,
+            tmp=tmp,
+            artifacts=[a for a in artifacts if a.flow_run_id == run.id],
+            ui=env["PREFECT_API_URL"].removesuffix("/api"),
+            tail=lambda: _logs_tail(logs),
+        )
 
 
 @pytest.mark.slow
 def test_a_deployment_run_with_only_the_short_form_completes(short_form_run):
     run = short_form_run
     assert "Completed" in run.out and run.run.state.is_completed(), run.out + run.tail()
-    assert set(run.run.parameters) == {"dataset_name", "images_per_driver", "defect_free_images", "profile",
-                                       "base_model", "factory_root", "sources"}, "only the short form was given"
+    assert set(run.run.parameters) == {
+        "dataset_name",
+        "images_per_driver",
+        "defect_free_images",
+        "profile",
+        "base_model",
+        "factory_root",
+        "sources",
+    }, "only the short form was given"
     manifest = json.loads(next((run.factory / "datasets" / "short-form").glob("v-*/manifest.json")).read_text())
     config = manifest["config"]
     assert config["plan"]["images_per_driver"] == 2 and config["plan"]["max_defect_free_images"] == 1

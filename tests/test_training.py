@@ -317,7 +317,7 @@ def test_noise_offset_adds_one_constant_per_example_and_channel(tiny_model_path)
     offset 0 draws exactly the plain noise (models trained before the option keep their identity)."""
     from diffusers import DDPMScheduler
 
-    from indusfactory.training import noisy_inputs
+    from indusfactory.learning.training import noisy_inputs
 
     base = SimpleNamespace(noise_scheduler=DDPMScheduler.from_pretrained(tiny_model_path, subfolder="scheduler"))
     latents = torch.zeros(3, 4, 8, 8)

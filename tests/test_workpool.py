@@ -63,18 +63,29 @@ def running_prefect_server(tmp_path: Path, ui: bool = False):
     yields (environment for the CLI and workers, the process starter, the logs folder)."""
     port = _free_port()
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-           "PREFECT_LOGGING_LEVEL": "INFO", "INDUSFACTORY_HOME": str(REPO), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "INDUSFACTORY_HOME": str(REPO),
+        "PYTHONPATH": str(REPO),
+    }
     for key in ("PREFECT_PROFILES_PATH", "PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE"):
         env.pop(key, None)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(logs)
-    procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                           *([] if ui else ["--no-ui"])], env)
+    procs.start(
+        "server",
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), *([] if ui else ["--no-ui"])],
+        env,
+    )
     try:
         deadline = time.time() + 120
         while True:

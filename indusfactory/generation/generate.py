@@ -50,13 +50,25 @@ import numpy as np
 import torch
 
 from indusfactory.config import FactoryConfig
-from indusfactory.fingerprint import CODE_VERSION
-from indusfactory.imaging import from_model_output, to_condition_tensor
-from indusfactory.devices import DeviceSlot, device_pool
-from indusfactory.models import configure_torch, leaked_latents, load_generation_pipeline, select_dtype
-from indusfactory.export import (check_before_writing, check_shard_origin, existing_shard, generation_fingerprint,
-                                 write_shard)
-from indusfactory.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
+from indusfactory.generation.adherence import label_auc, shard_totals
+from indusfactory.generation.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
+from indusfactory.generation.scorers import (  # noqa: F401 - re-exported
+    AdherenceScorer,
+    adherence_scorer,
+    register_adherence_scorer,
+)
+from indusfactory.infra import storage
+from indusfactory.infra.devices import DeviceSlot, device_pool
+from indusfactory.infra.fingerprint import CODE_VERSION
+from indusfactory.infra.imaging import from_model_output, to_condition_tensor
+from indusfactory.learning.models import configure_torch, leaked_latents, load_generation_pipeline, select_dtype
+from indusfactory.publishing.publish import (
+    check_before_writing,
+    check_shard_origin,
+    existing_shard,
+    generation_fingerprint,
+    write_shard,
+)
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
 
 log = logging.getLogger("indusfactory.generate")  # the name operators filter on, kept from the flat layout
@@ -331,7 +343,9 @@ def sample_batch(
                 guidance_scale=gen.guidance_scale,
                 controlnet_conditioning_scale=gen.conditioning_scale,
                 # one generator per row, padding included: a shared one would shift the real rows' noise
-                generator=generators, latents=latents, output_type="np",
+                generator=generators,
+                latents=latents,
+                output_type="np",
             )
         finally:
             if cache:

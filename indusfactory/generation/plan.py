@@ -316,7 +316,8 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
     roi = driver_roi(config, sources, row["driver_image_id"], augmentation)
     instances = [(inst, instance_mask(inst, sources, resolution, roi)) for inst in row["instances"]]
     driver = extract_topological_driver(
-        image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver)
+        image, [(sources.class_index[inst["category_id"]], mask) for inst, mask in instances], config.driver
+    )
     return SampleInputs(driver=driver, instances=instances, image=image)
 
 

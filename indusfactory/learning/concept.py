@@ -113,8 +113,15 @@ def sampling_pipeline(base: BaseComponents) -> StableDiffusionPipeline:
 
 
 @torch.no_grad()
-def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, seeds: list[int], resolution: int,
-                  steps: int, leak_from: list[np.ndarray] | None = None) -> list[np.ndarray]:
+def sample_images(
+    base: BaseComponents,
+    runtime: TrainingRuntime,
+    prompt: str,
+    seeds: list[int],
+    resolution: int,
+    steps: int,
+    leak_from: list[np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """One uint8 image per seed for ``prompt``, from the components as they are now; with ``leak_from``,
     sampling starts as ``generation.signal_leak: source_mean`` does, from these images in turn."""
     pipe = sampling_pipeline(base)
@@ -129,8 +136,16 @@ def sample_images(base: BaseComponents, runtime: TrainingRuntime, prompt: str, s
             if leak_from:
                 sources = [leak_from[(start + i) % len(leak_from)] for i in range(len(chunk))]
                 latents = leaked_latents(pipe, sources, generators, steps)
-            out = pipe(prompt, num_images_per_prompt=len(chunk), height=resolution, width=resolution,
-                       num_inference_steps=steps, generator=generators, latents=latents, output_type="np")
+            out = pipe(
+                prompt,
+                num_images_per_prompt=len(chunk),
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                generator=generators,
+                latents=latents,
+                output_type="np",
+            )
         images.extend(from_model_output(out.images))
     base.unet.train(was_training)
     return images
@@ -154,8 +169,15 @@ def concept_look(
     """Does the concept reproduce the look of its data (grey sources give grey images)? Samples (at the
     generation's step count and start) vs the training images."""
     leak = images if config.generation.signal_leak == "source_mean" else None
-    generated = sample_images(base, runtime, concept_prompt(config), list(range(LOOK_SAMPLES)),
-                              config.base_model.resolution, config.generation.steps, leak_from=leak)
+    generated = sample_images(
+        base,
+        runtime,
+        concept_prompt(config),
+        list(range(LOOK_SAMPLES)),
+        config.base_model.resolution,
+        config.generation.steps,
+        leak_from=leak,
+    )
     look = {"generated": look_of(generated), "sources": look_of(images)}
     gap = abs(look["generated"]["colourfulness"] - look["sources"]["colourfulness"])
     look["colourfulness_gap"] = round(gap, 2)

@@ -296,8 +296,9 @@ def train_condition(
         controlnet.enable_gradient_checkpointing()
 
     def step(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noisy, timesteps, target = noisy_inputs(base, latents.sample(index, generator).to(runtime.device), generator,
-                                                c.noise_offset)
+        noisy, timesteps, target = noisy_inputs(
+            base, latents.sample(index, generator).to(runtime.device), generator, c.noise_offset
+        )
         which = prompt_index[index].clone()
         if c.empty_prompt_probability > 0:
             drop = torch.rand(len(index), generator=generator) < c.empty_prompt_probability

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from indusfactory.config import FactoryConfig
-from indusfactory.drivers import extract_topological_driver
-from indusfactory.imaging import from_model_output, to_condition_tensor
-from indusfactory.models import leaked_latents
+from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.generation import adherence
+from indusfactory.infra.imaging import from_model_output, to_condition_tensor
+from indusfactory.learning.models import leaked_latents
 
 
 @dataclass
@@ -68,11 +69,18 @@ def sample_probe(
         latents = None
         if gen.signal_leak == "source_mean":
             latents = leaked_latents(pipe, [c.image for c in part], generators, gen.steps)
-        out = pipe([prompt_for([name for _, name, _ in c.instances]) for c in part],
-                   image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),
-                   height=resolution, width=resolution, num_inference_steps=gen.steps,
-                   guidance_scale=gen.guidance_scale, controlnet_conditioning_scale=gen.conditioning_scale,
-                   generator=generators, latents=latents, output_type="np")
+        out = pipe(
+            [prompt_for([name for _, name, _ in c.instances]) for c in part],
+            image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),
+            height=resolution,
+            width=resolution,
+            num_inference_steps=gen.steps,
+            guidance_scale=gen.guidance_scale,
+            controlnet_conditioning_scale=gen.conditioning_scale,
+            generator=generators,
+            latents=latents,
+            output_type="np",
+        )
         images.extend(from_model_output(out.images))
     masks = [c.union for c in cases]
     return ProbeResult(images, drivers, masks, adherence.measure(images, masks, margin=gen.adherence_margin))

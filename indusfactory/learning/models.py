@@ -29,9 +29,9 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from indusfactory.config import EMBEDDED_BASE_MODEL, BaseModelConfig, ExecutionConfig
-from indusfactory.devices import generation_devices
-from indusfactory.errors import ModelLoadError
-from indusfactory.imaging import to_model_tensor
+from indusfactory.infra.devices import generation_devices
+from indusfactory.infra.errors import ModelLoadError
+from indusfactory.infra.imaging import to_model_tensor
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -281,10 +281,23 @@ def leaked_latents(pipe, images: list[np.ndarray], generators: list[torch.Genera
     """
     device, dtype = pipe.unet.device, pipe.unet.dtype
     vae = pipe.vae
-    means = torch.cat([vae.encode(to_model_tensor([image]).to(device, vae.dtype)).latent_dist.mean.float()
-                       .mean(dim=(2, 3), keepdim=True) for image in images]) * vae.config.scaling_factor
-    shape = (1, pipe.unet.config.in_channels, images[0].shape[0] // pipe.vae_scale_factor,
-             images[0].shape[1] // pipe.vae_scale_factor)
+    means = (
+        torch.cat(
+            [
+                vae.encode(to_model_tensor([image]).to(device, vae.dtype))
+                .latent_dist.mean.float()
+                .mean(dim=(2, 3), keepdim=True)
+                for image in images
+            ]
+        )
+        * vae.config.scaling_factor
+    )
+    shape = (
+        1,
+        pipe.unet.config.in_channels,
+        images[0].shape[0] // pipe.vae_scale_factor,
+        images[0].shape[1] // pipe.vae_scale_factor,
+    )
     noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
     pipe.scheduler.set_timesteps(steps, device=device)
     first = pipe.scheduler.timesteps[:1].repeat(len(images))

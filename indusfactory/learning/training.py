@@ -105,8 +105,9 @@ class TrainingRuntime:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noisy_inputs(
+    base: BaseComponents, latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise the latents at random timesteps; return (noisy latents, timesteps, regression target).
 
     Noise and timesteps are drawn on the CPU from ``generator`` (the same on every device), then
@@ -117,8 +118,9 @@ def noisy_inputs(base: BaseComponents, latents: torch.Tensor, generator: torch.G
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
     noise = noise.to(latents.device, latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        latents.device
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)

@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from indusfactory import storage
-from indusfactory.errors import BadInputError
+from indusfactory.infra import storage
+from indusfactory.infra.errors import BadInputError
 
-MANIFEST_FILE, LATEST_FILE, EVALUATION_FILE, CONTACT_SHEET = ("manifest.json", "latest", "evaluation.json",
-                                                             "contact_sheet.png")
+MANIFEST_FILE, LATEST_FILE, EVALUATION_FILE, CONTACT_SHEET = (
+    "manifest.json",
+    "latest",
+    "evaluation.json",
+    "contact_sheet.png",
+)
 MODEL_KINDS = ("concept", "condition")
 MODEL_RECORD, MODEL_CARD, TRAINING_CONFIG = "record.json", "README.md", "training_config.json"
 DEFAULT_GRACE_SECONDS = 24 * 3600.0
@@ -45,8 +49,11 @@ def _entries(uri: str) -> list[tuple[str, str]]:
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    return sorted((posixpath.basename(info["name"].rstrip("/")), info.get("type", "file"))
-                  for info in fs.ls(path, detail=True) if info["name"].rstrip("/") != path.rstrip("/"))
+    return sorted(
+        (posixpath.basename(info["name"].rstrip("/")), info.get("type", "file"))
+        for info in fs.ls(path, detail=True)
+        if info["name"].rstrip("/") != path.rstrip("/")
+    )
 
 
 def _folders(uri: str) -> list[str]:
@@ -107,13 +114,24 @@ class Version:
     def row(self) -> dict:
         """One line of ``datasets list`` and of the Prefect table artifact."""
         counts, lineage = self.counts, self.lineage
-        return {"dataset": self.name, "version": self.version, "latest": self.latest,
-                "state": "published" if self.published else "unpublished", "created": self.created[:19],
-                "samples": counts.get("samples"), "shards": counts.get("shards"), "flagged": counts.get("flagged"),
-                "dropped": counts.get("dropped"), "labels": (self.manifest.get("adherence") or {}).get("verdict"),
-                "evaluation": evaluation_verdict(self.evaluation), "base_model": lineage.get("base_model"),
-                "concept": lineage.get("concept_fingerprint"), "condition": lineage.get("condition_fingerprint"),
-                "catalog": lineage.get("catalog_fingerprint"), "uri": self.uri}
+        return {
+            "dataset": self.name,
+            "version": self.version,
+            "latest": self.latest,
+            "state": "published" if self.published else "unpublished",
+            "created": self.created[:19],
+            "samples": counts.get("samples"),
+            "shards": counts.get("shards"),
+            "flagged": counts.get("flagged"),
+            "dropped": counts.get("dropped"),
+            "labels": (self.manifest.get("adherence") or {}).get("verdict"),
+            "evaluation": evaluation_verdict(self.evaluation),
+            "base_model": lineage.get("base_model"),
+            "concept": lineage.get("concept_fingerprint"),
+            "condition": lineage.get("condition_fingerprint"),
+            "catalog": lineage.get("catalog_fingerprint"),
+            "uri": self.uri,
+        }
 
 
 def datasets_uri(root: str) -> str:
@@ -137,9 +155,16 @@ def versions(root: str, name: str | None = None) -> list[Version]:
         latest = latest_of(root, dataset)
         for version in _folders(folder):
             uri = storage.join(folder, version)
-            out.append(Version(name=dataset, version=version, uri=uri, latest=version == latest,
-                               manifest=_read_json(storage.join(uri, MANIFEST_FILE)) or {},
-                               evaluation=published_evaluation(uri)))
+            out.append(
+                Version(
+                    name=dataset,
+                    version=version,
+                    uri=uri,
+                    latest=version == latest,
+                    manifest=_read_json(storage.join(uri, MANIFEST_FILE)) or {},
+                    evaluation=published_evaluation(uri),
+                )
+            )
     return sorted(out, key=lambda v: (v.name, not v.published, v.created, v.version))
 
 
@@ -177,15 +202,23 @@ def evaluation_headline(evaluation: dict | None) -> str:
     results = evaluation.get("results") or []
 
     def iou(regime: str, fraction: float) -> float | None:
-        return next((r.get("iou") for r in results if r.get("regime") == regime and r.get("real_fraction") == fraction
-                     and r.get("synthetic_ratio") is None), None)
+        return next(
+            (
+                r.get("iou")
+                for r in results
+                if r.get("regime") == regime and r.get("real_fraction") == fraction and r.get("synthetic_ratio") is None
+            ),
+            None,
+        )
 
     fractions = sorted({r.get("real_fraction") for r in results if r.get("real_fraction") is not None})
     for fraction in reversed(fractions):
         mixed, real = iou("synthetic + real", fraction), iou("real only", fraction)
         if mixed is not None and real is not None:
-            return (f"{verdict}: defect IoU {mixed:.3f} (synthetic + real) vs {real:.3f} (real only) at "
-                    f"{100 * fraction:.0f}% real")
+            return (
+                f"{verdict}: defect IoU {mixed:.3f} (synthetic + real) vs {real:.3f} (real only) at "
+                f"{100 * fraction:.0f}% real"
+            )
     reason = evaluation.get("verdict_reason")
     return f"{verdict}: {reason}" if reason else verdict
 
@@ -193,8 +226,10 @@ def evaluation_headline(evaluation: dict | None) -> str:
 def adherence_headline(adherence: dict | None) -> str:
     if not adherence:
         return NOT_RUN
-    return (f"{adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
-            f"{adherence['chance_auc']:.3f}, {adherence['samples']} samples)")
+    return (
+        f"{adherence['verdict']} (median label AUC {adherence['median_auc']:.3f} vs chance "
+        f"{adherence['chance_auc']:.3f}, {adherence['samples']} samples)"
+    )
 
 
 def model_uri(root: str, kind: str, fp: str) -> str:
@@ -210,14 +245,28 @@ def show(root: str, ref: str) -> dict:
         fp = v.lineage.get(f"{kind}_fingerprint")
         if fp:
             uri = model_uri(root, kind, fp)
-            models[kind] = {"fingerprint": fp, "uri": uri, "present": storage.exists(storage.join(uri, MODEL_RECORD)),
-                            "card": storage.join(uri, MODEL_CARD)}
+            models[kind] = {
+                "fingerprint": fp,
+                "uri": uri,
+                "present": storage.exists(storage.join(uri, MODEL_RECORD)),
+                "card": storage.join(uri, MODEL_CARD),
+            }
     sheet = storage.join(v.uri, CONTACT_SHEET)
-    return {"dataset": v.name, "version": v.version, "uri": v.uri, "latest": v.latest, "published": v.published,
-            "created": v.created, "counts": v.counts, "lineage": v.lineage, "models": models,
-            "classes": class_counts(v), "labels": adherence_headline(v.manifest.get("adherence")),
-            "evaluation": evaluation_headline(v.evaluation),
-            "contact_sheet": sheet if storage.exists(sheet) else None}
+    return {
+        "dataset": v.name,
+        "version": v.version,
+        "uri": v.uri,
+        "latest": v.latest,
+        "published": v.published,
+        "created": v.created,
+        "counts": v.counts,
+        "lineage": v.lineage,
+        "models": models,
+        "classes": class_counts(v),
+        "labels": adherence_headline(v.manifest.get("adherence")),
+        "evaluation": evaluation_headline(v.evaluation),
+        "contact_sheet": sheet if storage.exists(sheet) else None,
+    }
 
 
 def version_lines(dataset_uri: str) -> list[str]:
@@ -225,8 +274,10 @@ def version_lines(dataset_uri: str) -> list[str]:
     root = storage.parent(storage.parent(storage.parent(dataset_uri)))
     manifest = _read_json(storage.join(dataset_uri, MANIFEST_FILE)) or {}
     sheet = storage.join(dataset_uri, CONTACT_SHEET)
-    lines = [f"evaluation:  {evaluation_headline(published_evaluation(dataset_uri))}",
-             f"contact sheet: {sheet if storage.exists(sheet) else 'none'}"]
+    lines = [
+        f"evaluation:  {evaluation_headline(published_evaluation(dataset_uri))}",
+        f"contact sheet: {sheet if storage.exists(sheet) else 'none'}",
+    ]
     for kind in MODEL_KINDS:
         fp = manifest.get("lineage", {}).get(f"{kind}_fingerprint")
         if fp:
@@ -266,17 +317,27 @@ def diff(root: str, ref_a: str, ref_b: str) -> dict:
     """What changed from version A to version B: ``{section: {key: [A, B]}}`` for counts, lineage (models,
     catalog, plan and generation fingerprints), config, classes, labels and evaluation (only what differs)."""
     a, b = find_version(root, ref_a), find_version(root, ref_b)
-    return {"a": a.ref, "b": b.ref,
-            "counts": _changes(a.counts, b.counts),
-            "lineage": _changes(a.lineage, b.lineage),
-            "config": _changes(a.manifest.get("config", {}), b.manifest.get("config", {})),
-            "classes": _changes(class_counts(a), class_counts(b)),
-            "labels": _changes({"verdict": (a.manifest.get("adherence") or {}).get("verdict"),
-                                "median_auc": (a.manifest.get("adherence") or {}).get("median_auc")},
-                               {"verdict": (b.manifest.get("adherence") or {}).get("verdict"),
-                                "median_auc": (b.manifest.get("adherence") or {}).get("median_auc")}),
-            "evaluation": _changes({"headline": evaluation_headline(a.evaluation)},
-                                   {"headline": evaluation_headline(b.evaluation)})}
+    return {
+        "a": a.ref,
+        "b": b.ref,
+        "counts": _changes(a.counts, b.counts),
+        "lineage": _changes(a.lineage, b.lineage),
+        "config": _changes(a.manifest.get("config", {}), b.manifest.get("config", {})),
+        "classes": _changes(class_counts(a), class_counts(b)),
+        "labels": _changes(
+            {
+                "verdict": (a.manifest.get("adherence") or {}).get("verdict"),
+                "median_auc": (a.manifest.get("adherence") or {}).get("median_auc"),
+            },
+            {
+                "verdict": (b.manifest.get("adherence") or {}).get("verdict"),
+                "median_auc": (b.manifest.get("adherence") or {}).get("median_auc"),
+            },
+        ),
+        "evaluation": _changes(
+            {"headline": evaluation_headline(a.evaluation)}, {"headline": evaluation_headline(b.evaluation)}
+        ),
+    }
 
 
 # -- garbage collection -----------------------------------------------------------------------------
@@ -320,12 +381,16 @@ def _names(strings: list[str], uri: str) -> bool:
 
 def _models(root: str) -> list[tuple[str, str, str]]:
     """(kind, fingerprint, uri) of every concept and condition model folder."""
-    return [(kind, fp, model_uri(root, kind, fp)) for kind in MODEL_KINDS
-            for fp in _folders(storage.join(storage.normalise_uri(root), "models", kind))]
+    return [
+        (kind, fp, model_uri(root, kind, fp))
+        for kind in MODEL_KINDS
+        for fp in _folders(storage.join(storage.normalise_uri(root), "models", kind))
+    ]
 
 
-def plan_gc(root: str, keep_versions: int = 0, grace_seconds: float = DEFAULT_GRACE_SECONDS,
-            now: float | None = None) -> GcPlan:
+def plan_gc(
+    root: str, keep_versions: int = 0, grace_seconds: float = DEFAULT_GRACE_SECONDS, now: float | None = None
+) -> GcPlan:
     """Which dataset versions and models nothing references (see the module's rules).
 
     ``keep_versions``: also keep the N most recently published versions of each dataset besides ``latest``.
@@ -394,14 +459,21 @@ def plan_gc(root: str, keep_versions: int = 0, grace_seconds: float = DEFAULT_GR
     return GcPlan(root=root, remove=remove, keep=keep)
 
 
-def apply_gc(root: str, token: str, keep_versions: int = 0, grace_seconds: float = DEFAULT_GRACE_SECONDS,
-             now: float | None = None) -> list[GcItem]:
+def apply_gc(
+    root: str,
+    token: str,
+    keep_versions: int = 0,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    now: float | None = None,
+) -> list[GcItem]:
     """Remove what ``plan_gc`` lists, only when its token is still ``token`` (what the dry run showed);
     dataset versions first, then models. Returns what was removed."""
     plan = plan_gc(root, keep_versions, grace_seconds, now)
     if plan.token != token:
-        raise BadInputError(f"the storage changed since the dry run (token {plan.token}, not {token}): run "
-                            "`indusfactory datasets gc` again and check what it lists")
+        raise BadInputError(
+            f"the storage changed since the dry run (token {plan.token}, not {token}): run "
+            "`indusfactory datasets gc` again and check what it lists"
+        )
     for item in sorted(plan.remove, key=lambda i: i.kind != "dataset"):
         fs, path = storage.filesystem(item.uri)
         fs.rm(path, recursive=True)

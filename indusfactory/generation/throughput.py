@@ -16,8 +16,8 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from indusfactory import storage
 from indusfactory.config import ExecutionConfig, FactoryConfig
+from indusfactory.infra import storage
 
 THROUGHPUT_DIR = "throughput"
 RECENT_RUNS = 5
@@ -36,8 +36,10 @@ class Estimate:
         return self.images / self.images_per_s
 
     def text(self) -> str:
-        return (f"{self.images} images at {self.images_per_s:.2f} images/s on {self.device}: about "
-                f"{duration(self.seconds)} (median of {self.runs} earlier run{'s' if self.runs != 1 else ''})")
+        return (
+            f"{self.images} images at {self.images_per_s:.2f} images/s on {self.device}: about "
+            f"{duration(self.seconds)} (median of {self.runs} earlier run{'s' if self.runs != 1 else ''})"
+        )
 
 
 def duration(seconds: float) -> str:
@@ -54,7 +56,7 @@ def device_kind(execution: ExecutionConfig) -> str:
         return f"work pool {execution.shard_deployment}"
     import torch
 
-    from indusfactory.devices import generation_devices
+    from indusfactory.infra.devices import generation_devices
 
     devices = generation_devices(execution)
     names = sorted({"cpu" if d.type == "cpu" else f"cuda:{torch.cuda.get_device_name(d)}" for d in devices})
@@ -70,8 +72,12 @@ def _folder(root: str, device: str) -> str:
 
 
 def _conditions(config: FactoryConfig) -> dict:
-    return {"base_model": config.base_model.pretrained, "resolution": config.base_model.resolution,
-            "steps": config.generation.steps, "batch_size": config.generation.batch_size}
+    return {
+        "base_model": config.base_model.pretrained,
+        "resolution": config.base_model.resolution,
+        "steps": config.generation.steps,
+        "batch_size": config.generation.batch_size,
+    }
 
 
 def record(config: FactoryConfig, device: str, dataset_uri: str, images: int, seconds: float) -> str | None:
@@ -82,9 +88,18 @@ def record(config: FactoryConfig, device: str, dataset_uri: str, images: int, se
     version_path = dataset_uri.rstrip("/").replace("\\", "/").rsplit("/", 2)
     name = _slug(f"{created}-{'-'.join(version_path[-2:])}")
     uri = storage.join(_folder(config.factory_root, device), f"{name}.json")
-    storage.write_json_atomic(uri, {"device": device, "dataset_uri": dataset_uri, "created": created,
-                                    "images": images, "seconds": round(seconds, 3),
-                                    "images_per_s": images / seconds, **_conditions(config)})
+    storage.write_json_atomic(
+        uri,
+        {
+            "device": device,
+            "dataset_uri": dataset_uri,
+            "created": created,
+            "images": images,
+            "seconds": round(seconds, 3),
+            "images_per_s": images / seconds,
+            **_conditions(config),
+        },
+    )
     return uri
 
 
@@ -105,9 +120,14 @@ def estimate(config: FactoryConfig, device: str, images: int) -> Estimate | None
     if images <= 0:
         return None
     now = _conditions(config)
-    matching = [r for r in history(config.factory_root, device)
-                if r.get("base_model") == now["base_model"] and r.get("resolution") == now["resolution"]
-                and r.get("images_per_s", 0) > 0 and r.get("steps", 0) > 0][-RECENT_RUNS:]
+    matching = [
+        r
+        for r in history(config.factory_root, device)
+        if r.get("base_model") == now["base_model"]
+        and r.get("resolution") == now["resolution"]
+        and r.get("images_per_s", 0) > 0
+        and r.get("steps", 0) > 0
+    ][-RECENT_RUNS:]
     if not matching:
         return None
     rates = [r["images_per_s"] * r["steps"] / now["steps"] for r in matching]
