@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, ndimage
+from scipy import ndimage
 from skimage.measure import label
 
 from indusfactory.schema import coco_document, mask_to_rle, rle_bbox_area
@@ -171,15 +171,23 @@ def coco_average_precision(
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID formula between Gaussian fits of two feature sets (N x D each)."""
+    """FID formula between Gaussian fits of two feature sets (N x D each); NaN when either set has fewer than
+    two samples (no covariance to fit)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(root).all():  # singular product: regularise as pytorch-fid does
-        eps = np.eye(len(cov_a)) * 1e-6
-        root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    root = root.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt_product(cov_a, cov_b))
+
+
+def trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+    """Tr sqrt(A B) for covariance matrices, as Tr sqrt(A^1/2 B A^1/2): symmetric, so eigen-decompositions
+    suffice. Stable where ``scipy.linalg.sqrtm`` of the non-symmetric product fails on singular covariances
+    (few samples, or features that do not vary: 'Internal error in scipy.linalg.sqrtm')."""
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = root_a @ cov_b @ root_a
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
 
 
 def kernel_inception_distance(
