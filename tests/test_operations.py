@@ -310,6 +310,34 @@ def test_lock_excludes_concurrent_holders(lock_root):
     assert most[0] == 1
 
 
+def test_a_lock_just_created_by_another_thread_is_not_taken_for_a_dead_one(lock_root):
+    """The window between a holder's create and its return (a slow S3 response) must not look like a lock left
+    behind in this process: the CI failure of a run where two of four threads held the lock at once."""
+    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
+
+    uri = lock_uri(lock_root, "learn-concept-window")
+    slow = StorageLock(uri, owner="slow-creator", stale_after=30, poll_every=0.02)
+    created = threading.Event()
+    create = slow._backend.create
+
+    def create_then_stall(data: bytes):
+        version = create(data)
+        created.set()
+        time.sleep(0.6)
+        return version
+
+    slow._backend.create = create_then_stall
+    thread = threading.Thread(target=slow.acquire)
+    thread.start()
+    assert created.wait(10)
+    waiter = StorageLock(uri, owner="waiter", stale_after=30, poll_every=0.02, wait_timeout=0.3)
+    with pytest.raises(LockTimeout, match="slow-creator"):
+        waiter.acquire()
+    thread.join()
+    assert slow.took_over is None and not slow.lost
+    slow.release()
+
+
 def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_root, caplog):
     from indusfactory.infra import storage
     from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri

@@ -129,6 +129,16 @@ class StorageLock:
 
     # -- public -------------------------------------------------------------------------------------
     def acquire(self) -> "StorageLock":
+        # the token counts as live from before the first create: another thread of this process that reads our
+        # freshly created file must not take it for one left behind by a failed release
+        _LIVE_TOKENS.add(self.token)
+        try:
+            return self._acquire()
+        except BaseException:
+            _LIVE_TOKENS.discard(self.token)
+            raise
+
+    def _acquire(self) -> "StorageLock":
         started = time.monotonic()
         first_seen: dict[Any, float] = {}
         last_logged: tuple[str, float] | None = None
