@@ -61,7 +61,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.devices import DeviceSlot, device_pool
 from indusfactory.infra.fingerprint import CODE_VERSION
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
-from indusfactory.learning.models import configure_torch, leaked_latents, load_generation_pipeline, select_dtype
+from indusfactory.learning.models import configure_torch, load_generation_pipeline, select_dtype, start_latents
 from indusfactory.publishing.publish import (
     check_before_writing,
     check_shard_origin,
@@ -330,9 +330,8 @@ def sample_batch(
             cache.clear()
         try:
             generators = [torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows]
-            latents = None
-            if gen.signal_leak == "source_mean":
-                latents = leaked_latents(pipe, padded([i.image for i in inputs], shape), generators, gen.steps)
+            images = padded([i.image for i in inputs], shape)
+            latents = start_latents(pipe, gen.signal_leak, images, generators, gen.steps)
             result = pipe(
                 prompt_embeds=torch.cat([embeds[r["prompt"]] for r in full_rows]),
                 negative_prompt_embeds=embeds[""].expand(len(full_rows), -1, -1),

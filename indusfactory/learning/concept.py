@@ -26,6 +26,7 @@ from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_model_tensor
 from indusfactory.learning.models import (
     BaseComponents,
+    assemble_pipeline,
     base_model_fingerprint,
     configure_torch,
     leaked_latents,
@@ -98,18 +99,7 @@ def validate(config: FactoryConfig) -> None:
 
 def sampling_pipeline(base: BaseComponents) -> StableDiffusionPipeline:
     """A text-to-image pipeline over the live training components (DPM-Solver++ sampling)."""
-    pipe = StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(base, DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config))
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, DDPMScheduler
 
 from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
@@ -21,7 +21,13 @@ from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_condition_tensor, to_model_tensor
 from indusfactory.learning.controllability import probe_cases, sample_probe
-from indusfactory.learning.models import BaseComponents, configure_torch, load_concept_pipeline, scheduler_for
+from indusfactory.learning.models import (
+    BaseComponents,
+    assemble_pipeline,
+    configure_torch,
+    load_concept_pipeline,
+    scheduler_for,
+)
 from indusfactory.learning.training import (
     Progress,
     TrainingRuntime,
@@ -163,19 +169,7 @@ def defect_free_images(config: FactoryConfig, catalog: CatalogRecord, limit: int
 
 
 def control_pipeline(base: BaseComponents, controlnet: ControlNetModel, scheduler: str):
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        controlnet=controlnet,
-        scheduler=scheduler_for(scheduler, base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(base, scheduler_for(scheduler, base.noise_scheduler.config), controlnet)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from indusfactory.config import FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
 from indusfactory.generation import adherence
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
-from indusfactory.learning.models import leaked_latents
+from indusfactory.learning.models import start_latents
 
 
 @dataclass
@@ -66,9 +66,7 @@ def sample_probe(
     for start in range(0, len(cases), batch_size):
         part = cases[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
-        latents = None
-        if gen.signal_leak == "source_mean":
-            latents = leaked_latents(pipe, [c.image for c in part], generators, gen.steps)
+        latents = start_latents(pipe, gen.signal_leak, [c.image for c in part], generators, gen.steps)
         out = pipe(
             [prompt_for([name for _, name, _ in c.instances]) for c in part],
             image=to_condition_tensor(drivers[start : start + batch_size]).to(device, pipe.unet.dtype),

@@ -256,19 +256,36 @@ def load_generation_pipeline(
         controlnet = ControlNetModel.from_pretrained(condition_dir, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"conditioning network {condition_dir} cannot be loaded: {exc}") from exc
-    pipe = StableDiffusionControlNetPipeline(
-        vae=concept.vae,
-        text_encoder=concept.text_encoder,
-        tokenizer=concept.tokenizer,
-        unet=concept.unet,
-        controlnet=controlnet,
-        scheduler=scheduler_for(scheduler, concept.scheduler.config),
+    return assemble_pipeline(concept, scheduler_for(scheduler, concept.scheduler.config), controlnet)
+
+
+def assemble_pipeline(parts, scheduler, controlnet: ControlNetModel | None = None):
+    """A quiet SD 1.x pipeline over loaded components (``parts`` has vae, text_encoder, tokenizer and unet):
+    text-to-image, or conditioned by ``controlnet``."""
+    common = dict(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if controlnet is None:
+        pipe = StableDiffusionPipeline(**common)
+    else:
+        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def start_latents(
+    pipe, signal_leak: str, images: list[np.ndarray], generators: list[torch.Generator], steps: int
+) -> torch.Tensor | None:
+    """The latents sampling starts from: ``None`` (the pipeline draws pure noise) or, for
+    ``signal_leak: source_mean``, ``leaked_latents`` of ``images``."""
+    return leaked_latents(pipe, images, generators, steps) if signal_leak == "source_mean" else None
 
 
 @torch.no_grad()
