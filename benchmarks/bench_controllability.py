@@ -15,6 +15,13 @@ images no stage read, each with a test-split mask no stage saw. It reports:
 
     python benchmarks/bench_controllability.py                       # grey + teal, default recipe
     python benchmarks/bench_controllability.py --tints grey --set condition.steps=300
+    python benchmarks/bench_controllability.py --tints grey --verdict   # + the whole chain's verdict
+
+With ``--verdict`` it then runs the whole chain as a user would (``indusfactory run`` on the same
+configuration, in a subprocess: the trained models are reused, a dataset is generated and
+published, and the evaluation stage trains the downstream segmentor: real only, synthetic + real,
+and the shuffled-labels and empty-mask controls, over its seeds) and records the evaluation's table
+and verdict, with the published dataset's own label adherence.
 
 Raw figures go to ``benchmarks/results/controllability-<label>.json``.
 """
@@ -25,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +53,12 @@ from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa
 from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
 from indusfactory.learning.controllability import probe_cases, sample_probe  # noqa: E402
 from indusfactory.learning.models import load_generation_pipeline  # noqa: E402
-from indusfactory.schema import category_index  # noqa: E402
+from indusfactory.publishing.catalogue import MANIFEST_FILE  # noqa: E402
+from indusfactory.schema import EVALUATION_FILE, category_index  # noqa: E402
 from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _set(data: dict, dotted: str) -> None:
@@ -102,6 +112,7 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     for item in overrides:
         _set(raw, item)
     config = parse_config(raw, origin="benchmark")
+    (workdir / f"config-{tint}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     resolution = config.base_model.resolution
     timings = {}
     started = time.perf_counter()
@@ -156,6 +167,32 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     }
 
 
+def chain_verdict(tint: str, workdir: Path) -> dict:
+    """Run ``indusfactory run`` on the dataset's configuration and return its evaluation and adherence."""
+    config_file = workdir / f"config-{tint}.yaml"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config_file)], check=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    config = parse_config(yaml.safe_load(config_file.read_text()), origin=str(config_file))
+    found = sorted(
+        Path(config.factory_root).glob(f"datasets/*/*/evaluation/*/{EVALUATION_FILE}"), key=lambda p: p.stat().st_mtime
+    )
+    evaluation = json.loads(found[-1].read_text())
+    manifest = json.loads((found[-1].parents[2] / MANIFEST_FILE).read_text())
+    return {
+        "seconds": round(seconds, 1),
+        "samples": manifest["counts"],
+        "adherence": manifest.get("adherence"),
+        "evaluation_adherence": evaluation.get("adherence"),
+        "comparisons": evaluation.get("comparisons"),
+        "results": evaluation["results"],
+        "chance": evaluation.get("chance"),
+        "baseline": evaluation.get("baseline"),
+        "verdict": evaluation.get("verdict"),
+        "verdict_reason": evaluation.get("verdict_reason"),
+    }
+
+
 def _vae_round_trip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
     """The real images encoded and decoded by the base model's VAE: the best any generated sample can look."""
     import torch
@@ -192,6 +229,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=48, help="Held-out probe samples per dataset.")
     parser.add_argument("--seed", type=int, default=0, help="Dataset seed.")
     parser.add_argument("--label", default="default", help="Name of the results file.")
+    parser.add_argument(
+        "--verdict", action="store_true", help="Then run the whole chain and record the evaluation's verdict."
+    )
     parser.add_argument("--workdir", default=None, help="Keep data and models here (default: a temp folder).")
     args = parser.parse_args()
     import logging
@@ -201,6 +241,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-controllability-"))
     # each tint its own dataset (seed + its position), so the grey and colour runs share no geometry
     runs = [run_dataset(t, args.overrides, workdir, args.probe, args.seed + i) for i, t in enumerate(args.tints)]
+    if args.verdict:
+        for run in runs:
+            run["chain"] = chain_verdict(run["tint"], workdir)
     report = {
         "label": args.label,
         "overrides": args.overrides,
@@ -219,6 +262,13 @@ def main() -> None:
             f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
             f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}"
         )
+        if "chain" in run:
+            chain = run["chain"]
+            for row in chain["results"]:
+                print(
+                    f"       {row['regime']:24s} real {row['real_fraction']:.1f}: IoU {row['iou']} ± {row['iou_std']}"
+                )
+            print(f"       verdict: {chain['verdict']} ({chain['verdict_reason']}); {chain['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from indusfactory.infra.errors import ConfigError
+from indusfactory.infra.fingerprint import NOT_IN_FINGERPRINT
 
 EMBEDDED_BASE_MODEL = "embedded:tiny-sd"
 """Sentinel for the tiny Stable Diffusion pipeline shipped inside the package (``assets/tiny-sd``)."""
@@ -93,13 +94,18 @@ class SourceConfig(Section):
         "'refuse' quarantines the image.",
     )
     read_workers: int = Field(
-        8, ge=1, le=64, description="Threads reading and decoding images (helps most on s3://); not in the cache key."
+        8,
+        ge=1,
+        le=64,
+        description="Threads reading and decoding images (helps most on s3://); not in the cache key.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
     make_sample_data: bool = Field(
         True,
         description="If the sources are missing and laid out as the sample data (R/defective/annotations.json, "
         "R/defective/images, R/defect_free), the ingest stage writes the sample dataset at R (the demo); false: "
         "a missing source is an error. Not in the cache key.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
 
     @field_validator("split_fractions")
@@ -203,30 +209,32 @@ class TrainingConfig(Section):
     )
     seed: int = Field(0, description="Seed of the run: weight init, noise, timesteps and data order.")
     checkpoint_every: int = Field(
-        100, ge=0, description="Save a resumable checkpoint every N steps (0: never); a retry resumes from it."
+        100,
+        ge=0,
+        description="Save a resumable checkpoint every N steps (0: never); a retry resumes from it.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
     validation_images: int = Field(
-        2, ge=0, le=16, description="Images generated at each validation (0: no validation)."
+        2,
+        ge=0,
+        le=16,
+        description="Images generated at each validation (0: no validation).",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
     validation_every: int = Field(
-        0, ge=0, description="Validate every N steps as well as at the end (0: at the end only)."
+        0,
+        ge=0,
+        description="Validate every N steps as well as at the end (0: at the end only).",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
-    validation_inference_steps: int = Field(20, gt=0, description="Sampling steps of the validation images.")
+    validation_inference_steps: int = Field(
+        20, gt=0, description="Sampling steps of the validation images.", json_schema_extra=NOT_IN_FINGERPRINT
+    )
 
 
 def _described(section: type[BaseModel], name: str) -> str | None:
     """The description of a field of ``section``, for a subclass that overrides its default."""
     return section.model_fields[name].description
-
-
-TRAINING_ONLY_FIELDS = {
-    "checkpoint_every",
-    "validation_images",
-    "validation_every",
-    "validation_inference_steps",
-    "validation_probe_samples",
-}
-"""Settings that do not change the trained weights, so not part of a model's fingerprint."""
 
 
 class ConceptConfig(TrainingConfig):
@@ -314,6 +322,7 @@ class ConditionConfig(TrainingConfig):
         description="After training, samples generated from defect-free images with validation-split "
         "masks (never trained on) to measure whether defects land where the masks say; the verdict goes into the "
         "model card and the run summary (0: no probe).",
+        json_schema_extra=NOT_IN_FINGERPRINT,
     )
     augmentation: Literal["none", "flip", "dihedral"] = Field(
         "dihedral",
@@ -522,7 +531,9 @@ CONTROLS: tuple[Control, ...] = ("shuffled labels", "empty masks")
 class EvaluationConfig(Section):
     """Flow ``evaluate-dataset``: is the synthetic data worth it for a downstream segmentor?"""
 
-    enabled: bool = Field(True, description="Evaluate every dataset generate-dataset publishes.")
+    enabled: bool = Field(
+        True, description="Evaluate every dataset generate-dataset publishes.", json_schema_extra=NOT_IN_FINGERPRINT
+    )
     real_fractions: list[float] = Field(
         default_factory=lambda: [0.1, 1.0],
         min_length=1,

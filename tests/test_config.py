@@ -111,3 +111,36 @@ def test_every_field_of_the_run_form_has_a_description():
     ]
     assert bare == []
     assert len(schema["$defs"]) >= 10  # every section is checked, not only the top level
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "counts"),
+    [
+        ("concept.checkpoint_every", 7, False),
+        ("concept.validation_images", 0, False),
+        ("condition.validation_probe_samples", 3, False),
+        ("concept.learning_rate", 2e-3, True),
+        ("condition.steps", 5, True),
+    ],
+)
+def test_fingerprint_membership_is_declared_on_the_field(key, value, counts):
+    """A setting marked ``NOT_IN_FINGERPRINT`` on its field leaves the trained model's fingerprint alone;
+    every other setting of the stage changes it (and so retrains)."""
+    from types import SimpleNamespace
+
+    from indusfactory.infra.fingerprint import in_fingerprint
+    from indusfactory.learning.concept import concept_fingerprint
+    from indusfactory.learning.condition import condition_fingerprint
+
+    section, name = key.split(".")
+    catalog = SimpleNamespace(content_fingerprint="c" * 16)
+    concept = SimpleNamespace(fingerprint="f" * 16)
+
+    def fingerprints(config: FactoryConfig) -> tuple[str, str]:
+        return concept_fingerprint(config, catalog), condition_fingerprint(config, catalog, concept)
+
+    before = fingerprints(parse_config({}))
+    after = fingerprints(parse_config({section: {name: value}}))
+    changed = before[0] != after[0] if section == "concept" else before[1] != after[1]
+    assert changed is counts
+    assert in_fingerprint(type(getattr(parse_config({}), section)), name) is counts

@@ -262,7 +262,7 @@ def evaluation_fingerprint(config: FactoryConfig, catalog: CatalogRecord, datase
         catalog.content_fingerprint,
         dataset.uri,
         dataset.samples,
-        config.evaluation.model_dump(mode="json", exclude={"enabled"}),
+        config.evaluation,
         config.base_model.resolution,
     )
 

@@ -12,9 +12,26 @@ CODE_VERSION = "0.1.0"
 """Bumped when a change alters what a stage produces; part of every fingerprint."""
 
 
+NOT_IN_FINGERPRINT: dict[str, Any] = {"fingerprint": False}
+"""``Field(..., json_schema_extra=NOT_IN_FINGERPRINT)`` declares a setting that does not change what a stage makes
+(threads, checkpoint cadence, validation images): fingerprints of its model leave it out."""
+
+
+def in_fingerprint(model: type[BaseModel], name: str) -> bool:
+    """Whether field ``name`` of ``model`` enters the fingerprints of its instances."""
+    extra = model.model_fields[name].json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
+
+
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
-        return _canonical(obj.model_dump(mode="json"))
+        kind = type(obj)
+        kept = {name for name in kind.model_fields if in_fingerprint(kind, name)}
+        dumped = obj.model_dump(mode="json", include=kept)
+        return {
+            name: _canonical(getattr(obj, name) if isinstance(getattr(obj, name), BaseModel) else value)
+            for name, value in sorted(dumped.items())
+        }
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):

@@ -18,7 +18,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
+from indusfactory.config import FactoryConfig
 from indusfactory.generation.adherence import colourfulness
 from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
@@ -66,7 +66,7 @@ def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
         catalog.content_fingerprint,
         config.base_model,
         base_model_fingerprint(config.base_model),
-        config.concept.model_dump(mode="json", exclude=TRAINING_ONLY_FIELDS),
+        config.concept,
         storage.normalise_uri(config.factory_root),
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, DDPMScheduler
 
-from indusfactory.config import TRAINING_ONLY_FIELDS, FactoryConfig
+from indusfactory.config import FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
 from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
@@ -61,7 +61,7 @@ def condition_fingerprint(config: FactoryConfig, catalog: CatalogRecord, concept
         concept.fingerprint,
         config.base_model,
         config.concept.token,
-        config.condition.model_dump(mode="json", exclude=TRAINING_ONLY_FIELDS),
+        config.condition,
         config.driver,
         storage.normalise_uri(config.factory_root),
     )

@@ -1263,7 +1263,7 @@ def ingest_fingerprint(source: SourceConfig, factory_root: str) -> str:
     return fingerprint(
         "ingest",
         INGEST_VERSION,
-        source.model_dump(exclude={"make_sample_data", "read_workers"}),
+        source,
         source_listing(source),
         storage.normalise_uri(factory_root),
     )
