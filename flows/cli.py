@@ -91,7 +91,7 @@ def _run_flow(config, stage: str):
         raise typer.BadParameter(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     started = time.perf_counter()
     try:
-        with stopping.stopping_on_signals(on_repeat=_exit_at_once):
+        with stopping.stopping_on_signals(on_repeat=_exit_at_once, take_ignored=True):
             from flows.local_api import local_api
 
             with local_api():

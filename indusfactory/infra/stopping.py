@@ -84,12 +84,14 @@ def _chained(previous: Handler) -> Callable[[int, FrameType | None], None]:
         outermost = not getattr(_delegating, "active", False)  # handlers of nested runs see one delivery once
         if outermost:
             _deliveries[signum] = _deliveries.get(signum, 0) + 1
-            request_stop(signum)
             if signum == signal.SIGINT and _deliveries[signum] > 1 and _on_repeat is not None:
                 _on_repeat(signum)  # a second Ctrl-C: the user insists
-            log.warning(
-                "%s received: stopping (what is finished is kept; run again to resume)", signal.Signals(signum).name
-            )
+            if not _stop.is_set():
+                log.warning(
+                    "%s received: stopping (what is finished is kept; run again to resume)",
+                    signal.Signals(signum).name,
+                )
+            request_stop(signum)
         if callable(previous):
             _delegating.active = True
             try:
@@ -103,11 +105,12 @@ def _chained(previous: Handler) -> Callable[[int, FrameType | None], None]:
 
 
 @contextmanager
-def stopping_on_signals(on_repeat: Callable[[int], None] | None = None) -> Iterator[bool]:
+def stopping_on_signals(on_repeat: Callable[[int], None] | None = None, take_ignored: bool = False) -> Iterator[bool]:
     """While inside: SIGINT and SIGTERM set the stop flag, then run the handler they replace (which may
     raise its own exception: ``KeyboardInterrupt``, Prefect's ``TerminationSignal``); if it returns (or
-    there was none), ``StopRequested`` is raised in the main thread. A signal ignored before (``SIG_IGN``,
-    e.g. SIGINT of a background job) stays ignored.
+    there was none), ``StopRequested`` is raised in the main thread. A signal ignored before (``SIG_IGN``:
+    SIGINT of a command started in the background of a script) stays ignored unless ``take_ignored``
+    (the CLI's: ``kill -INT`` of an unattended run must stop it too).
 
     ``on_repeat(signum)`` is called on a second SIGINT (the CLI's: stop the temporary Prefect API and
     exit at once). A second SIGTERM is not a repeat: Prefect sends one to itself once a flow run has
@@ -125,10 +128,10 @@ def stopping_on_signals(on_repeat: Callable[[int], None] | None = None) -> Itera
             _on_repeat = on_repeat
         for signum in SIGNALS:
             previous = signal.getsignal(signum)
-            if previous == signal.SIG_IGN:
+            if previous == signal.SIG_IGN and not take_ignored:
                 continue
             saved[signum] = previous
-            signal.signal(signum, _chained(previous))
+            signal.signal(signum, _chained(None if previous == signal.SIG_IGN else previous))
         yield True
     finally:
         _on_repeat = saved_repeat
