@@ -99,11 +99,11 @@ def _run_flow(config, stage: str):
                 flow = getattr(module, stage.replace("-", "_"))
                 with _progress(stage):
                     result = flow(config=config)
-    except IndusfactoryError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
     except BaseException as exc:
         if not (stopping.stop_requested() or isinstance(exc, KeyboardInterrupt)):
+            if isinstance(exc, IndusfactoryError):
+                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from exc
             raise
         signum = stopping.stop_signal()
         name = signal.Signals(signum).name if signum else "Ctrl-C"
@@ -322,7 +322,19 @@ def datasets_gc(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    """The console script: the app, and once a run was stopped by a signal, an exit that does not wait for
+    the interpreter to tear down torch and Prefect (tens of seconds on a loaded machine): by then the run
+    has released its locks, stopped its temporary Prefect API and said how to resume."""
+    from indusfactory.infra import stopping
+
+    try:
+        app()
+    except SystemExit as exc:
+        if not stopping.stop_requested():
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover
