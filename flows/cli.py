@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,21 +81,51 @@ def _progress(stage: str) -> Iterator[None]:
 
 
 def _run_flow(config, stage: str):
+    """Run one stage flow against the configured Prefect API, or a temporary one this command starts and
+    stops (``flows.local_api``). Ctrl-C and SIGTERM stop it within seconds, keeping what is finished: the
+    command exits 130 / 143 saying how to resume; a second Ctrl-C exits at once."""
+    from indusfactory.infra import stopping
     from indusfactory.infra.errors import IndusfactoryError
 
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    module = __import__(f"flows.{stage.replace('-', '_')}", fromlist=["*"])
-    flow = getattr(module, stage.replace("-", "_"))
     started = time.perf_counter()
     try:
-        with _progress(stage):
-            result = flow(config=config)
-    except IndusfactoryError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        with stopping.stopping_on_signals(on_repeat=_exit_at_once, take_ignored=True):
+            from flows.local_api import local_api
+
+            with local_api():
+                module = __import__(f"flows.{stage.replace('-', '_')}", fromlist=["*"])
+                flow = getattr(module, stage.replace("-", "_"))
+                with _progress(stage):
+                    result = flow(config=config)
+    except BaseException as exc:
+        if not (stopping.stop_requested() or isinstance(exc, KeyboardInterrupt)):
+            if isinstance(exc, IndusfactoryError):
+                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from exc
+            raise
+        signum = stopping.stop_signal()
+        name = signal.Signals(signum).name if signum else "Ctrl-C"
+        typer.secho(
+            f"stopped by {name} after {time.perf_counter() - started:.1f} s: what was finished is kept "
+            "(trained models, training checkpoints, written shards); run the same command again to resume.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(stopping.exit_code(signum)) from None
     typer.secho(f"{stage} finished in {time.perf_counter() - started:.1f} s", fg=typer.colors.GREEN)
     return result
+
+
+def _exit_at_once(signum: int) -> None:  # pragma: no cover - ends the process
+    """A second Ctrl-C: kill the temporary Prefect API and leave without waiting for anything."""
+    from flows.local_api import kill_now
+    from indusfactory.infra import stopping
+
+    kill_now()
+    sys.stderr.write("\nstopped at once (second Ctrl-C); run the same command again to resume\n")
+    stopping.hard_exit(signum)
 
 
 def _print_dataset(record) -> None:
@@ -290,7 +322,19 @@ def datasets_gc(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    """The console script: the app, and once a run was stopped by a signal, an exit that does not wait for
+    the interpreter to tear down torch and Prefect (tens of seconds on a loaded machine): by then the run
+    has released its locks, stopped its temporary Prefect API and said how to resume."""
+    from indusfactory.infra import stopping
+
+    try:
+        app()
+    except SystemExit as exc:
+        if not stopping.stop_requested():
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

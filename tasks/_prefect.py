@@ -19,7 +19,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
 from indusfactory.config import FactoryConfig
-from indusfactory.infra import failures, redact, storage
+from indusfactory.infra import failures, redact, stopping, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.locking import StorageLock, default_owner, lock_uri
@@ -45,7 +45,10 @@ def cache_when_present(marker_uri: Callable[[dict[str, Any]], str]) -> Callable[
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
     """Retry transient failures (timeouts, throttling, 5xx, dropped connections); permanent ones fail at once:
-    bad input, refused credentials, access denied, no such bucket or key, no space (``failures.is_permanent``)."""
+    bad input, refused credentials, access denied, no such bucket or key, no space (``failures.is_permanent``).
+    Nothing is retried once the run was asked to stop (SIGINT, SIGTERM)."""
+    if stopping.stop_requested():
+        return False
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - classified: anything not known to be permanent may be transient
@@ -277,13 +280,18 @@ def factory_run(config: FactoryConfig) -> Iterator[Callable[[Task], Task]]:
     (so a cache hit holds across workers and machines) and its errors scrubbed of secrets. Library
     logs go to the run's logs, every log handler scrubs secrets, a config carrying credentials in a
     URI is refused, and an error leaving the flow is scrubbed too.
+
+    SIGINT and SIGTERM also set the stop flag (``indusfactory.infra.stopping``) before the handler they
+    replace runs (Prefect's, in a worker's flow run): the task threads (generation shards) stop at their
+    next batch or denoising step instead of finishing their shard while the flow waits for them.
     """
     try:
-        prepare_logging()
-        refuse_uri_credentials(config)
-        result_storage = result_storage_for(config)
-        endpoint = storage.endpoint_of(config.factory_root) or storage.endpoint_of(config.source.images_dir)
-        yield lambda task: on_factory(task, result_storage, endpoint)
+        with stopping.stopping_on_signals():
+            prepare_logging()
+            refuse_uri_credentials(config)
+            result_storage = result_storage_for(config)
+            endpoint = storage.endpoint_of(config.factory_root) or storage.endpoint_of(config.source.images_dir)
+            yield lambda task: on_factory(task, result_storage, endpoint)
     except Exception as exc:
         replacement = _scrubbed(exc)
         if replacement is exc:

@@ -57,7 +57,7 @@ from indusfactory.generation.scorers import (  # noqa: F401 - re-exported
     adherence_scorer,
     register_adherence_scorer,
 )
-from indusfactory.infra import storage
+from indusfactory.infra import stopping, storage
 from indusfactory.infra.devices import DeviceSlot, device_pool
 from indusfactory.infra.fingerprint import CODE_VERSION
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
@@ -345,11 +345,17 @@ def sample_batch(
                 generator=generators,
                 latents=latents,
                 output_type="np",
+                callback_on_step_end=_stop_between_steps,  # a stop request ends the batch within one step
             )
         finally:
             if cache:
                 cache.clear()
     return from_model_output(result.images[: len(rows)])
+
+
+def _stop_between_steps(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+    stopping.check("generation")
+    return callback_kwargs
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -422,6 +428,7 @@ def _generate_on(
     chance = ChancePairing()
     shape = gen.batch_size
     for start in range(0, len(rows), gen.batch_size):
+        stopping.check("generation")  # a stop leaves the shard unwritten: a rerun generates it again
         batch = rows[start : start + gen.batch_size]
         inputs = [materialise(r, sources, ctx.config) for r in batch]
         images, shape = sample_splitting_on_oom(ctx, pipe, embeds, batch, inputs, shape)

@@ -119,9 +119,35 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        fs.mv(tmp, path)
+    except BaseException as exc:  # a full disk, a stop request: never leave a partial file behind
+        _remove_quietly(fs, tmp)
+        if isinstance(exc, OSError):
+            _raise_naming(exc, uri)
+        raise
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        if fs.exists(path):
+            fs.rm_file(path)
+    except OSError:  # best effort: what is left is a .tmp- file that readers skip
+        pass
+
+
+def _raise_naming(exc: OSError, uri: str) -> None:
+    """Re-raise a failed write naming ``uri`` (a full disk says no path): permanent failures (no space,
+    access denied, read-only) as the ``StorageAccessError`` that says what to check, and that is not retried."""
+    from indusfactory.infra import failures
+
+    if failures.is_permanent(exc):
+        if not exc.filename:
+            exc.filename = uri
+        raise failures.permanent_error(exc) from exc
+    raise exc
 
 
 def write_many_atomic(files: dict[str, bytes]) -> None:

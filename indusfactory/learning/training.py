@@ -24,7 +24,7 @@ from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from indusfactory.config import ExecutionConfig, TrainingConfig
-from indusfactory.infra import storage
+from indusfactory.infra import stopping, storage
 from indusfactory.learning.models import BaseComponents, select_device, select_dtype
 from indusfactory.schema import encode_png
 
@@ -57,6 +57,7 @@ def encode_latents(base: BaseComponents, pixels: torch.Tensor, batch_size: int =
     scale = base.vae.config.scaling_factor
     means, stds = [], []
     for start in range(0, len(pixels), batch_size):
+        stopping.check("latent encoding")
         chunk = pixels[start : start + batch_size].to(base.vae.device, base.vae.dtype)
         dist = base.vae.encode(chunk).latent_dist
         means.append((dist.mean * scale).float().cpu())
@@ -296,6 +297,9 @@ def run_training(
     scaler = runtime.grad_scaler()
     losses: list[float] = []
     first = 1
+    if checkpoint_uri:  # under the stage's lock: no other writer; a killed write left at most a .tmp- file
+        for stale in storage.remove_temporaries(checkpoint_uri):
+            log.info("%s: removed a partial file of an interrupted write: %s", desc, stale)
     state = load_checkpoint(checkpoint_uri) if checkpoint_uri else None
     if state is not None:
         losses, first = _restore(state, params, optimizer, lr_scheduler, scaler, generator)
@@ -306,6 +310,7 @@ def run_training(
     for step in tqdm(range(first, config.steps + 1), desc=desc, disable=None, leave=False):
         step_loss = 0.0
         for _ in range(accumulate):
+            stopping.check(f"{desc}, step {step}")  # a stop resumes from the last checkpoint
             index = torch.randint(0, n_items, (min(config.batch_size, n_items),), generator=generator)
             with runtime.autocast():
                 loss = step_fn(index, generator)

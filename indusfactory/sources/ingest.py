@@ -68,7 +68,7 @@ from pycocotools import mask as mask_utils
 from skimage.measure import label
 
 from indusfactory.config import SourceConfig
-from indusfactory.infra import storage
+from indusfactory.infra import stopping, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.schema import (
@@ -681,7 +681,9 @@ def _load(candidate: Candidate, source: SourceConfig, categories: dict[int, str]
     """Read, normalise and annotate one candidate (thread-safe; no shared state).
 
     Whatever goes wrong with one file becomes a Refusal naming it (never a crash of the whole ingest,
-    nor a retry of it), except I/O and memory errors, which may be transient (see ``_read``)."""
+    nor a retry of it), except I/O and memory errors, which may be transient (see ``_read``). A stop
+    request ends the reads still queued at once."""
+    stopping.check("ingest")
     try:
         return _load_checked(candidate, source, categories)
     except Refusal as exc:
