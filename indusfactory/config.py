@@ -379,14 +379,51 @@ class PlanConfig(Section):
     seed: int = Field(0, description="Seed of the plan: augmentations, masks, instances and each sample's seed.")
 
 
+GENERATION_PROFILES: dict[str, dict[str, object]] = {
+    "default": {},
+    "fast": {"scheduler": "unipc", "steps": 10, "guidance_cutoff": 0.5},
+}
+"""Sampling presets of ``generation.profile``: the values a profile gives the fields a config leaves unset.
+``fast`` is the cheapest setting measured equal to the 20-step default on the controllability benchmark
+(BENCHMARKS.md, "Cheaper sampling")."""
+
+
+SPEED_FIELDS = ("compile", "channels_last", "fuse_qkv", "vae_decode")
+"""``generation`` fields that decide how fast a sample is made, not what is made (``generation/speed.py``): like
+``execution.precision`` they are not part of the dataset fingerprint."""
+
+LATER_SAMPLING_FIELDS = ("profile", "guidance_cutoff")
+"""``generation`` fields added after datasets were published: in the fingerprint only away from their default."""
+
+
 class GenerationConfig(Section):
     """Sampling settings of the generation stage."""
 
-    scheduler: Literal["dpmsolver++", "ddim", "euler"] = Field(
-        "dpmsolver++", description="Sampling scheduler (diffusers' DPMSolverMultistep, DDIM or EulerDiscrete)."
+    profile: Literal["default", "fast"] = Field(
+        "default",
+        description="Sampling preset. 'default': the fields' own defaults (20 DPM-Solver++ steps, guidance at every "
+        "step). 'fast': the cheapest sampling measured as good as the default on the controllability benchmark "
+        "(UniPC, 10 steps, classifier-free guidance in the first half of the steps; about 4x the images/s on CPU, "
+        "see BENCHMARKS.md). A profile only fills the fields the config leaves unset: an explicit "
+        "generation.steps (or scheduler, guidance_cutoff) wins.",
+    )
+    scheduler: Literal["dpmsolver++", "dpmsolver++-karras", "unipc", "ddim", "euler"] = Field(
+        "dpmsolver++",
+        description="Sampling scheduler: 'dpmsolver++' (diffusers' DPMSolverMultistep, 2nd-order multistep), "
+        "'dpmsolver++-karras' (the same with Karras sigmas), 'unipc' (UniPCMultistep, bh2), 'ddim' or 'euler' "
+        "(EulerDiscrete). The multistep solvers keep their quality at fewer steps.",
     )
     steps: int = Field(20, gt=0, description="Sampling (denoising) steps per image.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1: no guidance).")
+    guidance_cutoff: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of the sampling steps that use classifier-free guidance, from the first step; the "
+        "rest run the conditional pass only (half the UNet and conditioning-network work per step). 1: guidance "
+        "at every step (default, unchanged bytes); 0.5: the first half. Guidance matters most while the layout "
+        "forms, in the early, noisy steps.",
+    )
     conditioning_scale: float = Field(
         2.0,
         ge=0,
@@ -441,6 +478,51 @@ class GenerationConfig(Section):
         "the ring around it) is at least this far above the chance level (the same images with other samples' "
         "masks); otherwise it is marked 'near chance'.",
     )
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "off",
+        description="torch.compile the UNet and the conditioning network with this mode, once per pipeline load "
+        "in a worker (the compiled graphs are reused by every later shard; the fixed batch shape means no "
+        "recompiles). 'reduce-overhead' also captures CUDA graphs. Needs a C compiler on CPU and pays a compile of "
+        "minutes at the first batch; it pays off on GPUs over many shards. Not part of the dataset fingerprint "
+        "(like execution.precision): a few pixels may differ by a grey level from an uncompiled run.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep the UNet, conditioning network and VAE in channels-last memory format (faster "
+        "convolutions on GPU tensor cores; slower on this project's CPUs, see BENCHMARKS.md). Not part of the "
+        "dataset fingerprint: results equal the default's within float rounding.",
+    )
+    fuse_qkv: bool = Field(
+        False,
+        description="Fuse the query, key and value projections of every attention layer (UNet, conditioning "
+        "network, VAE) into one matrix multiplication (diffusers' fused attention processor). Not part of the "
+        "dataset fingerprint: results equal the default's within float rounding.",
+    )
+    vae_decode: Literal["full", "sliced", "tiled"] = Field(
+        "full",
+        description="How the VAE decodes a batch: 'full' all at once, 'sliced' one image at a time, 'tiled' in "
+        "overlapping tiles (for large images when memory-bound). Not part of the dataset fingerprint: 'sliced' "
+        "equals 'full' within float rounding; 'tiled' blends tile seams and differs more.",
+    )
+
+    def fingerprinted(self) -> dict:
+        """What of this section identifies a dataset: every field but the speed options (``SPEED_FIELDS``), and
+        the sampling fields added since recipe v3 (``LATER_SAMPLING_FIELDS``) only where they are not at their
+        default, so that a default config keeps the dataset versions it had."""
+        out = self.model_dump(mode="json", exclude=set(SPEED_FIELDS))
+        for name in LATER_SAMPLING_FIELDS:
+            if out[name] == type(self).model_fields[name].default:
+                del out[name]
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_fills_unset_fields(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("profile") in GENERATION_PROFILES:
+            preset = GENERATION_PROFILES[str(data["profile"])]
+            data = {**preset, **data}
+        return data
 
     @model_validator(mode="after")
     def _adherence_threshold_needs_scorer(self) -> "GenerationConfig":

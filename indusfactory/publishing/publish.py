@@ -547,7 +547,7 @@ def generation_fingerprint(
         plan.fingerprint,
         concept.fingerprint,
         condition.fingerprint,
-        config.generation,
+        config.generation.fingerprinted(),
         config.driver,
         length=10,
     )
