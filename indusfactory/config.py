@@ -403,7 +403,7 @@ class GenerationConfig(Section):
         "default",
         description="Sampling preset. 'default': the fields' own defaults (20 DPM-Solver++ steps, guidance at every "
         "step). 'fast': the cheapest sampling measured as good as the default on the controllability benchmark "
-        "(UniPC, 10 steps, classifier-free guidance in the first half of the steps; about 4x the images/s on CPU, "
+        "(UniPC, 10 steps, classifier-free guidance in the first 5; 2.6x the sampling throughput on CPU, "
         "see BENCHMARKS.md). A profile only fills the fields the config leaves unset: an explicit "
         "generation.steps (or scheduler, guidance_cutoff) wins.",
     )
