@@ -10,7 +10,7 @@ from indusfactory.config import GenerationConfig
 
 SPEED_TOLERANCE = 2
 """Grey levels (of 255) a pixel of a speed option may differ from the default's: the options reorder float
-arithmetic only (measured on the tiny model: at most 1)."""
+arithmetic only."""
 
 
 def _images(rows: list[dict]) -> dict[str, np.ndarray]:
