@@ -97,18 +97,20 @@ def _test_split(data, resolution: int, categories: list[dict]):
     return out
 
 
+def source_section(data) -> dict:
+    """The ``source`` config of a surface dataset (its given split, never sample data)."""
+    return {
+        "coco_annotations": str(data.coco_annotations),
+        "images_dir": str(data.images_dir),
+        "defect_free_dir": str(data.defect_free_dir),
+        "split_field": "split",
+        "make_sample_data": False,
+    }
+
+
 def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int, seed: int) -> dict:
     data = write_surface_dataset(workdir / f"data-{tint}", tint=tint, seed=seed)
-    raw = {
-        "factory_root": str(workdir / f"factory-{tint}"),
-        "source": {
-            "coco_annotations": str(data.coco_annotations),
-            "images_dir": str(data.images_dir),
-            "defect_free_dir": str(data.defect_free_dir),
-            "split_field": "split",
-            "make_sample_data": False,
-        },
-    }
+    raw = {"factory_root": str(workdir / f"factory-{tint}"), "source": source_section(data)}
     for item in overrides:
         _set(raw, item)
     config = parse_config(raw, origin="benchmark")

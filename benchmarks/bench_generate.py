@@ -24,6 +24,8 @@ conditioning network made with ``ControlNetModel.from_unet``. Random weights tim
 trained ones. Writes ``benchmarks/results/generate[_<device>_<arch>].json``.
 
     python benchmarks/bench_generate.py                     # CPU, tiny model, 64 px, 64 samples
+    # the shipped fast sampling preset against the plain loop at diffusers' usual 20 steps
+    python benchmarks/bench_generate.py --profile fast --plain-defaults --threads 1 --no-flow
     # the issue's GPU comparison: ours (bf16, speed-ups) versus the pipeline as diffusers gives it (fp32),
     # with the fraction of the GPU's bf16 FLOP limit (about 46 TFLOP per image at 512 px, 20 steps)
     python benchmarks/bench_generate.py --device cuda --resolution 512 --sd15-architecture \\
@@ -200,12 +202,11 @@ def make_config(root: Path, base: str, sample: Path, args, factory: Path | None 
                 "max_defect_free_images": args.drivers,
             },
             "generation": {
-                "steps": args.steps,
                 "guidance_scale": 7.5,
-                "scheduler": "dpmsolver++",
                 "batch_size": args.batch_size,
                 "shard_size": args.shard_size,
                 "conditioning_scale": args.conditioning_scale,
+                **product_options(args),
                 **generation,
             },
             "execution": {"device": args.device, "precision": args.precision, "torch_threads": args.threads},
@@ -243,15 +244,28 @@ def prepare(root: Path, args) -> Setup:
     )
 
 
-def speed_up(pipe, args) -> None:
-    """The optional GPU speed-ups, applied the same way to both pipelines."""
+def product_options(args) -> dict:
+    """The ``generation`` options of the product this run sets: the sampling profile (or steps and scheduler)
+    and the speed options. The factory applies them itself (``get_pipeline``); the like-for-like plain loop gets
+    the same speed options through the same function (``apply_speed_options``)."""
+    import yaml
+
+    options: dict = {}
+    if args.profile:
+        options["profile"] = args.profile
+    else:
+        options.update(steps=20, scheduler="dpmsolver++")
+    if args.steps is not None:
+        options["steps"] = args.steps
     if args.channels_last:
-        for model in (pipe.unet, pipe.controlnet, pipe.vae):
-            model.to(memory_format=torch.channels_last)
-    if args.compile:
-        # mode "reduce-overhead" captures CUDA graphs; "max-autotune" also searches kernels
-        pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
-        pipe.controlnet = torch.compile(pipe.controlnet, mode=args.compile_mode)
+        options["channels_last"] = True
+    if args.compile or args.compile_mode:
+        # "reduce-overhead" captures CUDA graphs; "max-autotune" also searches kernels
+        options["compile"] = args.compile_mode or "default"
+    for item in args.generation:
+        key, _, raw = item.partition("=")
+        options[key] = yaml.safe_load(raw)
+    return options
 
 
 # Cost of one image in the issue's accounting, at 512x512: per step, the UNet (0.80 TFLOP) and the
@@ -320,15 +334,27 @@ def plain_pipeline(setup: Setup, args):
     ``--plain-defaults``: as a diffusers user gets it, fp32 and no speed-up (the issue's baseline);
     otherwise in our precision with the same speed-ups as ours (a like-for-like loop).
     """
+    from indusfactory.generation.speed import apply_speed_options
     from indusfactory.learning.models import load_generation_pipeline, select_device, select_dtype
 
-    pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, "dpmsolver++")
+    gen = plain_generation(setup, args)
+    pipe = load_generation_pipeline(setup.config.base_model, setup.concept.uri, setup.condition.uri, gen.scheduler)
     device = select_device(setup.config.execution)
     if args.plain_defaults:
         return pipe.to(device=device, dtype=torch.float32)
     pipe = pipe.to(device=device, dtype=select_dtype(setup.config.execution, device))
-    speed_up(pipe, args)
+    apply_speed_options(pipe, gen)
     return pipe
+
+
+def plain_generation(setup: Setup, args):
+    """The sampling of the plain loop: with ``--plain-defaults`` diffusers' usual 20 DPM-Solver++ steps with guidance
+    at every step whatever the factory runs (the issue's baseline); otherwise the factory's own settings."""
+    from indusfactory.config import GenerationConfig
+
+    if args.plain_defaults:
+        return GenerationConfig(steps=20, scheduler="dpmsolver++", guidance_scale=7.5)
+    return setup.config.generation
 
 
 def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
@@ -351,7 +377,9 @@ def plain_batches(setup: Setup) -> list[tuple[list[str], list, int]]:
 
 def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
     """Time of the plain loop over every batch."""
-    gen = setup.config.generation
+    from indusfactory.learning.models import guidance_kwargs
+
+    gen = plain_generation(setup, args)
     resolution = setup.config.base_model.resolution
     with Clock() as clock:
         for prompts, drivers, seed in batches:
@@ -361,8 +389,8 @@ def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
                 height=resolution,
                 width=resolution,
                 num_inference_steps=gen.steps,
-                guidance_scale=gen.guidance_scale,
                 controlnet_conditioning_scale=gen.conditioning_scale,
+                **guidance_kwargs(pipe, gen.guidance_scale, gen.guidance_cutoff, gen.steps),
                 generator=torch.Generator(device="cpu").manual_seed(seed),
                 output_type="pil",
             )
@@ -372,7 +400,7 @@ def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
 
 def bench_throughput(root: Path, setup: Setup, args) -> dict:
     """Factory versus plain loop, interleaved ``args.repeats`` times; plus the generation-stage rerun."""
-    from indusfactory.generation.generate import GenerationContext, generate_rows, get_pipeline
+    from indusfactory.generation.generate import GenerationContext, generate_rows
 
     ctx = GenerationContext(
         config=setup.config,
@@ -381,7 +409,6 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
         concept=setup.concept,
         condition=setup.condition,
     )
-    speed_up(get_pipeline(ctx), args)
     generate_rows(ctx, setup.rows[: setup.config.generation.batch_size])  # warm-up: load, compile, caches
     pipe, batches = plain_pipeline(setup, args), plain_batches(setup)
     plain_pass(pipe, batches[:1], setup, args)  # warm-up
@@ -493,7 +520,15 @@ def main() -> None:
         help="the plain loop as diffusers gives it: fp32, no speed-ups (the issue's GPU baseline)",
     )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: known by name)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or the profile's)")
+    parser.add_argument("--profile", choices=["default", "fast"], help="generation.profile of the factory")
+    parser.add_argument(
+        "--generation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other generation option of the factory (YAML value), e.g. fuse_qkv=true, vae_decode=sliced",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--conditioning-scale", type=float, default=1.0)
@@ -523,17 +558,19 @@ def main() -> None:
             f"in {time.perf_counter() - started:.1f} s"
         )
         throughput = bench_throughput(root, setup, args)
+        setup_generation = setup.config.generation.model_dump(mode="json")
         flow = bench_flow_rerun(root, setup, args) if args.flow else None
     result = {
         "machine": machine(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {
+            "generation": setup_generation,
             "device": args.device,
             "precision": args.precision,
             "model": arch,
             "resolution": args.resolution,
-            "steps": args.steps,
-            "scheduler": "dpmsolver++",
+            "steps": setup_generation["steps"],
+            "scheduler": setup_generation["scheduler"],
             "guidance_scale": 7.5,
             "conditioning_scale": args.conditioning_scale,
             "batch_size": args.batch_size,

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from indusfactory.infra.errors import ConfigError
-from indusfactory.infra.fingerprint import NOT_IN_FINGERPRINT
+from indusfactory.infra.fingerprint import IN_FINGERPRINT_UNLESS_DEFAULT, NOT_IN_FINGERPRINT
 
 EMBEDDED_BASE_MODEL = "embedded:tiny-sd"
 """Sentinel for the tiny Stable Diffusion pipeline shipped inside the package (``assets/tiny-sd``)."""
@@ -388,14 +388,51 @@ class PlanConfig(Section):
     seed: int = Field(0, description="Seed of the plan: augmentations, masks, instances and each sample's seed.")
 
 
+GENERATION_PROFILES: dict[str, dict[str, object]] = {
+    "default": {},
+    "fast": {"scheduler": "unipc", "steps": 10, "guidance_cutoff": 0.5},
+}
+"""Sampling presets of ``generation.profile``: the values a profile gives the fields a config leaves unset.
+``fast`` is the cheapest setting measured equal to the 20-step default on the controllability benchmark
+(BENCHMARKS.md, "Cheaper sampling")."""
+
+
+SPEED_FIELDS = ("compile", "channels_last", "fuse_qkv", "vae_decode")
+"""``generation`` fields that decide how fast a sample is made, not what is made (``generation/speed.py``); each
+is marked ``NOT_IN_FINGERPRINT``, like ``execution.precision`` is outside the dataset fingerprint."""
+
+
 class GenerationConfig(Section):
     """Sampling settings of the generation stage."""
 
-    scheduler: Literal["dpmsolver++", "ddim", "euler"] = Field(
-        "dpmsolver++", description="Sampling scheduler (diffusers' DPMSolverMultistep, DDIM or EulerDiscrete)."
+    profile: Literal["default", "fast"] = Field(
+        "default",
+        description="Sampling preset. 'default': the fields' own defaults (20 DPM-Solver++ steps, guidance at every "
+        "step). 'fast': the cheapest sampling measured as good as the default on the controllability benchmark "
+        "(UniPC, 10 steps, classifier-free guidance in the first 5; 2.6x the sampling throughput on CPU, "
+        "see BENCHMARKS.md). A profile only fills the fields the config leaves unset: an explicit "
+        "generation.steps (or scheduler, guidance_cutoff) wins. Not itself in the dataset fingerprint: the "
+        "fields it fills are.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
+    scheduler: Literal["dpmsolver++", "dpmsolver++-karras", "unipc", "ddim", "euler"] = Field(
+        "dpmsolver++",
+        description="Sampling scheduler: 'dpmsolver++' (diffusers' DPMSolverMultistep, 2nd-order multistep), "
+        "'dpmsolver++-karras' (the same with Karras sigmas), 'unipc' (UniPCMultistep, bh2), 'ddim' or 'euler' "
+        "(EulerDiscrete). The multistep solvers keep their quality at fewer steps.",
     )
     steps: int = Field(20, gt=0, description="Sampling (denoising) steps per image.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1: no guidance).")
+    guidance_cutoff: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of the sampling steps that use classifier-free guidance, from the first step; the "
+        "rest run the conditional pass only (half the UNet and conditioning-network work per step). 1: guidance "
+        "at every step (default, unchanged bytes); 0.5: the first half. Guidance matters most while the layout "
+        "forms, in the early, noisy steps.",
+        json_schema_extra=IN_FINGERPRINT_UNLESS_DEFAULT,
+    )
     conditioning_scale: float = Field(
         2.0,
         ge=0,
@@ -450,6 +487,45 @@ class GenerationConfig(Section):
         "the ring around it) is at least this far above the chance level (the same images with other samples' "
         "masks); otherwise it is marked 'near chance'.",
     )
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "off",
+        description="torch.compile the UNet and the conditioning network with this mode, once per pipeline load "
+        "in a worker (the compiled graphs are reused by every later shard; the fixed batch shape means no "
+        "recompiles). 'reduce-overhead' also captures CUDA graphs. Needs a C compiler on CPU and pays a compile of "
+        "minutes at the first batch; it pays off on GPUs over many shards. Not part of the dataset fingerprint "
+        "(like execution.precision): a few pixels may differ by a grey level from an uncompiled run.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
+    channels_last: bool = Field(
+        False,
+        description="Keep the UNet, conditioning network and VAE in channels-last memory format (faster "
+        "convolutions on GPU tensor cores; slower on this project's CPUs, see BENCHMARKS.md). Not part of the "
+        "dataset fingerprint: results equal the default's within float rounding.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
+    fuse_qkv: bool = Field(
+        False,
+        description="Fuse the query, key and value projections of every attention layer (UNet, conditioning "
+        "network, VAE) into one matrix multiplication (diffusers' fused attention processor). Not part of the "
+        "dataset fingerprint: results equal the default's within float rounding.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
+    vae_decode: Literal["full", "sliced", "tiled"] = Field(
+        "full",
+        description="How the VAE decodes a batch: 'full' all at once, 'sliced' one image at a time, 'tiled' in "
+        "overlapping tiles (for large images when memory-bound). Not part of the dataset fingerprint: 'sliced' "
+        "equals 'full' within float rounding; 'tiled' blends tile seams and differs more.",
+        json_schema_extra=NOT_IN_FINGERPRINT,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_fills_unset_fields(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("profile") in GENERATION_PROFILES:
+            preset = GENERATION_PROFILES[str(data["profile"])]
+            data = {**preset, **data}
+        return data
 
     @model_validator(mode="after")
     def _adherence_threshold_needs_scorer(self) -> "GenerationConfig":

@@ -46,7 +46,7 @@ CONFIG_FILES = {
     "scheduler": ("scheduler_config.json",),
     "tokenizer": ("tokenizer.json", "vocab.json"),
 }
-SAMPLING_SCHEDULERS = frozenset({"dpmsolver++", "ddim", "euler"})
+SAMPLING_SCHEDULERS = frozenset({"dpmsolver++", "dpmsolver++-karras", "unipc", "ddim", "euler"})
 """``generation.scheduler`` names ``indusfactory.learning.models.scheduler_for`` builds."""
 
 

@@ -4,7 +4,7 @@
 Composition order (each layer overrides the ones before it, key by key, sections merged deeply):
 
 1. the ``FactoryConfig`` defaults (the embedded demo);
-2. the **profile** (``PROFILES``: ``demo``, ``fast``, ``sd15-gpu``), a named preset;
+2. the **profile** (``PROFILES``: ``demo``, ``smoke``, ``sd15-gpu``), a named preset;
 3. the **YAML file** (``config_file``: a local path or a URI such as ``s3://bucket/nightly.yaml``);
 4. the **advanced config** (``config``): only the fields it sets (a full config passed as an object, as
    the tests and older callers do, sets every field and so decides everything below the short parameters);
@@ -28,11 +28,11 @@ from indusfactory.config import FactoryConfig, parse_config
 from indusfactory.infra import storage
 from indusfactory.infra.errors import ConfigError
 
-ProfileName = Literal["demo", "fast", "sd15-gpu"]
+ProfileName = Literal["demo", "smoke", "sd15-gpu"]
 
 PROFILES: dict[str, dict[str, Any]] = {
     "demo": {},
-    "fast": {
+    "smoke": {
         "concept": {"steps": 10, "validation_images": 1, "validation_inference_steps": 4},
         "condition": {
             "steps": 10,
@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 """Named presets of the ``FactoryConfig``: ``demo`` is the defaults (embedded tiny model, CPU, sample data);
-``fast`` checks a chain end to end in minutes (few steps, small plan, no evaluation; not a useful dataset);
+``smoke`` checks a chain end to end in minutes (few steps, small plan, no evaluation; not a useful dataset);
 ``sd15-gpu`` is Stable Diffusion 1.5 at 512 px on a CUDA GPU with the paper's plan."""
 
 

@@ -47,21 +47,21 @@ def test_composition_order_is_profile_then_file_then_config_then_short_parameter
         )
     )
     advanced = FactoryConfig.model_validate({"plan": {"images_per_driver": 5}, "export": {"dataset_name": "adv"}})
-    config, layers = compose_config("fast", str(site), advanced, dataset_name="short", base_model="/m")
-    assert layers[:4] == ["defaults", "profile fast", f"file {site}", "advanced config"]
-    assert config.concept.steps == PROFILES["fast"]["concept"]["steps"]  # profile (nothing later sets it)
+    config, layers = compose_config("smoke", str(site), advanced, dataset_name="short", base_model="/m")
+    assert layers[:4] == ["defaults", "profile smoke", f"file {site}", "advanced config"]
+    assert config.concept.steps == PROFILES["smoke"]["concept"]["steps"]  # profile (nothing later sets it)
     assert config.generation.steps == 9 and config.plan.seed == 3  # the file beats the profile
     assert config.factory_root == "/srv/factory"
     assert config.plan.images_per_driver == 5  # the advanced config beats the file, only where it sets a field
     assert config.export.dataset_name == "short" and config.base_model.pretrained == "/m"  # short form wins
-    assert config.plan.augmentations_per_image == PROFILES["fast"]["plan"]["augmentations_per_image"]
+    assert config.plan.augmentations_per_image == PROFILES["smoke"]["plan"]["augmentations_per_image"]
 
     full = FactoryConfig()
     assert compose_config(config=full)[0] is full, "a caller passing only a full config gets it unchanged"
     assert compose_config()[0] == FactoryConfig()
     assert compose_config("demo")[0] == FactoryConfig(), "demo is the defaults"
     with pytest.raises(ConfigError, match="images_per_driver"):
-        compose_config("fast", images_per_driver=99)
+        compose_config("smoke", images_per_driver=99)
     with pytest.raises(ConfigError, match="does not exist"):
         compose_config(config_file=str(tmp_path / "missing.yaml"))
 
@@ -95,7 +95,7 @@ def test_the_nightly_deployment_uses_the_short_form():
 @pytest.fixture(scope="module")
 def short_form_run(tmp_path_factory, sample_root, tiny_model_path):
     """A real Prefect server (with its UI), the generate-dataset/local deployment, a process worker, and one run
-    of it with only the short form (profile fast on the tiny model), watched to its end."""
+    of it with only the short form (profile smoke on the tiny model), watched to its end."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from test_workpool import PREFECT, _cli, _logs_tail, running_prefect_server
@@ -118,7 +118,7 @@ def short_form_run(tmp_path_factory, sample_root, tiny_model_path):
             "dataset_name": "short-form",
             "images_per_driver": 2,
             "defect_free_images": 1,
-            "profile": "fast",
+            "profile": "smoke",
             "base_model": str(tiny_model_path),
             "factory_root": str(factory),
             "sources": {
@@ -174,7 +174,7 @@ def test_a_deployment_run_with_only_the_short_form_completes(short_form_run):
     manifest = json.loads(next((run.factory / "datasets" / "short-form").glob("v-*/manifest.json")).read_text())
     config = manifest["config"]
     assert config["plan"]["images_per_driver"] == 2 and config["plan"]["max_defect_free_images"] == 1
-    assert config["concept"]["steps"] == PROFILES["fast"]["concept"]["steps"]
+    assert config["concept"]["steps"] == PROFILES["smoke"]["concept"]["steps"]
     assert manifest["counts"]["samples"] == manifest["counts"]["planned"] > 0
 
 
@@ -186,4 +186,4 @@ def test_the_deployment_runs_summary_has_every_field(short_form_run):
     summary = next(a for a in run.artifacts if a.key == "short-form-summary")
     dataset = next((run.factory / "datasets" / "short-form").glob("v-*"))
     concept, condition = (next((run.factory / "models" / kind).iterdir()) for kind in ("concept", "condition"))
-    check_summary(summary.data, str(dataset), str(concept), str(condition), "not run")  # fast: no evaluation
+    check_summary(summary.data, str(dataset), str(concept), str(condition), "not run")  # smoke: no evaluation

@@ -26,9 +26,11 @@ the 1x1 ``proj_in`` convolutions, by 1e-7), which shifts a few pixels by one gre
 one pool should run with the same ``execution.torch_threads``. The two kernel fixes apply on CPU
 only; batch invariance on GPUs has not been verified.
 
-Speed: the ControlNet's driver encoder (a stack of convolutions at full resolution) reads the same
-driver at every denoising step, so its output is computed at the first step of a batch and reused
-(``DriverEncodingCache``); prompt embeddings are computed once per prompt.
+Speed: the options of ``generation`` (compile, channels-last, fused QKV, VAE decode; ``speed.py``) are
+applied once per pipeline load; the guidance cut-off (``generation.guidance_cutoff``) drops the unconditional
+pass after the first part of the steps. The ControlNet's driver encoder (a stack of convolutions at full
+resolution) reads the same driver at every denoising step, so its output is computed at the first step of a
+batch and reused (``DriverEncodingCache``); prompt embeddings are computed once per prompt.
 
 Quality control: each sample gets ``qc_mask_contrast`` (how much darker the defect is than the
 ring around it) and, when ``generation.adherence_scorer`` names one, ``qc_adherence``; failing
@@ -57,11 +59,18 @@ from indusfactory.generation.scorers import (  # noqa: F401 - re-exported
     adherence_scorer,
     register_adherence_scorer,
 )
+from indusfactory.generation.speed import apply_speed_options, speed_key
 from indusfactory.infra import stopping, storage
 from indusfactory.infra.devices import DeviceSlot, device_pool
 from indusfactory.infra.fingerprint import CODE_VERSION
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
-from indusfactory.learning.models import configure_torch, load_generation_pipeline, select_dtype, start_latents
+from indusfactory.learning.models import (
+    configure_torch,
+    guidance_kwargs,
+    load_generation_pipeline,
+    select_dtype,
+    start_latents,
+)
 from indusfactory.publishing.publish import (
     check_before_writing,
     check_shard_origin,
@@ -207,6 +216,7 @@ def get_pipeline(ctx: GenerationContext, slot: DeviceSlot | None = None):
         ctx.condition.uri,
         ctx.config.generation.scheduler,
         str(dtype),
+        speed_key(ctx.config.generation),
     )
     key = (models, slot.name)
     with _PIPELINE_CACHE_LOCK:
@@ -224,7 +234,9 @@ def get_pipeline(ctx: GenerationContext, slot: DeviceSlot | None = None):
                 make_batch_invariant(model)
             pipe.driver_cache = DriverEncodingCache(pipe.controlnet.controlnet_cond_embedding)
             pipe.sampling_lock = threading.Lock()
-            _PIPELINE_CACHE[key] = pipe.to(device=slot.device, dtype=dtype)
+            pipe = pipe.to(device=slot.device, dtype=dtype)
+            apply_speed_options(pipe, ctx.config.generation)  # once per load: compiled graphs serve every shard
+            _PIPELINE_CACHE[key] = pipe
         return _PIPELINE_CACHE[key]
 
 
@@ -339,8 +351,8 @@ def sample_batch(
                 height=resolution,
                 width=resolution,
                 num_inference_steps=gen.steps,
-                guidance_scale=gen.guidance_scale,
                 controlnet_conditioning_scale=gen.conditioning_scale,
+                **guidance_kwargs(pipe, gen.guidance_scale, gen.guidance_cutoff, gen.steps),
                 # one generator per row, padding included: a shared one would shift the real rows' noise
                 generator=generators,
                 latents=latents,

@@ -17,16 +17,28 @@ NOT_IN_FINGERPRINT: dict[str, Any] = {"fingerprint": False}
 (threads, checkpoint cadence, validation images): fingerprints of its model leave it out."""
 
 
+IN_FINGERPRINT_UNLESS_DEFAULT: dict[str, Any] = {"fingerprint": "unless default"}
+"""For a setting added after datasets were published: it enters fingerprints only away from its default, so
+configs that leave it alone keep the fingerprints (dataset versions, trained models) they had."""
+
+
 def in_fingerprint(model: type[BaseModel], name: str) -> bool:
-    """Whether field ``name`` of ``model`` enters the fingerprints of its instances."""
+    """Whether field ``name`` of ``model`` enters the fingerprints of its instances (at a non-default value)."""
     extra = model.model_fields[name].json_schema_extra
     return not (isinstance(extra, dict) and extra.get("fingerprint") is False)
 
 
+def _fingerprinted(obj: BaseModel, name: str) -> bool:
+    field = type(obj).model_fields[name]
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and extra.get("fingerprint") == "unless default":
+        return getattr(obj, name) != field.default
+    return in_fingerprint(type(obj), name)
+
+
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
-        kind = type(obj)
-        kept = {name for name in kind.model_fields if in_fingerprint(kind, name)}
+        kept = {name for name in type(obj).model_fields if _fingerprinted(obj, name)}
         dumped = obj.model_dump(mode="json", include=kept)
         return {
             name: _canonical(getattr(obj, name) if isinstance(getattr(obj, name), BaseModel) else value)

@@ -18,7 +18,7 @@ from indusfactory.config import FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
 from indusfactory.generation import adherence
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
-from indusfactory.learning.models import start_latents
+from indusfactory.learning.models import guidance_kwargs, start_latents
 
 
 @dataclass
@@ -73,8 +73,8 @@ def sample_probe(
             height=resolution,
             width=resolution,
             num_inference_steps=gen.steps,
-            guidance_scale=gen.guidance_scale,
             controlnet_conditioning_scale=gen.conditioning_scale,
+            **guidance_kwargs(pipe, gen.guidance_scale, gen.guidance_cutoff, gen.steps),
             generator=generators,
             latents=latents,
             output_type="np",

@@ -25,6 +25,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -239,9 +240,13 @@ def _check_every_lora_layer_applied(pipe: StableDiffusionPipeline, weights: Path
 
 
 def scheduler_for(name: str, config: dict):
-    """A sampling scheduler built from the base model's scheduler config."""
+    """A sampling scheduler built from the base model's scheduler config (``generation.scheduler``)."""
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "dpmsolver++-karras":  # DPM-Solver++ 2M with Karras sigmas
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config)
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     return EulerDiscreteScheduler.from_config(config)
@@ -278,6 +283,47 @@ def assemble_pipeline(parts, scheduler, controlnet: ControlNetModel | None = Non
         pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def guided_steps(steps: int, cutoff: float) -> int:
+    """How many of ``steps`` sampling steps use classifier-free guidance for ``generation.guidance_cutoff``."""
+    return min(steps, max(0, int(cutoff * steps + 0.5)))
+
+
+class GuidanceCutoff:
+    """A ``callback_on_step_end`` that turns classifier-free guidance off after the first ``guided`` steps
+    (diffusers' dynamic classifier-free guidance): the pipeline's guidance scale drops to 1, so the later steps
+    run the conditional pass only, and the batched tensors of the two passes (prompt embeddings, and the
+    conditioning network's driver) keep their conditional half."""
+
+    def __init__(self, guided: int):
+        self.guided = guided
+
+    def __call__(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        if step + 1 == self.guided:
+            pipe._guidance_scale = 1.0  # do_classifier_free_guidance is guidance_scale > 1
+            for name in ("prompt_embeds", "image"):
+                if name in tensors:
+                    tensors[name] = tensors[name].chunk(2)[1]  # [unconditional, conditional]
+        return tensors
+
+
+def guidance_kwargs(pipe, guidance_scale: float, cutoff: float, steps: int) -> dict:
+    """The pipeline-call arguments of ``generation.guidance_scale`` and ``generation.guidance_cutoff``:
+    guidance at every step (cut-off 1, or no guidance: the plain call, same bytes as ever), at none
+    (cut-off 0: scale 1), or in the first steps only (a ``GuidanceCutoff`` callback)."""
+    guided = guided_steps(steps, cutoff)
+    if guidance_scale <= 1 or guided >= steps:
+        return {"guidance_scale": guidance_scale}
+    if guided == 0:
+        return {"guidance_scale": 1.0}
+    return {
+        "guidance_scale": guidance_scale,
+        "callback_on_step_end": GuidanceCutoff(guided),
+        "callback_on_step_end_tensor_inputs": [
+            name for name in ("prompt_embeds", "image") if name in pipe._callback_tensor_inputs
+        ],
+    }
 
 
 def start_latents(
