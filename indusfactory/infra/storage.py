@@ -109,6 +109,13 @@ def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in OBJECT_STORES for p in protocols)
 
 
+def range_read_options(fs: fsspec.AbstractFileSystem) -> dict:
+    """``fs.open`` options for reading parts of a large file (a parquet footer, one row group): on an object
+    store no read-ahead block (s3fs fetches 50 MB after each read position by default), each read one ranged
+    GET; elsewhere none."""
+    return {"cache_type": "none"} if is_object_store(fs) else {}
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: one PUT on an object store, else a temporary sibling moved
     into place."""
@@ -194,12 +201,84 @@ def remove_temporaries(uri: str) -> list[str]:
     return stale
 
 
+@contextmanager
+def open_atomic(uri: str) -> Iterator[Any]:
+    """A binary handle whose bytes appear at ``uri`` whole, only when the block ends without an error: written
+    piece by piece (never all in memory). Object stores: a streamed (multipart) upload, completed at the end
+    and aborted on an error; elsewhere a temporary sibling moved into place."""
+    fs, path = filesystem(uri)
+    if is_object_store(fs):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()  # abort the upload: nothing appears
+            raise
+        handle.close()
+        return
+    parent_dir = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(parent_dir, exist_ok=True)
+    tmp = posixpath.join(parent_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        with fs.open(tmp, "wb") as handle:
+            yield handle
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm_file(tmp)
+
+
 def write_json_atomic(uri: str, obj: Any) -> None:
     write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    """What S3 gives as the ETag of a single-part upload of ``data``."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def listing(uri: str) -> dict[str, dict]:
+    """``{name: info}`` of the files directly in the folder at ``uri`` (one listing; S3 gives size and ETag);
+    {} when there is no such folder."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") != "directory"}
+
+
+def info(uri: str) -> dict | None:
+    """The file's metadata (size, ETag or mtime; no byte of it read), or None when it is absent."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        found = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return found if found.get("type") != "directory" else None
+
+
+def differs_from_write(found: dict | None, size: int, md5: str, version: str) -> str | None:
+    """Why a file's metadata ``found`` (``info``, or an entry of ``listing``) is not what was written (recorded
+    at the write: ``size``, ``md5`` of the bytes, the file's ``version`` right after); None when it matches.
+    An MD5 ETag (S3 single-part) is compared with the MD5; elsewhere the version (mtime) says it was
+    rewritten. Nothing is downloaded."""
+    if found is None:
+        return "is missing"
+    if int(found.get("size") or 0) != size:
+        return f"has {int(found.get('size') or 0)} bytes, not the {size} written"
+    etag = str(found.get("ETag") or found.get("etag") or "").strip('"')
+    if len(etag) == 32 and md5:
+        return None if etag == md5 else f"has MD5 {etag}, not the {md5} written"
+    if version and file_version(found) != version:
+        return f"was rewritten after it was written (version {file_version(found)}, not {version})"
+    return None
 
 
 VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
@@ -404,6 +483,39 @@ class FactoryLayout:
     def evaluation(dataset_uri: str, fingerprint: str) -> str:
         """An evaluation lives in the dataset version it evaluates: ``<dataset>/evaluation/<fingerprint>``."""
         return join(dataset_uri, "evaluation", fingerprint)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where each file of a dataset version lives under its folder (``datasets/<name>/<version>``).
+
+    Images go one folder per shard (``images/<shard>/<sample_id>.png``): no folder or prefix listing holds
+    more than a shard's images, however large the dataset."""
+
+    uri: str
+
+    def shard(self, shard: str) -> str:
+        """The shard's parquet (Hugging Face naming, ``train-00000-of-00042``): its completion marker."""
+        return join(self.uri, "data", f"{shard}.parquet")
+
+    def shard_coco(self, shard: str) -> str:
+        return join(self.uri, "annotations", "shards", f"{shard}.json")
+
+    def shard_record(self, shard: str) -> str:
+        """The shard's record (rows, counts, size, MD5 and sha256 of its parquet), written right after it."""
+        return join(self.uri, "shards", f"{shard}.json")
+
+    def coco(self, split: str) -> str:
+        """The merged COCO file of the version."""
+        return join(self.uri, "annotations", f"instances_{split}.json")
+
+    @staticmethod
+    def image_name(shard: str, file_name: str) -> str:
+        """An image's name relative to ``images/``: the COCO ``file_name`` and the parquet ``image.path``."""
+        return f"{shard}/{file_name}"
+
+    def image(self, image_name: str) -> str:
+        return join(self.uri, "images", image_name)
 
 
 def basename(uri: str) -> str:
