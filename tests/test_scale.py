@@ -197,6 +197,11 @@ def test_publish_and_the_reuse_check_read_no_shard_back(tmp_path, monkeypatch):
     reread = existing_shard(str(target.parent.parent), "train", 0, 4)
     assert reread.rows == 2 and reread.sha256 == storage.sha256_bytes(target.read_bytes())
 
+    # A shard without its record (a crash between the parquet and the record): read once, its record written.
+    record_file = target.parent.parent / "shards" / "train-00001-of-00004.json"
+    record_file.unlink()
+    assert existing_shard(str(target.parent.parent), "train", 1, 4).rows == 3 and record_file.is_file()
+
 
 def test_publish_refuses_a_shard_changed_after_its_write(tmp_path):
     from indusfactory.infra.errors import IndusfactoryError
