@@ -29,7 +29,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -273,30 +272,6 @@ def run_stage(args: argparse.Namespace) -> None:
     print(json.dumps({**result, "rss_after_imports_mb": round(baseline, 1), "peak_rss_mb": round(rss_mb(), 1)}))
 
 
-def start_endpoint() -> tuple[object, str]:
-    """moto's S3 server on a free loopback port, with the environment s3fs reads (children inherit it)."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
-    return server, endpoint
-
-
 def machine() -> dict:
     return {
         "platform": platform.platform(),
@@ -344,6 +319,7 @@ def main() -> None:
     server = None
     if "s3" in args.stores:
         import s3fs
+        from bench_export import start_endpoint  # moto's server on loopback, the environment s3fs reads
 
         server, endpoint = start_endpoint()
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)

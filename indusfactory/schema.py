@@ -353,7 +353,8 @@ class ShardRecord(Record):
     and reuse check the file by its metadata (size, ETag or ``version``), never by reading it back (0: unknown)."""
     md5: str = ""
     version: str = ""
-    """The parquet's version right after its write where the store's ETag is no MD5 (a local file's mtime)."""
+    """The parquet's version right after its write: its ETag on S3 (the MD5 of a single-part upload, another value
+    with SSE-KMS), a local file's mtime."""
     reused: bool = False
 
     @property

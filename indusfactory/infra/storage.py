@@ -266,18 +266,19 @@ def info(uri: str) -> dict | None:
 
 def differs_from_write(found: dict | None, size: int, md5: str, version: str) -> str | None:
     """Why a file's metadata ``found`` (``info``, or an entry of ``listing``) is not what was written (recorded
-    at the write: ``size``, ``md5`` of the bytes, the file's ``version`` right after); None when it matches.
-    An MD5 ETag (S3 single-part) is compared with the MD5; elsewhere the version (mtime) says it was
-    rewritten. Nothing is downloaded."""
+    at the write: ``size``, ``md5`` of the bytes, the file's ``version`` right after: its ETag on S3, its mtime
+    elsewhere); None when it matches. Without a version, an MD5 ETag (S3 single-part) is compared with the MD5.
+    Nothing is downloaded."""
     if found is None:
         return "is missing"
     if int(found.get("size") or 0) != size:
         return f"has {int(found.get('size') or 0)} bytes, not the {size} written"
+    if version:
+        now = file_version(found).strip('"')
+        return None if now == version.strip('"') else f"was rewritten after it was written ({now}, not {version})"
     etag = str(found.get("ETag") or found.get("etag") or "").strip('"')
-    if len(etag) == 32 and md5:
-        return None if etag == md5 else f"has MD5 {etag}, not the {md5} written"
-    if version and file_version(found) != version:
-        return f"was rewritten after it was written (version {file_version(found)}, not {version})"
+    if len(etag) == 32 and md5 and etag != md5:
+        return f"has MD5 {etag}, not the {md5} written"
     return None
 
 
