@@ -190,10 +190,11 @@ def parent(uri: str) -> str:
 def remove_temporaries(uri: str) -> list[str]:
     """Delete the ``.tmp-`` files a crashed writer left anywhere under ``uri``; returns their paths.
 
-    Only call it when no writer can still be working under ``uri`` (e.g. once every shard is done).
+    Only call it when no writer can still be working under ``uri`` (e.g. once every shard is done). On an object
+    store nothing is listed (a listing of every image of a dataset): writes there make no temporary object.
     """
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if is_object_store(fs) or not fs.exists(path):
         return []
     stale = [p for p in fs.find(path) if posixpath.basename(p).startswith(TMP_PREFIX)]
     for p in stale:
