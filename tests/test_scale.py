@@ -300,3 +300,22 @@ def test_on_s3_publish_checks_etags_streams_coco_and_reads_no_shard_back(s3_buck
     fs.pipe_file(replaced[0].uri, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(IndusfactoryError, match="rewritten after it was written"):
         finalize_dataset(other, "d", "v2", "train", replaced, CATEGORIES, {}, LINEAGE)
+
+
+def test_the_readmes_loading_recipes_read_the_new_layout(tmp_path):
+    """pandas, datasets, duckdb and pycocotools on a version with shard records and image folders: exactly the
+    manifest's rows (the extra ``shards/`` records and ``images/<shard>/`` folders are seen by none of them)."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    from pycocotools.coco import COCO
+
+    from indusfactory.publishing.publish import finalize_dataset
+
+    root = tmp_path / "datasets" / "d" / "v1"
+    finalize_dataset(str(root), "d", "v1", "train", write_shards(str(root), 3), CATEGORIES, {}, LINEAGE)
+    rows = json.loads((root / "manifest.json").read_text())["counts"]["samples"]
+    assert rows == 9 and len(pd.read_parquet(root / "data")) == rows
+    assert datasets.load_dataset(str(root), split="train").num_rows == rows
+    assert duckdb.sql(f"select count(*) from read_parquet('{root}/data/*.parquet')").fetchall() == [(rows,)]
+    assert len(COCO(str(root / "annotations" / "instances_train.json")).getImgIds()) == rows
