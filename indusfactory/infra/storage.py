@@ -104,6 +104,16 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
+def read_json_many(uris: list[str], window: int = 16) -> Iterator[Any]:
+    """``read_json`` of each URI, in order, ``window`` requests at a time (latency-bound on object stores);
+    at most ``window`` documents are held at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        for start in range(0, len(uris), window):
+            yield from pool.map(read_json, uris[start : start + window])
+
+
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return any(p in OBJECT_STORES for p in protocols)

@@ -261,15 +261,16 @@ def _shard_read_whole(dataset_uri: str, split: str, index: int, total: int) -> S
 
 
 def existing_shards(dataset_uri: str, split: str, total: int) -> dict[int, ShardRecord]:
-    """``existing_shard`` of every shard of a version, from one listing of ``data/`` (the work-pool dispatcher)."""
+    """``existing_shard`` of every shard of a version, from one listing of ``data/`` and their records, read 16 at
+    a time (the work-pool dispatcher, the scale benchmark's reuse check)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     found = storage.listing(storage.join(dataset_uri, "data"))
-    records = {}
-    for index in range(total):
-        entry = found.get(f"{shard_name(split, index, total)}.parquet")
-        record = existing_shard(dataset_uri, split, index, total, entry) if entry else None
-        if record is not None:
-            records[index] = record
-    return records
+    entries = {i: found.get(f"{shard_name(split, i, total)}.parquet") for i in range(total)}
+    present = [i for i, entry in entries.items() if entry]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # each a record read: latency-bound on object stores
+        records = pool.map(lambda i: existing_shard(dataset_uri, split, i, total, entries[i]), present)
+        return {i: record for i, record in zip(present, records) if record is not None}
 
 
 def present_shards(dataset_uri: str, split: str, total: int) -> set[int]:
@@ -559,8 +560,7 @@ def merge_coco(uri: str, shard_coco_uris: list[str], categories: list[dict], des
     spools = {key: tempfile.TemporaryFile() for key in streamed}
     counts = dict.fromkeys(streamed, 0)
     try:
-        for coco_uri in shard_coco_uris:
-            doc = storage.read_json(coco_uri)
+        for doc in storage.read_json_many(shard_coco_uris):  # a few at a time; one window in memory
             for key in streamed:
                 for item in doc.get(key, []):
                     spools[key].write((b",\n" if counts[key] else b"\n") + json.dumps(item, sort_keys=True).encode())
