@@ -348,6 +348,13 @@ class ShardRecord(Record):
     histograms of own and chance masks, samples darker inside their label, samples scored."""
     generation_fingerprint: str = ""
     """What made the shard: plan, models, generation and driver config (``export.generation_fingerprint``)."""
+    bytes: int = 0
+    """Size of the parquet, with ``md5`` and ``sha256`` computed from the bytes in hand when it was written: publish
+    and reuse check the file by its metadata (size, ETag or ``version``), never by reading it back (0: unknown)."""
+    md5: str = ""
+    version: str = ""
+    """The parquet's version right after its write: its ETag on S3 (the MD5 of a single-part upload, another value
+    with SSE-KMS), a local file's mtime."""
     reused: bool = False
 
     @property

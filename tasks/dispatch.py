@@ -11,7 +11,7 @@ from prefect.deployments import run_deployment
 
 from indusfactory.config import FactoryConfig
 from indusfactory.generation.plan import rows_in_shards
-from indusfactory.publishing.publish import existing_shard
+from indusfactory.publishing.publish import existing_shards, present_shards
 from indusfactory.schema import CatalogRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 from tasks.report import ShardProgress
@@ -36,7 +36,8 @@ def dispatch_shard_runs(
 ) -> list[ShardRecord]:
     """Run every missing shard on the work pool; return the records of all shards, read from storage."""
     split, size, logger = config.export.split, config.generation.shard_size, run_logger()
-    missing = [i for i in range(plan.shards) if existing_shard(dataset_uri, split, i, plan.shards) is None]
+    present = present_shards(dataset_uri, split, plan.shards)  # one listing of data/, no shard read
+    missing = [i for i in range(plan.shards) if i not in present]
     groups = shard_groups(len(missing), config.execution.shards_per_run)
     groups = [[missing[i] for i in group] for group in groups]
     logger.info(
@@ -75,11 +76,11 @@ def dispatch_shard_runs(
             + "; ".join(failures)
             + ". Rerun generate-dataset: finished shards are kept, only the missing ones run again."
         )
-    records = [existing_shard(dataset_uri, split, i, plan.shards) for i in range(plan.shards)]
-    absent = [i for i, r in enumerate(records) if r is None]
+    found = existing_shards(dataset_uri, split, plan.shards)  # their records, checked against one listing
+    absent = [i for i in range(plan.shards) if i not in found]
     if absent:
         raise ShardRunsFailed(f"child runs completed but shards {absent} are not on storage under {dataset_uri}")
-    return [r.model_copy(update={"reused": r.index not in missing}) for r in records if r is not None]
+    return [found[i].model_copy(update={"reused": i not in missing}) for i in range(plan.shards)]
 
 
 def _run_group(deployment: str, common: dict, group: list[int]):

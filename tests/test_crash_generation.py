@@ -127,9 +127,10 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     if kill_point == "while-writing":
         # Shard 1 had written its images and COCO file; its parquet is a temporary file.
         assert list((root / "data").glob(".tmp-*"))
-        assert all((root / "images" / f"{r['sample_id']}.png").exists() for r in plan_rows if r["shard"] == 1)
+        shard1 = [r["sample_id"] for r in plan_rows if r["shard"] == 1]
+        assert all((root / "images" / names[1] / f"{sample}.png").exists() for sample in shard1)
     shard0 = [parquet[0], root / "annotations" / "shards" / f"{names[0]}.json"]
-    shard0 += [root / "images" / f"{r['sample_id']}.png" for r in plan_rows if r["shard"] == 0]
+    shard0 += [root / "images" / names[0] / f"{r['sample_id']}.png" for r in plan_rows if r["shard"] == 0]
     before = _snapshot(shard0)
 
     record = generate_dataset(config=config)
@@ -142,7 +143,7 @@ def test_sigkill_mid_shard_then_rerun(prefect_api, make_config, prepare_generati
     coco = COCO(str(root / "annotations" / "instances_train.json"))
     assert sorted(img["sample_id"] for img in coco.dataset["images"]) == planned
     assert sorted(coco.getImgIds()) == sorted(r["sample_index"] for r in plan_rows)
-    assert sorted(p.stem for p in (root / "images").iterdir()) == planned
+    assert sorted(p.stem for p in (root / "images").rglob("*.png")) == planned  # images/<shard>/<sample_id>.png
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["counts"]["samples"] == manifest["counts"]["planned"] == 6
 

@@ -256,7 +256,7 @@ def test_qc_drop_leaves_a_consistent_dataset(make_config, prepare_generation):
     coco = COCO(str(root / "annotations" / "instances_train.json"))
     kept = set(contrasts) - failing
     assert set(df["sample_id"]) == kept and len(df) == len(kept) and df["qc_passed"].all()
-    assert {p.stem for p in (root / "images").glob("*.png")} == kept
+    assert {p.stem for p in (root / "images").rglob("*.png")} == kept
     assert {img["sample_id"] for img in coco.dataset["images"]} == kept
     assert len(coco.getAnnIds()) == sum(len(i) for i in df["instances"]) == manifest["counts"]["annotations"]
     counts = manifest["counts"]

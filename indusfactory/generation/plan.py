@@ -9,11 +9,13 @@ plan and the same models give the same bytes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 from skimage.transform import AffineTransform, warp
 
@@ -44,6 +46,9 @@ from indusfactory.schema import (
 from indusfactory.sources.ingest import read_catalog
 
 PLAN_FILE = "plan.parquet"
+PLAN_SHARDS = "shards"
+"""``plans/<fp>/shards/shard-NNNNN.parquet``: each shard's rows again, alone, so generating a shard reads its
+own rows only (``read_plan``); ``plan.parquet`` holds them all (one row group per shard)."""
 RECORD_FILE = "plan.json"
 PREVIEW_FILE = "preview.png"
 MASK_SOURCE_BANK = "bank"
@@ -182,10 +187,8 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
         return done
     sources = SourceImages(catalog.uri, catalog.categories)
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
-    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), sink.getvalue().to_pybytes())
+    storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), plan_bytes(rows))
+    storage.write_many_atomic(plan_shard_files(plan_uri, rows))
     storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
     record = PlanRecord(
         uri=plan_uri,
@@ -197,16 +200,76 @@ def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> 
     return record
 
 
+def plan_bytes(rows: list[dict]) -> bytes:
+    """The plan parquet of ``rows`` (sorted by shard): one row group per shard, so a shard's rows are read
+    alone (``read_plan``), at the same cost whatever the size of the plan."""
+    table = pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, PLAN_SCHEMA) as writer:
+        shards = table.column("shard").to_numpy()
+        start = 0
+        while start < len(shards):
+            end = int(np.searchsorted(shards, shards[start], side="right"))
+            writer.write_table(table.slice(start, end - start), row_group_size=end - start)
+            start = end
+    return sink.getvalue().to_pybytes()
+
+
+def plan_shard_uri(plan_uri: str, shard: int) -> str:
+    return storage.join(plan_uri, PLAN_SHARDS, f"shard-{shard:05d}.parquet")
+
+
+def plan_shard_files(plan_uri: str, rows: list[dict]) -> dict[str, bytes]:
+    """``{uri: parquet}`` of each shard's rows alone (``PLAN_SHARDS``)."""
+    by_shard: dict[int, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["shard"], []).append(row)
+    return {plan_shard_uri(plan_uri, shard): plan_bytes(part) for shard, part in by_shard.items()}
+
+
+def shard_row_groups(metadata: pq.FileMetaData, shard: int) -> list[int] | None:
+    """The row groups of a plan file that may hold ``shard``'s rows, from the row groups' statistics of the
+    ``shard`` column; None when a row group has no statistics."""
+    column = metadata.schema.names.index("shard")
+    groups = []
+    for i in range(metadata.num_row_groups):
+        stats = metadata.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        if stats.min <= shard <= stats.max:
+            groups.append(i)
+    return groups
+
+
 def read_plan(plan: PlanRecord, shard: int | None = None) -> list[dict]:
-    """The plan rows (of one shard when ``shard`` is given; a shard outside the plan or without rows is an error)."""
+    """The plan rows (of one shard when ``shard`` is given; a shard outside the plan or without rows is an error).
+
+    A shard reads its own file (``plans/<fp>/shards/``): the same cost at a thousand plan rows as at a
+    million. A plan written before those files existed reads the shard's row groups of ``plan.parquet``
+    (found from the footer's statistics; a one-row-group plan is filtered whole)."""
     if shard is not None and not 0 <= shard < plan.shards:
         raise BadInputError(f"shard {shard} is outside plan {plan.uri} (shards 0..{plan.shards - 1})")
+    if shard is not None:
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(plan_shard_uri(plan.uri, shard))))
+        except FileNotFoundError:
+            table = _read_plan_row_groups(plan, shard)
+        table = table.filter(pa.compute.equal(table["shard"], shard))
+        if table.num_rows == 0:
+            raise BadInputError(f"shard {shard} of plan {plan.uri} has no rows: the plan file is damaged")
+        return table.to_pylist()
     fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
     with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle, filters=[("shard", "=", shard)] if shard is not None else None)
-    if shard is not None and table.num_rows == 0:
-        raise BadInputError(f"shard {shard} of plan {plan.uri} has no rows: the plan file is damaged")
-    return table.to_pylist()
+        return pq.read_table(handle).to_pylist()
+
+
+def _read_plan_row_groups(plan: PlanRecord, shard: int) -> pa.Table:
+    fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
+    # No read-ahead: a row group is fetched by its byte range, not with the megabytes after it.
+    with fs.open(path, "rb", **storage.range_read_options(fs)) as handle:
+        file = pq.ParquetFile(handle, pre_buffer=True)  # a row group's columns in one read
+        groups = shard_row_groups(file.metadata, shard)
+        return file.read_row_groups(groups) if groups is not None else file.read()
 
 
 def rows_in_shards(plan: PlanRecord, shards: list[int], shard_size: int) -> int:

@@ -104,9 +104,26 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
+def read_json_many(uris: list[str], window: int = 16) -> Iterator[Any]:
+    """``read_json`` of each URI, in order, ``window`` requests at a time (latency-bound on object stores);
+    at most ``window`` documents are held at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        for start in range(0, len(uris), window):
+            yield from pool.map(read_json, uris[start : start + window])
+
+
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return any(p in OBJECT_STORES for p in protocols)
+
+
+def range_read_options(fs: fsspec.AbstractFileSystem) -> dict:
+    """``fs.open`` options for reading parts of a large file (a parquet footer, one row group): on an object
+    store no read-ahead block (s3fs fetches 50 MB after each read position by default), each read one ranged
+    GET; elsewhere none."""
+    return {"cache_type": "none"} if is_object_store(fs) else {}
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -209,15 +226,43 @@ def parent(uri: str) -> str:
 def remove_temporaries(uri: str) -> list[str]:
     """Delete the ``.tmp-`` files a crashed writer left anywhere under ``uri``; returns their paths.
 
-    Only call it when no writer can still be working under ``uri`` (e.g. once every shard is done).
+    Only call it when no writer can still be working under ``uri`` (e.g. once every shard is done). On an object
+    store nothing is listed (a listing of every image of a dataset): writes there make no temporary object.
     """
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if is_object_store(fs) or not fs.exists(path):
         return []
     stale = [p for p in fs.find(path) if posixpath.basename(p).startswith(TMP_PREFIX)]
     for p in stale:
         fs.rm_file(p)
     return stale
+
+
+@contextmanager
+def open_atomic(uri: str) -> Iterator[Any]:
+    """A binary handle whose bytes appear at ``uri`` whole, only when the block ends without an error: written
+    piece by piece (never all in memory). Object stores: a streamed (multipart) upload, completed at the end
+    and aborted on an error; elsewhere a temporary sibling moved into place."""
+    fs, path = filesystem(uri)
+    if is_object_store(fs):
+        handle = fs.open(path, "wb")
+        try:
+            yield handle
+        except BaseException:
+            handle.discard()  # abort the upload: nothing appears
+            raise
+        handle.close()
+        return
+    parent_dir = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(parent_dir, exist_ok=True)
+    tmp = posixpath.join(parent_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        with fs.open(tmp, "wb") as handle:
+            yield handle
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm_file(tmp)
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
@@ -226,6 +271,52 @@ def write_json_atomic(uri: str, obj: Any) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    """What S3 gives as the ETag of a single-part upload of ``data``."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def listing(uri: str) -> dict[str, dict]:
+    """``{name: info}`` of the files directly in the folder at ``uri`` (one listing; S3 gives size and ETag);
+    {} when there is no such folder."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") != "directory"}
+
+
+def info(uri: str) -> dict | None:
+    """The file's metadata (size, ETag or mtime; no byte of it read), or None when it is absent."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        found = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return found if found.get("type") != "directory" else None
+
+
+def differs_from_write(found: dict | None, size: int, md5: str, version: str) -> str | None:
+    """Why a file's metadata ``found`` (``info``, or an entry of ``listing``) is not what was written (recorded
+    at the write: ``size``, ``md5`` of the bytes, the file's ``version`` right after: its ETag on S3, its mtime
+    elsewhere); None when it matches. Without a version, an MD5 ETag (S3 single-part) is compared with the MD5.
+    Nothing is downloaded."""
+    if found is None:
+        return "is missing"
+    if int(found.get("size") or 0) != size:
+        return f"has {int(found.get('size') or 0)} bytes, not the {size} written"
+    if version:
+        now = file_version(found).strip('"')
+        return None if now == version.strip('"') else f"was rewritten after it was written ({now}, not {version})"
+    etag = str(found.get("ETag") or found.get("etag") or "").strip('"')
+    if len(etag) == 32 and md5 and etag != md5:
+        return f"has MD5 {etag}, not the {md5} written"
+    return None
 
 
 VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
@@ -430,6 +521,39 @@ class FactoryLayout:
     def evaluation(dataset_uri: str, fingerprint: str) -> str:
         """An evaluation lives in the dataset version it evaluates: ``<dataset>/evaluation/<fingerprint>``."""
         return join(dataset_uri, "evaluation", fingerprint)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where each file of a dataset version lives under its folder (``datasets/<name>/<version>``).
+
+    Images go one folder per shard (``images/<shard>/<sample_id>.png``): no folder or prefix listing holds
+    more than a shard's images, however large the dataset."""
+
+    uri: str
+
+    def shard(self, shard: str) -> str:
+        """The shard's parquet (Hugging Face naming, ``train-00000-of-00042``): its completion marker."""
+        return join(self.uri, "data", f"{shard}.parquet")
+
+    def shard_coco(self, shard: str) -> str:
+        return join(self.uri, "annotations", "shards", f"{shard}.json")
+
+    def shard_record(self, shard: str) -> str:
+        """The shard's record (rows, counts, size, MD5 and sha256 of its parquet), written right after it."""
+        return join(self.uri, "shards", f"{shard}.json")
+
+    def coco(self, split: str) -> str:
+        """The merged COCO file of the version."""
+        return join(self.uri, "annotations", f"instances_{split}.json")
+
+    @staticmethod
+    def image_name(shard: str, file_name: str) -> str:
+        """An image's name relative to ``images/``: the COCO ``file_name`` and the parquet ``image.path``."""
+        return f"{shard}/{file_name}"
+
+    def image(self, image_name: str) -> str:
+        return join(self.uri, "images", image_name)
 
 
 def basename(uri: str) -> str:

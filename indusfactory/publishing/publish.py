@@ -3,9 +3,10 @@
 Layout of ``datasets/<name>/<version>/``::
 
     data/train-00000-of-00002.parquet   shards, Hugging Face naming; a shard exists only when complete
-    images/<sample_id>.png              the images the COCO files name
+    shards/train-00000-of-00002.json    the shard's record: rows, counts, size, MD5 and sha256 of its parquet
+    images/train-00000-of-00002/<sample_id>.png    the images the COCO files name, one folder per shard
     annotations/shards/train-00000-of-00002.json   COCO per shard
-    annotations/instances_train.json    merged COCO (file_name relative to images/)
+    annotations/instances_train.json    merged COCO (file_name relative to images/), written streaming
     contact_sheet.png                   samples above their mask outlines
     README.md                           dataset card; `datasets.load_dataset(path)` reads the folder
     manifest.json                       counts, checksums, lineage, config: written last (commit marker)
@@ -16,6 +17,11 @@ config; ``generation_fingerprint``), and a folder that published, or holds shard
 config is refused (``check_version``), so a pinned ``export.version`` reused for a changed config never
 mixes two datasets nor returns the old one. One run at a time writes a version: the flows hold a storage
 lock per version around generation and publishing; a shard is written once (``write_bytes_exclusive``).
+
+Publishing scales with the number of shards, not with their bytes: a shard's size, MD5 and sha256 are
+computed from the bytes in hand as it is written and kept in its record; the reuse check, the dispatcher and
+publish compare them with the file's metadata (one listing: size, and the ETag on S3), never reading a shard
+back; the merged COCO is streamed shard by shard.
 """
 
 from __future__ import annotations
@@ -67,11 +73,11 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 def shard_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
-    return storage.join(dataset_uri, "data", f"{shard_name(split, index, total)}.parquet")
+    return storage.DatasetLayout(dataset_uri).shard(shard_name(split, index, total))
 
 
 def shard_coco_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
-    return storage.join(dataset_uri, "annotations", "shards", f"{shard_name(split, index, total)}.json")
+    return storage.DatasetLayout(dataset_uri).shard_coco(shard_name(split, index, total))
 
 
 def is_published(dataset_uri: str) -> bool:
@@ -139,12 +145,12 @@ def write_shard(
     done = existing_shard(dataset_uri, split, index, total)
     if done:
         return done
-    storage.write_many_atomic(
-        {storage.join(dataset_uri, "images", row["image"]["path"]): row["image"]["bytes"] for row in rows}
-    )
+    layout, name = storage.DatasetLayout(dataset_uri), shard_name(split, index, total)
+    rows = [{**row, "image": {**row["image"], "path": layout.image_name(name, row["image"]["path"])}} for row in rows]
+    storage.write_many_atomic({layout.image(row["image"]["path"]): row["image"]["bytes"] for row in rows})
     images, annotations = coco_of_rows(rows)
-    coco_uri = shard_coco_uri(dataset_uri, split, index, total)
-    storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, shard_name(split, index, total)))
+    coco_uri = layout.shard_coco(name)
+    storage.write_json_atomic(coco_uri, coco_document(images, annotations, categories, name))
     schema = with_metadata(DATASET_SCHEMA, categories, huggingface=True)
     counts = json.dumps(
         {
@@ -158,14 +164,14 @@ def write_shard(
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
-    uri = shard_uri(dataset_uri, split, index, total)
+    uri = layout.shard(name)
     if not storage.write_bytes_exclusive(uri, data):
         log.warning("%s was written by another run meanwhile: that one is kept, this run's copy dropped", uri)
         kept = existing_shard(dataset_uri, split, index, total)
         if kept is None:
             raise IndusfactoryError(f"{uri} was written by another run but cannot be read back")
         return kept
-    return ShardRecord(
+    record = ShardRecord(
         index=index,
         total=total,
         uri=uri,
@@ -178,18 +184,62 @@ def write_shard(
         worker=worker or (rows[0]["worker"] if rows else ""),
         generation_fingerprint=generation_fingerprint,
         adherence=adherence or {},
+        **written_stamp(uri, data),
     )
+    _write_shard_record(dataset_uri, record)
+    return record
 
 
-def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord | None:
-    """The record of a shard already on storage (a rerun does not regenerate it), else None."""
-    uri = shard_uri(dataset_uri, split, index, total)
-    if not storage.exists(uri):
+def written_stamp(uri: str, data: bytes) -> dict:
+    """What a shard's checks compare its file with later: size and MD5 of the bytes in hand at the write, and
+    the file's version right after it (its ETag on S3, a local file's mtime: one HEAD or stat, no read)."""
+    return {
+        "bytes": len(data),
+        "md5": storage.md5_bytes(data),
+        "version": storage.file_version(storage.info(uri) or {}),
+    }
+
+
+def _write_shard_record(dataset_uri: str, record: ShardRecord) -> None:
+    name = posixpath.basename(record.uri).removesuffix(".parquet")
+    fields = record.model_dump(mode="json", exclude={"reused", "seconds"})
+    storage.write_json_atomic(storage.DatasetLayout(dataset_uri).shard_record(name), fields)
+
+
+def existing_shard(
+    dataset_uri: str, split: str, index: int, total: int, found: dict | None = None
+) -> ShardRecord | None:
+    """The record of a shard already on storage (a rerun does not regenerate it), else None.
+
+    Read from the shard's record (``shards/<shard>.json``) once the parquet's metadata matches what the record
+    says was written (size, and the MD5 ETag or the version): no byte of the shard is read. ``found``: the
+    parquet's metadata from a listing already made (None: looked up here). A shard without a matching record (written
+    before records existed, or a crash between the parquet and its record) is read whole once, and its record
+    written unless the version is published."""
+    layout, name = storage.DatasetLayout(dataset_uri), shard_name(split, index, total)
+    uri = layout.shard(name)
+    if found is None:
+        found = storage.info(uri)
+    if not found:
         return None
+    try:
+        kept = ShardRecord.model_validate({**storage.read_json(layout.shard_record(name)), "seconds": 0.0})
+    except (FileNotFoundError, ValueError):
+        kept = None
+    if kept is not None and kept.uri == uri and kept.bytes:
+        problem = storage.differs_from_write(found, kept.bytes, kept.md5, kept.version)
+        if problem is None:
+            return kept.model_copy(update={"reused": True})
+        log.warning("%s %s: its record is not trusted, the shard is read instead", uri, problem)
+    return _shard_read_whole(dataset_uri, split, index, total)
+
+
+def _shard_read_whole(dataset_uri: str, split: str, index: int, total: int) -> ShardRecord:
+    uri = shard_uri(dataset_uri, split, index, total)
     data = storage.read_bytes(uri)
     table = pq.read_table(io.BytesIO(data), columns=["qc_passed", "worker"])
     counts = json.loads((table.schema.metadata or {}).get(SHARD_METADATA, b"{}"))
-    return ShardRecord(
+    record = ShardRecord(
         index=index,
         total=total,
         uri=uri,
@@ -203,13 +253,36 @@ def existing_shard(dataset_uri: str, split: str, index: int, total: int) -> Shar
         worker=table["worker"][0].as_py() if table.num_rows else "",
         generation_fingerprint=counts.get("generation_fingerprint", ""),
         reused=True,
+        **written_stamp(uri, data),
     )
+    if not is_published(dataset_uri):
+        _write_shard_record(dataset_uri, record)
+    return record
+
+
+def existing_shards(dataset_uri: str, split: str, total: int) -> dict[int, ShardRecord]:
+    """``existing_shard`` of every shard of a version, from one listing of ``data/`` and their records, read 16 at
+    a time (the work-pool dispatcher, the scale benchmark's reuse check)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    found = storage.listing(storage.join(dataset_uri, "data"))
+    entries = {i: found.get(f"{shard_name(split, i, total)}.parquet") for i in range(total)}
+    present = [i for i, entry in entries.items() if entry]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # each a record read: latency-bound on object stores
+        records = pool.map(lambda i: existing_shard(dataset_uri, split, i, total, entries[i]), present)
+        return {i: record for i, record in zip(present, records) if record is not None}
+
+
+def present_shards(dataset_uri: str, split: str, total: int) -> set[int]:
+    """The shards of a version whose parquet is on storage, from one listing of ``data/`` (nothing read)."""
+    found = storage.listing(storage.join(dataset_uri, "data"))
+    return {i for i in range(total) if f"{shard_name(split, i, total)}.parquet" in found}
 
 
 def shard_fingerprint(uri: str) -> str:
     """The ``generation_fingerprint`` in a shard's parquet metadata ("" for shards written before it existed)."""
     fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
+    with fs.open(path, "rb", **storage.range_read_options(fs)) as handle:  # the footer only
         metadata = pq.read_schema(handle).metadata or {}
     return json.loads(metadata.get(SHARD_METADATA, b"{}")).get("generation_fingerprint", "")
 
@@ -395,19 +468,11 @@ def finalize_dataset(
     if [s.index for s in shards] != list(range(expected)):
         raise IndusfactoryError(f"cannot publish {dataset_uri}: shards {[s.index for s in shards]} of {expected}")
     check_version(dataset_uri, lineage, split, expected)  # data/ holds exactly these shards, of this config
-    for shard in shards:
-        if storage.sha256_bytes(storage.read_bytes(shard.uri)) != shard.sha256:
-            raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} changed after it was written")
+    check_unchanged(dataset_uri, shards)
     summary = adherence_verdict(shards, config.get("generation", {}), dataset_uri)
     storage.remove_temporaries(dataset_uri)  # left by a crashed attempt; every shard is complete now
-    images, annotations = [], []
-    for shard in shards:
-        doc = storage.read_json(shard.coco_uri)
-        images += doc["images"]
-        annotations += doc["annotations"]
-    storage.write_json_atomic(
-        storage.join(dataset_uri, "annotations", f"instances_{split}.json"),
-        coco_document(images, annotations, categories, f"{name} {version}"),
+    annotation_count = merge_coco(
+        storage.DatasetLayout(dataset_uri).coco(split), [s.coco_uri for s in shards], categories, f"{name} {version}"
     )
     manifest: dict[str, Any] = {
         "name": name,
@@ -422,7 +487,7 @@ def finalize_dataset(
             "planned": sum(s.planned for s in shards),
             "dropped": sum(s.dropped for s in shards),
             "flagged": sum(s.flagged for s in shards),
-            "annotations": len(annotations),
+            "annotations": annotation_count,
         },
         "qc": {
             key: config.get("generation", {}).get(key)
@@ -463,6 +528,60 @@ def finalize_dataset(
         shards=len(shards),
         adherence=summary.as_dict(),
     )
+
+
+def check_unchanged(dataset_uri: str, shards: list[ShardRecord]) -> None:
+    """Every shard is the file its record says was written: compared with one listing of ``data/`` (size, and
+    the MD5 ETag on S3 or the version elsewhere). Only a record without them (made by an older version of the
+    factory) has its shard read to compare the sha256."""
+    found = storage.listing(storage.join(dataset_uri, "data"))
+    for shard in shards:
+        entry = found.get(posixpath.basename(shard.uri))
+        if shard.bytes:
+            problem = storage.differs_from_write(entry, shard.bytes, shard.md5, shard.version)
+        elif entry is None:
+            problem = "is missing"
+        else:
+            same = storage.sha256_bytes(storage.read_bytes(shard.uri)) == shard.sha256
+            problem = None if same else "changed after it was written"
+        if problem:
+            raise IndusfactoryError(f"cannot publish {dataset_uri}: {shard.uri} {problem}")
+
+
+def merge_coco(uri: str, shard_coco_uris: list[str], categories: list[dict], description: str) -> int:
+    """Write the merged COCO file of the shards' COCO files at ``uri``, streaming: one shard's file in memory at a
+    time, its images and annotations spooled to local temporary files, the output written (uploaded) piece by
+    piece. The result is ``schema.coco_document`` of every shard's images and annotations, in shard order (keys
+    sorted, one image or annotation a line). Returns the number of annotations."""
+    import tempfile
+
+    head = coco_document([], [], categories, description)
+    streamed = [key for key, value in head.items() if isinstance(value, list) and key != "categories"]
+    spools = {key: tempfile.TemporaryFile() for key in streamed}
+    counts = dict.fromkeys(streamed, 0)
+    try:
+        for doc in storage.read_json_many(shard_coco_uris):  # a few at a time; one window in memory
+            for key in streamed:
+                for item in doc.get(key, []):
+                    spools[key].write((b",\n" if counts[key] else b"\n") + json.dumps(item, sort_keys=True).encode())
+                    counts[key] += 1
+        with storage.open_atomic(uri) as out:
+            out.write(b"{")
+            for n, key in enumerate(sorted(head)):
+                out.write((b",\n" if n else b"") + json.dumps(key).encode() + b": ")
+                if key not in spools:
+                    out.write(json.dumps(head[key], sort_keys=True).encode())
+                    continue
+                out.write(b"[")
+                spools[key].seek(0)
+                for chunk in iter(lambda: spools[key].read(1 << 20), b""):
+                    out.write(chunk)
+                out.write(b"\n]")
+            out.write(b"}\n")
+    finally:
+        for spool in spools.values():
+            spool.close()
+    return counts.get("annotations", 0)
 
 
 def _published(dataset_uri: str, name: str, version: str, split: str, lineage: dict, total: int) -> DatasetRecord:
