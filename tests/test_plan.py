@@ -195,3 +195,17 @@ def test_plan_references_that_do_not_exist_are_named(make_config, catalog, tmp_p
     (tmp_path / "plan" / "shards" / "shard-00000.parquet").unlink()  # read from plan.parquet instead
     with pytest.raises(BadInputError, match="shard 0 of plan .* has no rows"):
         read_plan(plan, shard=0)
+
+
+def test_the_plan_loads_no_model_code():
+    """Planning is data work: importing it loads neither torch nor a training module (a work-pool process that
+    only plans or dispatches shards pays no model import)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, indusfactory.generation.plan; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'indusfactory.learning.condition') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -33,7 +33,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, image_grid
-from indusfactory.learning.condition import condition_prompt
+from indusfactory.learning.prompts import condition_prompt
 from indusfactory.schema import (
     PLAN_SCHEMA,
     CatalogRecord,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_COVERAGE = 0.25
 """A downscaled mask pixel is set when at least this share of the source pixels under it is set."""
@@ -40,12 +44,16 @@ def resize_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
 
 def to_model_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HxWx3 arrays -> float tensor Nx3xHxW in [-1, 1] (what the VAE encodes)."""
+    import torch  # here, so that modules using only the array helpers (the plan) do not load torch
+
     batch = np.stack(images).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
 
 def to_condition_tensor(drivers: list[np.ndarray]) -> torch.Tensor:
     """float HxWx3 drivers in [0, 1] -> tensor Nx3xHxW (what the conditioning network reads)."""
+    import torch
+
     return torch.from_numpy(np.stack(drivers).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 

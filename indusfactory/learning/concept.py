@@ -32,6 +32,7 @@ from indusfactory.learning.models import (
     leaked_latents,
     load_base_components,
 )
+from indusfactory.learning.prompts import concept_prompt
 from indusfactory.learning.training import (
     LatentCache,
     Progress,
@@ -69,10 +70,6 @@ def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
         config.concept,
         storage.normalise_uri(config.factory_root),
     )
-
-
-def concept_prompt(config: FactoryConfig) -> str:
-    return config.concept.prompt_template.format(token=config.concept.token)
 
 
 def class_prompt(config: FactoryConfig) -> str:

@@ -28,6 +28,7 @@ from indusfactory.learning.models import (
     load_concept_pipeline,
     scheduler_for,
 )
+from indusfactory.learning.prompts import condition_prompt
 from indusfactory.learning.training import (
     Progress,
     TrainingRuntime,
@@ -65,12 +66,6 @@ def condition_fingerprint(config: FactoryConfig, catalog: CatalogRecord, concept
         config.driver,
         storage.normalise_uri(config.factory_root),
     )
-
-
-def condition_prompt(config: FactoryConfig, class_names: list[str]) -> str:
-    """``an image of a [V] with a [class] crack``; several classes are joined with 'and'."""
-    classes = " and ".join(dict.fromkeys(class_names))
-    return config.condition.prompt_template.format(token=config.concept.token, classes=classes)
 
 
 def conditioning_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
