@@ -136,6 +136,10 @@ def test_estimates_scale_with_sampling_steps_and_the_eta_follows_the_rate(make_c
     assert "100 images at 2.00 images/s on cpu x1: about 50 s (median of 3 earlier runs)" == found.text()
     slower = estimate(make_config(generation={"steps": 20}), "cpu x1", 100)
     assert slower.images_per_s == 1.0, "twice the sampling steps, half the rate"
+    cut = estimate(make_config(generation={"steps": 10, "guidance_cutoff": 0.5}), "cpu x1", 100)
+    assert cut.images_per_s == 2.0 * 20 / 15, "guidance in half the steps: 15 model passes per image instead of 20"
+    unguided = estimate(make_config(generation={"steps": 10, "guidance_scale": 1.0}), "cpu x1", 100)
+    assert unguided.images_per_s == 4.0, "no guidance: one pass per step"
     assert estimate(make_config(base_model={"resolution": 128}), "cpu x1", 100) is None, "another resolution"
 
     text = eta_text(remaining=10, generated=0, elapsed=0.0, expected=found)

@@ -4,8 +4,9 @@ After each run that generated images, one small JSON record goes to
 ``<factory_root>/throughput/<device kind>/<created>-<dataset>-<version>.json``: images generated, wall
 seconds of the generation stage, images/s, and what decides the speed (base model, resolution, sampling
 steps, batch size). Before the next run generates, ``estimate`` reads the records of the same device kind,
-base model and resolution, scales each rate by its sampling steps (the time per image grows with them) and
-takes the median of the last few: the expected images/s and the time the plan will take.
+base model and resolution, scales each rate by its model evaluations per image (sampling steps, two per
+step while guidance runs: the time per image grows with them) and takes the median of the last few: the
+expected images/s and the time the plan will take.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from indusfactory.config import ExecutionConfig, FactoryConfig
+from indusfactory.config import ExecutionConfig, FactoryConfig, GenerationConfig
 from indusfactory.infra import storage
 
 THROUGHPUT_DIR = "throughput"
@@ -71,13 +72,26 @@ def _folder(root: str, device: str) -> str:
     return storage.join(storage.normalise_uri(root), THROUGHPUT_DIR, _slug(device))
 
 
+def unet_passes(gen: GenerationConfig) -> float:
+    """Model evaluations per image: a step with classifier-free guidance costs two (conditional and
+    unconditional), one without (after ``guidance_cutoff``, or with guidance scale 1)."""
+    guided_share = gen.guidance_cutoff if gen.guidance_scale > 1 else 0.0
+    return gen.steps * (1 + guided_share)
+
+
 def _conditions(config: FactoryConfig) -> dict:
     return {
         "base_model": config.base_model.pretrained,
         "resolution": config.base_model.resolution,
         "steps": config.generation.steps,
+        "unet_passes": unet_passes(config.generation),
         "batch_size": config.generation.batch_size,
     }
+
+
+def _passes_of(run: dict) -> float:
+    """A record's model evaluations per image (records from before ``unet_passes``: guidance at every step)."""
+    return float(run.get("unet_passes") or 2 * run["steps"])
 
 
 def record(config: FactoryConfig, device: str, dataset_uri: str, images: int, seconds: float) -> str | None:
@@ -116,7 +130,7 @@ def history(root: str, device: str) -> list[dict]:
 
 def estimate(config: FactoryConfig, device: str, images: int) -> Estimate | None:
     """Expected images/s and time of ``images`` images on ``device`` from earlier runs with the same base model
-    and resolution (rates scaled by sampling steps); None without such a run."""
+    and resolution (rates scaled by model evaluations per image); None without such a run."""
     if images <= 0:
         return None
     now = _conditions(config)
@@ -130,5 +144,5 @@ def estimate(config: FactoryConfig, device: str, images: int) -> Estimate | None
     ][-RECENT_RUNS:]
     if not matching:
         return None
-    rates = [r["images_per_s"] * r["steps"] / now["steps"] for r in matching]
+    rates = [r["images_per_s"] * _passes_of(r) / now["unet_passes"] for r in matching]
     return Estimate(device=device, images=images, images_per_s=statistics.median(rates), runs=len(matching))
