@@ -232,3 +232,27 @@ def test_a_temporary_prefect_api_that_does_not_start_says_what_to_set_and_is_not
     assert "prefect server start" in result.output and "PREFECT_API_URL=" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 6
     assert len(started) == 1 and started[0].poll() is not None, "the server that never answered is stopped"
+
+
+def test_a_stop_between_sampling_steps_still_runs_the_guidance_cut_off_first():
+    """Generation's step-end callback chains the guidance cut-off (when one is set) and the stop check: both
+    ride on diffusers' single ``callback_on_step_end`` (the two once collided as a duplicate keyword)."""
+    from indusfactory.generation.generate import _then_stop
+    from indusfactory.infra import stopping
+
+    calls: list[int] = []
+
+    def cut_off(pipe, step, timestep, tensors):
+        calls.append(step)
+        return {**tensors, "seen": step}
+
+    callback = _then_stop(cut_off)
+    assert callback(None, 0, 999, {}) == {"seen": 0} and calls == [0]
+    assert _then_stop(None)(None, 1, 998, {"x": 1}) == {"x": 1}
+    stopping.request_stop()
+    try:
+        with pytest.raises(stopping.StopRequested):
+            callback(None, 1, 998, {})
+        assert calls == [0, 1], "the cut-off ran before the stop"
+    finally:
+        stopping.reset()

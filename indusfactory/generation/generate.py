@@ -344,6 +344,9 @@ def sample_batch(
             generators = [torch.Generator(device="cpu").manual_seed(r["seed"]) for r in full_rows]
             images = padded([i.image for i in inputs], shape)
             latents = start_latents(pipe, gen.signal_leak, images, generators, gen.steps)
+            guidance = guidance_kwargs(pipe, gen.guidance_scale, gen.guidance_cutoff, gen.steps)
+            # a stop request ends the batch within one step, after the guidance cut-off's own callback
+            step_end = _then_stop(guidance.pop("callback_on_step_end", None))
             result = pipe(
                 prompt_embeds=torch.cat([embeds[r["prompt"]] for r in full_rows]),
                 negative_prompt_embeds=embeds[""].expand(len(full_rows), -1, -1),
@@ -352,12 +355,12 @@ def sample_batch(
                 width=resolution,
                 num_inference_steps=gen.steps,
                 controlnet_conditioning_scale=gen.conditioning_scale,
-                **guidance_kwargs(pipe, gen.guidance_scale, gen.guidance_cutoff, gen.steps),
+                **guidance,
                 # one generator per row, padding included: a shared one would shift the real rows' noise
                 generator=generators,
                 latents=latents,
                 output_type="np",
-                callback_on_step_end=_stop_between_steps,  # a stop request ends the batch within one step
+                callback_on_step_end=step_end,
             )
         finally:
             if cache:
@@ -365,9 +368,16 @@ def sample_batch(
     return from_model_output(result.images[: len(rows)])
 
 
-def _stop_between_steps(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-    stopping.check("generation")
-    return callback_kwargs
+def _then_stop(step_end: Callable | None) -> Callable:
+    """A pipeline step-end callback that runs ``step_end`` (if any), then honours a stop request."""
+
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if step_end is not None:
+            callback_kwargs = step_end(pipe, step, timestep, callback_kwargs)
+        stopping.check("generation")
+        return callback_kwargs
+
+    return callback
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
