@@ -126,6 +126,13 @@ def range_read_options(fs: fsspec.AbstractFileSystem) -> dict:
     return {"cache_type": "none"} if is_object_store(fs) else {}
 
 
+def _temporary_sibling(fs, uri: str, path: str) -> str:
+    """A fresh temporary name next to ``path`` (its folder made), to write into and then move into place."""
+    folder = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(folder, exist_ok=True)
+    return posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: one PUT on an object store, else a temporary sibling moved
     into place."""
@@ -133,9 +140,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if is_object_store(fs):
         fs.pipe_file(path, data)
         return
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    tmp = _temporary_sibling(fs, uri, path)
     try:
         with fs.open(tmp, "wb") as handle:
             handle.write(data)
@@ -253,9 +258,7 @@ def open_atomic(uri: str) -> Iterator[Any]:
             raise
         handle.close()
         return
-    parent_dir = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    fs.makedirs(parent_dir, exist_ok=True)
-    tmp = posixpath.join(parent_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    tmp = _temporary_sibling(fs, uri, path)
     try:
         with fs.open(tmp, "wb") as handle:
             yield handle
