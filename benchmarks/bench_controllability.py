@@ -48,6 +48,7 @@ from indusfactory.demo.surfaces import write_surface_dataset  # noqa: E402
 from indusfactory.evaluation.features import feature_extractor  # noqa: E402
 from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E402
 from indusfactory.generation import adherence  # noqa: E402
+from indusfactory.generation.plan import SourceImages  # noqa: E402
 from indusfactory.infra.imaging import fit_square  # noqa: E402
 from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa: E402
 from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
@@ -133,8 +134,14 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     cases = probe_cases(heldout, masks, probe_count, seed=seed)
     started = time.perf_counter()
     pipe = load_generation_pipeline(config.base_model, concept.uri, condition.uri, config.generation.scheduler)
-    result = sample_probe(pipe, config, cases, lambda names: condition_prompt(config, names), seed=seed)
+    defects = SourceImages(catalog.uri, catalog.categories).defect_chroma(resolution)
+    result = sample_probe(
+        pipe, config, cases, lambda names: condition_prompt(config, names), seed=seed, defect_chroma=defects
+    )
     timings["probe_generation"] = time.perf_counter() - started
+    # the same samples in the models' own colour (generation.colour_match: none), for the record
+    own_colour = config.model_copy(update={"generation": config.generation.model_copy(update={"colour_match": "none"})})
+    raw = sample_probe(pipe, own_colour, cases, lambda names: condition_prompt(config, names), seed=seed)
 
     real_images = [image for image, _ in test]
     real_masks = [np.logical_or.reduce([m for _, _, m in instances]) for _, instances in test]
@@ -164,6 +171,15 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
             "real": np.mean([i.reshape(-1, 3).mean(0) for i in real_images], 0).round(1).tolist(),
         },
         "kid_small_features": kid,
+        "colour_match": config.generation.colour_match,
+        "models_own_colour": {
+            "generated": raw.summary.as_dict(),
+            "colourfulness": float(np.median([adherence.colourfulness(i) for i in raw.images])),
+            "mean_rgb": np.mean([i.reshape(-1, 3).mean(0) for i in raw.images], 0).round(1).tolist(),
+            "kid_small_features": kernel_inception_distance(
+                extract(raw.images), extract(real_images), subset_size=min(len(raw.images), len(real_images), 50)
+            ),
+        },
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "contact_sheet": sheet_path.name,
     }
@@ -263,6 +279,11 @@ def main() -> None:
             f"real through the VAE {v['median_auc']:.3f}) "
             f"darker {g['fraction_darker']:.0%} | colour {run['colourfulness']['generated']:.1f} vs real "
             f"{run['colourfulness']['real']:.1f} | KID {run['kid_small_features']} | {run['seconds']}"
+        )
+        own = run["models_own_colour"]
+        print(
+            f"       models' own colour: AUC {own['generated']['median_auc']:.3f} colour {own['colourfulness']:.1f} "
+            f"mean RGB {own['mean_rgb']} KID {own['kid_small_features']}"
         )
         if "chain" in run:
             chain = run["chain"]

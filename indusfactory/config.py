@@ -447,6 +447,14 @@ class GenerationConfig(Section):
         "colour carry over to the samples, which pure noise pulls towards the base model's average (measured on "
         "grey sources of mean 152: 123 with 'none', 148 with 'source_mean'; adherence unchanged).",
     )
+    colour_match: Literal["none", "source"] = Field(
+        "source",
+        description="Colour of the samples. 'source': each sample's chroma (Cb, Cr) is matched to the defect-free "
+        "image it was made from around its label, and to the training split's real defects inside it; luma, by "
+        "which labels are measured, is kept (generation/colour.py). 'none': the models' own colour. The tiny "
+        "base model draws colour noise into grey textures (benchmark: colourfulness 18 for grey sources, 0 with "
+        "'source').",
+    )
     batch_size: int = Field(8, gt=0, description="Images sampled at once on a device (halved on out-of-memory).")
     shard_size: int = Field(16, gt=0, description="Plan rows per shard (hundreds in production).")
     min_mask_contrast: float = Field(

@@ -87,6 +87,40 @@ def test_sample_bytes_do_not_depend_on_batch_position_or_worker(make_config, pre
     assert elsewhere == {k: in_order[k] for k in elsewhere}
 
 
+def test_samples_take_their_sources_colour_and_keep_their_luma(make_config, prepare_generation):
+    """generation.colour_match: 'source' moves each sample's chroma to its defect-free source image and
+    leaves its luma (what the labels are measured by); 'none' keeps the model's own colour."""
+    from dataclasses import replace
+
+    from indusfactory.generation import generate
+    from indusfactory.generation.adherence import luminance
+    from indusfactory.generation.colour import image_chroma
+    from indusfactory.generation.plan import materialise, read_plan
+    from indusfactory.schema import decode_image
+
+    setup = prepare_generation(make_config(generation={"steps": 4, "batch_size": 3, "shard_size": 6}))
+    assert setup.config.generation.colour_match == "source"  # the default
+    rows = read_plan(setup.plan)[:3]
+    own_config = setup.config.model_copy(
+        update={"generation": setup.config.generation.model_copy(update={"colour_match": "none"})}
+    )
+    matched = generate.generate_rows(setup.ctx, rows)
+    own = generate.generate_rows(replace(setup.ctx, config=own_config), rows)
+
+    sources = generate.get_sources(setup.ctx)
+    own_gaps = []
+    for row, m, o in zip(rows, matched, own):
+        sample = materialise(row, sources, setup.config)
+        union = np.logical_or.reduce([mask for _, mask in sample.instances])
+        m_image, o_image = decode_image(m["image"]["bytes"]), decode_image(o["image"]["bytes"])
+        assert np.median(np.abs(luminance(m_image) - luminance(o_image))) <= 0.5
+        assert abs(m["qc_label_auc"] - o["qc_label_auc"]) < 0.02
+        source = np.array(image_chroma(sample.image).mean)
+        assert np.allclose(image_chroma(m_image, ~union).mean, source, atol=1.0)
+        own_gaps.append(np.abs(np.array(image_chroma(o_image, ~union).mean) - source).max())
+    assert max(own_gaps) > 1.0  # the model's own colour differs: the match is what made them equal
+
+
 def test_batch_invariant_layers_give_every_row_what_a_batch_of_one_gives():
     import torch
 

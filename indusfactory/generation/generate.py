@@ -53,6 +53,7 @@ import torch
 
 from indusfactory.config import FactoryConfig
 from indusfactory.generation.adherence import label_auc, shard_totals
+from indusfactory.generation.colour import match_chroma
 from indusfactory.generation.plan import SampleInputs, SourceImages, check_references, materialise, read_plan
 from indusfactory.generation.scorers import (  # noqa: F401 - re-exported
     AdherenceScorer,
@@ -455,14 +456,32 @@ def _generate_on(
         inputs = [materialise(r, sources, ctx.config) for r in batch]
         images, shape = sample_splitting_on_oom(ctx, pipe, embeds, batch, inputs, shape)
         unions = [_union(sample, image.shape[:2]) for sample, image in zip(inputs, images)]
-        scores = scorer(list(images), unions) if scorer else [None] * len(batch)
-        for row, sample, image, union, score in zip(batch, inputs, images, unions, scores):
+        matched = matched_colour(ctx, sources, list(images), inputs, unions)
+        scores = scorer(matched, unions) if scorer else [None] * len(batch)
+        for row, sample, image, union, score in zip(batch, inputs, matched, unions, scores):
             out.append(_dataset_row(ctx, row, sample, image, union, score, worker, chance.next(image, union)))
         if on_batch:
             on_batch(len(batch))
     if len(out) > 1:
         out[0]["qc_chance_auc"] = chance.close()
     return out
+
+
+def matched_colour(
+    ctx: GenerationContext,
+    sources: SourceImages,
+    images: list[np.ndarray],
+    inputs: list[SampleInputs],
+    unions: list[np.ndarray],
+) -> list[np.ndarray]:
+    """The sampled images with ``generation.colour_match`` applied (see ``colour.match_chroma``)."""
+    if ctx.config.generation.colour_match == "none":
+        return images
+    defects = sources.defect_chroma(ctx.config.base_model.resolution)
+    return [
+        match_chroma(image, sample.image, union, defects) if sample.image is not None else image
+        for image, sample, union in zip(images, inputs, unions)
+    ]
 
 
 class ChancePairing:

@@ -29,6 +29,7 @@ from indusfactory.drivers.augment import (
 )
 from indusfactory.drivers.cracks import CRACK_STYLES, random_crack_mask
 from indusfactory.drivers.topology import extract_topological_driver
+from indusfactory.generation.colour import ChromaStats, pooled_chroma
 from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
@@ -307,6 +308,7 @@ class SourceImages:
     def __init__(self, catalog_uri: str, categories: list[dict]):
         self._rows = {r["image_id"]: r for r in read_catalog(catalog_uri).to_pylist()}
         self._images: dict[tuple[str, int], np.ndarray] = {}
+        self._defect_chroma: dict[int, ChromaStats | None] = {}
         self.class_index = category_index(categories)
 
     def image(self, image_id: str, resolution: int) -> np.ndarray:
@@ -328,6 +330,19 @@ class SourceImages:
 
     def file_name(self, image_id: str) -> str:
         return self._rows[image_id]["file_name"]
+
+    def defect_chroma(self, resolution: int) -> ChromaStats | None:
+        """Chroma statistics of the real defects of the training split at ``resolution`` (computed once);
+        None when it has no annotated pixel. Other splits are never read: the test split stays unseen."""
+        if resolution not in self._defect_chroma:
+            pairs = (
+                (self.image(image_id, resolution), fit_square(rle_to_mask(inst["rle"]), resolution))
+                for image_id, row in self._rows.items()
+                if row["split"] == "train"
+                for inst in row["instances"]
+            )
+            self._defect_chroma[resolution] = pooled_chroma(pairs)
+        return self._defect_chroma[resolution]
 
     def mask(self, source_id: str, resolution: int) -> np.ndarray:
         image_id, annotation_id = source_id.rsplit(":", 1)

@@ -17,6 +17,7 @@ import torch
 from indusfactory.config import FactoryConfig
 from indusfactory.drivers.topology import extract_topological_driver
 from indusfactory.generation import adherence
+from indusfactory.generation.colour import ChromaStats, match_chroma
 from indusfactory.infra.imaging import from_model_output, to_condition_tensor
 from indusfactory.learning.models import guidance_kwargs, start_latents
 
@@ -53,11 +54,18 @@ def probe_cases(
 
 @torch.no_grad()
 def sample_probe(
-    pipe, config: FactoryConfig, cases: Sequence[ProbeCase], prompt_for, batch_size: int = 8, seed: int = 0
+    pipe,
+    config: FactoryConfig,
+    cases: Sequence[ProbeCase],
+    prompt_for,
+    batch_size: int = 8,
+    seed: int = 0,
+    defect_chroma: ChromaStats | None = None,
 ) -> ProbeResult:
     """Generate one image per case with ``pipe`` (a StableDiffusionControlNetPipeline) and measure it.
 
-    ``prompt_for(class_names)`` gives the condition prompt; sampling follows ``config.generation``.
+    ``prompt_for(class_names)`` gives the condition prompt; sampling follows ``config.generation``, its
+    ``colour_match`` included (``defect_chroma``: the training split's real defects, see ``colour``).
     """
     gen, resolution = config.generation, config.base_model.resolution
     drivers = [extract_topological_driver(c.image, [(k, m) for k, _, m in c.instances], config.driver) for c in cases]
@@ -81,4 +89,6 @@ def sample_probe(
         )
         images.extend(from_model_output(out.images))
     masks = [c.union for c in cases]
+    if gen.colour_match == "source":
+        images = [match_chroma(i, c.image, m, defect_chroma) for i, c, m in zip(images, cases, masks)]
     return ProbeResult(images, drivers, masks, adherence.measure(images, masks, margin=gen.adherence_margin))
