@@ -213,3 +213,17 @@ def prepare_generation():
         )
 
     return prepare
+
+
+def dockerfile_text(name: str) -> str:
+    return (Path(__file__).resolve().parents[1] / "docker" / name).read_text()
+
+
+def dockerfile_env(dockerfile: str) -> dict[str, str]:
+    """The ``ENV`` key=value pairs of a Dockerfile (continuation lines joined)."""
+    text = dockerfile.replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in line[4:].split() if "=" in pair))
+    return env

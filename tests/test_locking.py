@@ -1,18 +1,30 @@
-"""A storage lock whose holder died on this host is taken over at once; anything uncertain still waits."""
+"""Storage locks (indusfactory/infra/locking.py): one holder at a time locally and on S3, heartbeats, a holder
+that died on this host taken over at once, anything uncertain waited for; training under Prefect takes them."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
+
+REPO = Path(__file__).resolve().parents[1]
+POOLS = REPO / "deployments" / "pools"
+PREFECT = str(Path(sys.executable).parent / "prefect")
+PLACEHOLDER = re.compile(r"\{\{\s*([\w.$]+)\s*\}\}")
+
 
 HOLDER = """
 import sys, time
@@ -117,3 +129,220 @@ def test_a_lock_this_process_could_not_delete_is_taken_over_at_once(tmp_path, mo
             StorageLock(uri, owner="waiter", stale_after=600, poll_every=0.05, wait_timeout=0.3).acquire()
     finally:
         held.release()
+
+
+def _stale_lock(owner: str, age: float) -> bytes:
+    from indusfactory.infra.locking import LockInfo
+
+    now = time.time()
+    return LockInfo(
+        owner=owner,
+        token=uuid.uuid4().hex,
+        host="gone",
+        pid=1,
+        acquired_at=now - age - 60,
+        heartbeat_at=now - age,
+        stale_after=600,
+    ).dumps()
+
+
+@pytest.fixture(params=["local", "s3"])
+def lock_root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "factory")
+    import s3fs
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = f"locks-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir(bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{bucket}/factory"
+
+
+def test_lock_excludes_concurrent_holders(lock_root):
+    from indusfactory.infra.locking import StorageLock, lock_uri
+
+    uri = lock_uri(lock_root, "learn-concept-abc")
+    inside, most, guard = [], [0], threading.Lock()
+
+    def hold(i: int) -> None:
+        with StorageLock(uri, owner=f"holder-{i}", stale_after=30, poll_every=0.02):
+            with guard:
+                inside.append(i)
+                most[0] = max(most[0], len(inside))
+            time.sleep(0.15)
+            with guard:
+                inside.remove(i)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
+def test_a_lock_just_created_by_another_thread_is_not_taken_for_a_dead_one(lock_root):
+    """The window between a holder's create and its return (a slow S3 response) must not look like a lock left
+    behind in this process: the CI failure of a run where two of four threads held the lock at once."""
+    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
+
+    uri = lock_uri(lock_root, "learn-concept-window")
+    slow = StorageLock(uri, owner="slow-creator", stale_after=30, poll_every=0.02)
+    created = threading.Event()
+    create = slow._backend.create
+
+    def create_then_stall(data: bytes):
+        version = create(data)
+        created.set()
+        time.sleep(0.6)
+        return version
+
+    slow._backend.create = create_then_stall
+    thread = threading.Thread(target=slow.acquire)
+    thread.start()
+    assert created.wait(10)
+    waiter = StorageLock(uri, owner="waiter", stale_after=30, poll_every=0.02, wait_timeout=0.3)
+    with pytest.raises(LockTimeout, match="slow-creator"):
+        waiter.acquire()
+    thread.join()
+    assert slow.took_over is None and not slow.lost
+    slow.release()
+
+
+def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_root, caplog):
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
+
+    uri = lock_uri(lock_root, "learn-condition-def")
+    holder = StorageLock(uri, owner="live-worker", stale_after=2.0, poll_every=0.05).acquire()
+    try:
+        waiter = StorageLock(uri, owner="waiter", stale_after=2.0, poll_every=0.05, wait_timeout=5.0)
+        with caplog.at_level(logging.INFO, logger="indusfactory.locking"), pytest.raises(LockTimeout):
+            waiter.acquire()  # 5 s > 2 x stale_after: only the heartbeat kept the lock alive
+        assert f"waiting for {uri} held by live-worker" in caplog.text
+        assert not holder.lost
+    finally:
+        holder.release()
+    assert not storage.exists(uri), "released locks are deleted"
+
+    storage.write_bytes_atomic(uri, _stale_lock("crashed-worker", age=3600))
+    with caplog.at_level(logging.WARNING, logger="indusfactory.locking"):
+        with StorageLock(uri, owner="new-worker", stale_after=600) as lock:
+            assert lock.took_over == "crashed-worker"
+            assert json.loads(storage.read_bytes(uri))["owner"] == "new-worker"
+    assert f"took over stale lock {uri} from crashed-worker" in caplog.text
+
+
+def test_a_lock_with_a_frozen_heartbeat_is_taken_over_by_the_waiters_own_clock(tmp_path):
+    """A holder whose clock runs far ahead still loses a dead lock: the waiter times the silence itself."""
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import LockInfo, StorageLock, lock_uri
+
+    uri = lock_uri(str(tmp_path), "x")
+    future = time.time() + 3600
+    storage.write_bytes_atomic(
+        uri, LockInfo(owner="skewed", token="t", acquired_at=future, heartbeat_at=future, stale_after=0.3).dumps()
+    )
+    started = time.monotonic()
+    with StorageLock(uri, owner="me", stale_after=0.3, poll_every=0.05) as lock:
+        assert lock.took_over == "skewed" and 0.3 <= time.monotonic() - started < 5
+
+
+SCRIPT = """
+import json, sys
+from indusfactory.config import parse_config
+from flows.learn_concept import learn_concept
+record = learn_concept(config=parse_config(json.loads(sys.argv[1])))
+print("RESULT " + json.dumps({"reused": record.reused, "fingerprint": record.fingerprint}), flush=True)
+"""
+
+
+def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path):
+    """Two processes run learn-concept on the same config at the same time: one trains, the other waits for
+    its lock and then reuses the model."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+
+    config = make_config(execution={"torch_threads": 1})
+    catalog = ingest(config.source, catalog_uri_for(config))
+    uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(REPO),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
+    gate = StorageLock(uri, owner="test-holder", stale_after=600).acquire()  # both runs must meet the lock
+    procs = {}
+    try:
+        for name, log in logs.items():
+            with open(log, "w") as out:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-c", SCRIPT, config.model_dump_json()],
+                    cwd=REPO,
+                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        deadline = time.time() + 420
+        while not all("held by test-holder" in log.read_text() for log in logs.values()):
+            assert time.time() < deadline, "\n".join(log.read_text()[-3000:] for log in logs.values())
+            assert all(p.poll() is None for p in procs.values()), "\n".join(
+                log.read_text()[-3000:] for log in logs.values()
+            )
+            time.sleep(0.5)
+    finally:
+        gate.release()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    outputs = {name: log.read_text() for name, log in logs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outputs
+    results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}
+    assert sorted(r["reused"] for r in results.values()) == [False, True], results
+    assert len({r["fingerprint"] for r in results.values()}) == 1
+    models = [p for p in (Path(config.factory_root) / "models" / "concept").iterdir()]
+    assert [p.name for p in models] == [results["run-a"]["fingerprint"]], "one model folder, nothing left over"
+    reuser = next(name for name, r in results.items() if r["reused"])
+    assert "not trained again" in outputs[reuser]
+
+    # The wait is in the runs' Prefect logs, not only on the workers' consoles.
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query='"held by test-holder"')))
+    waits = {log.flow_run_id for log in logs if f"waiting for {uri} held by test-holder" in log.message}
+    assert len(waits) == 2, "each run's wait is in its own Prefect logs"
+    assert not Path(uri).exists()
+
+
+def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_api, make_config):
+    from flows.learn_concept import learn_concept
+    from indusfactory.infra import storage
+    from indusfactory.infra.locking import lock_uri
+    from indusfactory.infra.storage import basename as storage_basename
+    from indusfactory.learning.concept import concept_uri_for
+    from indusfactory.sources.ingest import catalog_uri_for, ingest
+
+    config = make_config(execution={"lock_stale_seconds": 120})
+    catalog = ingest(config.source, catalog_uri_for(config))
+    uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
+    storage.write_bytes_atomic(uri, _stale_lock("gpu-box-gpu3 pid 4242", age=3600))
+    started = time.monotonic()
+    record = learn_concept(config=config)
+    assert not record.reused and time.monotonic() - started < 120
+    assert not storage.exists(uri)
