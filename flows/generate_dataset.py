@@ -4,7 +4,8 @@ ingest -> learn-concept -> learn-condition -> build-plan -> generate-shard x N -
 -> evaluate-dataset (``evaluation.enabled``)
 
 Shards run in this flow (``execution.fan_out: local``) or as runs of the ``generate-shards``
-deployment on a GPU work pool (``execution.fan_out: work_pool``). Checking the version folder, generating
+deployment on a GPU work pool (``execution.fan_out: work_pool``); a run that stops, is cancelled or
+crashes cancels its unfinished child runs (``tasks/dispatch.py``). Checking the version folder, generating
 and publishing run under the version's storage lock: two runs of one config never write it at once.
 """
 
@@ -18,7 +19,7 @@ from indusfactory.runform import ProfileName, RunSources, compose_config
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run, run_logger
 from tasks.catalogue import catalogue_artifact
-from tasks.dispatch import dispatch_shard_runs
+from tasks.dispatch import cancel_child_runs, dispatch_shard_runs
 from tasks.estimate import announce_estimate, record_throughput
 from tasks.evaluate import evaluate_dataset_task
 from tasks.generate import build_plan_task, generate_shards_locally, publish_dataset_task, version_lock
@@ -28,7 +29,12 @@ from tasks.preflight import preflight_task
 from tasks.report import StageClock, summarise_run
 
 
-@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(
+    name="generate-dataset",
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
+    on_cancellation=[cancel_child_runs],  # a run cancelled or crashed leaves no generate-shards child running
+    on_crashed=[cancel_child_runs],
+)
 def generate_dataset(
     dataset_name: str | None = None,
     images_per_driver: int | None = None,

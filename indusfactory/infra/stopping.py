@@ -65,6 +65,12 @@ def check(where: str = "") -> None:
         raise StopRequested(_signum, where)
 
 
+def pause(seconds: float, where: str = "") -> None:
+    """Wait ``seconds``, or raise ``StopRequested`` as soon as a stop is asked (a wait that a stop cuts short)."""
+    if _stop.wait(seconds):
+        raise StopRequested(_signum, where)
+
+
 def reset() -> None:
     """Forget a stop request (a new run in the same process, e.g. a test)."""
     global _signum
