@@ -6,6 +6,7 @@ for this config; the evaluation itself is cached inside the dataset version.
 
 from prefect import flow
 
+from flows._form import short_form
 from indusfactory.config import FactoryConfig
 from indusfactory.evaluation.evaluate import published_dataset
 from indusfactory.publishing.publish import dataset_uri_for
@@ -19,7 +20,10 @@ from tasks.preflight import preflight_task
 
 
 @flow(name="evaluate-dataset")
-def evaluate_dataset(config: FactoryConfig = FactoryConfig()) -> EvaluationRecord:
+@short_form
+def evaluate_dataset(config: FactoryConfig) -> EvaluationRecord:
+    """Score the dataset version generate-dataset published for this config: downstream segmentation,
+    adherence and fidelity."""
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
         run(preflight_task)(config, "evaluate-dataset")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)

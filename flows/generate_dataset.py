@@ -12,12 +12,12 @@ and publishing run under the version's storage lock: two runs of one config neve
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._form import short_form
 from indusfactory.config import FactoryConfig
 from indusfactory.publishing.catalogue import NOT_RUN, evaluation_headline, published_evaluation
 from indusfactory.publishing.publish import check_dataset_version, dataset_uri_for
-from indusfactory.runform import ProfileName, RunSources, compose_config
 from indusfactory.schema import DatasetRecord
-from tasks._prefect import factory_run, run_logger
+from tasks._prefect import factory_run
 from tasks.catalogue import catalogue_artifact
 from tasks.dispatch import cancel_child_runs, dispatch_shard_runs
 from tasks.estimate import announce_estimate, record_throughput
@@ -35,44 +35,9 @@ from tasks.report import StageClock, summarise_run
     on_cancellation=[cancel_child_runs],  # a run cancelled or crashed leaves no generate-shards child running
     on_crashed=[cancel_child_runs],
 )
-def generate_dataset(
-    dataset_name: str | None = None,
-    images_per_driver: int | None = None,
-    defect_free_images: int | None = None,
-    sources: RunSources | None = None,
-    base_model: str | None = None,
-    profile: ProfileName | None = None,
-    factory_root: str | None = None,
-    config_file: str | None = None,
-    config: FactoryConfig | None = None,
-) -> DatasetRecord:
-    """Make a dataset version. The first parameters are the short form; `config` is the full configuration.
-
-    Args:
-        dataset_name: Name of the dataset (folder under datasets/).
-        images_per_driver: Images generated per driver (1-15).
-        defect_free_images: Use at most this many defect-free images.
-        sources: Where the annotated defective and the defect-free images are.
-        base_model: Stable Diffusion 1.x folder or hub id ('embedded:tiny-sd': the demo model).
-        profile: Named preset: demo (tiny model, CPU), smoke (a quick end-to-end check; not a useful dataset), sd15-gpu.
-        factory_root: Local path or s3:// URI everything is written under.
-        config_file: Path or URI of a YAML FactoryConfig (a site's settings).
-        config: Advanced: the full configuration; only the fields set here override.
-
-    Order: profile < config_file < config < short parameters (indusfactory/runform.py).
-    """
-    config, layers = compose_config(
-        profile,
-        config_file,
-        config,
-        dataset_name=dataset_name,
-        images_per_driver=images_per_driver,
-        defect_free_images=defect_free_images,
-        sources=sources,
-        base_model=base_model,
-        factory_root=factory_root,
-    )
-    run_logger().info("configuration: %s", " < ".join(layers))
+@short_form
+def generate_dataset(config: FactoryConfig) -> DatasetRecord:
+    """Make a dataset version: the whole chain, from the raw files to a published dataset."""
     clock = StageClock()  # time per stage, for the summary
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
         run = clock.wrap(run)

@@ -2,6 +2,7 @@
 
 from prefect import flow
 
+from flows._form import short_form
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import CatalogRecord
 from tasks._prefect import factory_run
@@ -10,7 +11,9 @@ from tasks.preflight import preflight_task
 
 
 @flow(name="ingest")
-def ingest(config: FactoryConfig = FactoryConfig()) -> CatalogRecord:
+@short_form
+def ingest(config: FactoryConfig) -> CatalogRecord:
+    """The team's raw files become the catalog."""
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
         run(preflight_task)(config, "ingest")  # what the config names, checked in seconds before any work
         return run(ingest_task)(config)

@@ -2,6 +2,7 @@
 
 from prefect import flow
 
+from flows._form import short_form
 from indusfactory.config import FactoryConfig
 from indusfactory.schema import ModelRecord
 from tasks._prefect import factory_run
@@ -11,7 +12,9 @@ from tasks.preflight import preflight_task
 
 
 @flow(name="learn-concept")
-def learn_concept(config: FactoryConfig = FactoryConfig()) -> ModelRecord:
+@short_form
+def learn_concept(config: FactoryConfig) -> ModelRecord:
+    """Ingest, then DreamBooth LoRA of the defective concept."""
     with factory_run(config) as run:  # results under the factory root, library logs, secrets scrubbed
         run(preflight_task)(config, "learn-concept")  # what the config names, checked in seconds before any work
         catalog = run(ingest_task)(config)

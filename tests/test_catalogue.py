@@ -31,17 +31,25 @@ def _publish(prepared) -> str:
     ).version
 
 
-@pytest.fixture
-def three_versions(make_config, prepare_generation, tmp_path):
-    """A (condition 1, 2 sampling steps), B (condition 1, 3 steps), C (condition 2): C published last."""
+def _three_versions(make_config, prepare_generation, root=None):
+    """A (condition 1, 2 sampling steps), B (condition 1, 3 steps), C (condition 2): C published last; under
+    ``root`` (the default factory root when None)."""
     small = {"max_defect_free_images": 1, "augmentations_per_image": 1, "images_per_driver": 2}
-    a = prepare_generation(make_config(plan=small))
-    b = prepare_generation(make_config(plan=small, generation={"steps": 3}))
-    c = prepare_generation(make_config(plan=small, condition={"steps": 3}))
+    # No validation images or adherence probe (not in any fingerprint; they were most of the time here).
+    concept = {"validation_images": 0}
+    condition = {"validation_images": 0, "validation_probe_samples": 0}
+    a = prepare_generation(make_config(root, plan=small, concept=concept, condition=condition))
+    b = prepare_generation(make_config(root, plan=small, concept=concept, condition=condition, generation={"steps": 3}))
+    c = prepare_generation(make_config(root, plan=small, concept=concept, condition={**condition, "steps": 3}))
     assert a.condition.uri == b.condition.uri != c.condition.uri and a.concept.uri == c.concept.uri
     versions = [_publish(p) for p in (a, b, c)]
     assert len(set(versions)) == 3
-    return tmp_path / "factory", (a, b, c), versions
+    return (a, b, c), versions
+
+
+@pytest.fixture
+def three_versions(make_config, prepare_generation, tmp_path):
+    return tmp_path / "factory", *_three_versions(make_config, prepare_generation)
 
 
 def _gc_dry_run(root: Path, *extra: str) -> tuple[list[str], str]:
@@ -153,3 +161,57 @@ def test_each_publish_leaves_the_catalogue_as_a_table_artifact(prefect_api, thre
         (vb, False, b.plan.samples),
         (vc, True, c.plan.samples),
     ]
+
+
+def test_gc_on_s3_lists_then_removes_exactly_what_nothing_references(make_config, prepare_generation, s3_bucket):
+    """The same rules with the factory root on S3 (a real endpoint on loopback): the dry run lists the right
+    objects, `--delete` removes exactly their prefixes, and `latest`, what it references, an unpublished version
+    and the models of kept versions stay."""
+    import fsspec
+
+    from indusfactory.publishing.catalogue import find_version, plan_gc
+
+    root = f"{s3_bucket}/factory"
+    (a, b, c), (va, vb, vc) = _three_versions(make_config, prepare_generation, root)
+    assert a.dataset_uri == f"{root}/datasets/demo-cracks/{va}" and c.condition.uri.startswith(f"{root}/models/")
+    fs = fsspec.filesystem("s3")
+    partial = f"{root}/datasets/demo-cracks/v-being-written"
+    fs.pipe(f"{partial}/data/train-00000-of-00001.parquet", b"half")
+
+    def tree() -> set[str]:
+        fs.invalidate_cache()
+        return {"s3://" + p for p in fs.find(root)}
+
+    removes, _ = _gc_dry_run(root)
+    assert removes == sorted([a.dataset_uri, b.dataset_uri]), "the condition model of A and B is in its grace"
+    plan = plan_gc(root, keep_versions=1, grace_seconds=0)
+    assert {i.uri for i in plan.remove} == {a.dataset_uri}, "B is one of the newest, so its condition model stays"
+    removes, token = _gc_dry_run(root, "--grace-hours", "0")
+    assert removes == sorted([a.dataset_uri, b.dataset_uri, a.condition.uri])
+    reasons = {i.uri: i.reason for i in plan_gc(root, grace_seconds=0).keep}
+    assert reasons[c.dataset_uri] == "latest" and "unpublished" in reasons[partial]
+    assert "lineage" in reasons[c.condition.uri] and "lineage" in reasons[c.concept.uri]
+    # An s3:// path in the config of a kept version keeps what it names (and that version's models).
+    manifest_uri = f"{c.dataset_uri}/manifest.json"
+    original = fs.cat(manifest_uri)
+    manifest = json.loads(original)
+    manifest["config"]["generation"]["adherence_scorer"] = f"segformer:{a.dataset_uri}/evaluation/x/segmentor"
+    fs.pipe(manifest_uri, json.dumps(manifest).encode())
+    assert {i.uri for i in plan_gc(root, grace_seconds=0).remove} == {b.dataset_uri}
+    fs.pipe(manifest_uri, original)
+
+    before = tree()
+    refused = runner.invoke(app, ["datasets", "gc", "--factory-root", root, "--grace-hours", "0", "--delete", "0" * 12])
+    assert refused.exit_code == 2 and "changed since the dry run" in refused.output and tree() == before
+    result = runner.invoke(app, ["datasets", "gc", "--factory-root", root, "--grace-hours", "0", "--delete", token])
+    assert result.exit_code == 0, result.output
+    assert sorted(line.split()[2] for line in result.output.splitlines() if line.startswith("removed ")) == removes
+    after = tree()
+    gone = before - after
+    assert gone and all(any(p.startswith(r + "/") for r in removes) for p in gone), "only under the listed prefixes"
+    assert not [p for p in after if any(p.startswith(r + "/") for r in removes)], "everything under them"
+    for kept in (c.dataset_uri, c.condition.uri, c.concept.uri, partial):
+        assert any(p.startswith(kept + "/") for p in after), kept
+    assert f"{root}/datasets/demo-cracks/latest" in after and f"{c.dataset_uri}/manifest.json" in after
+    assert find_version(root, "demo-cracks").version == vc
+    assert _gc_dry_run(root, "--grace-hours", "0")[0] == [], "nothing left to collect"

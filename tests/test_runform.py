@@ -1,10 +1,12 @@
-"""The short run form of generate-dataset: the parameters an operator changes first, profiles, a YAML file
-and the advanced config composed in one documented order, and a deployment run with only the short form."""
+"""The short run form of generate-dataset and of every flow an operator starts from the UI (ingest, learn-concept,
+learn-condition, evaluate-dataset): the parameters an operator changes first, profiles, a YAML file and the
+advanced config composed in one documented order, and a deployment run with only the short form."""
 
 from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,17 +28,83 @@ SHORT = [
 ]
 
 
-def test_the_run_form_lists_the_short_parameters_first_and_the_full_config_last():
+UI_FLOWS = {"generate-dataset", "ingest", "learn-concept", "learn-condition", "evaluate-dataset"}
+"""The flows an operator starts from the UI with a whole FactoryConfig; generate-shards is dispatched by code."""
+
+
+def _flows() -> dict:
+    """Every Prefect flow defined in flows/*.py, by name."""
+    import importlib
+    from pathlib import Path
+
+    from prefect import Flow
+
+    found = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "flows").glob("*.py")):
+        module = importlib.import_module(f"flows.{path.stem}")
+        found.update({f.name: f for f in vars(module).values() if isinstance(f, Flow)})
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(UI_FLOWS))
+def test_the_run_form_lists_the_short_parameters_first_and_the_full_config_last(name):
     from prefect.utilities.callables import parameter_schema
 
-    from flows.generate_dataset import generate_dataset
-
-    schema = parameter_schema(generate_dataset)
+    schema = parameter_schema(_flows()[name])
     ordered = sorted(schema.properties, key=lambda name: schema.properties[name]["position"])
-    assert ordered == [*SHORT, "config"]
+    assert ordered == [*SHORT, "config"], f"{name} does not take the short form first"
     assert schema.required == [] or not schema.required, "every parameter is optional"
     assert schema.properties["profile"]["anyOf"][0]["enum"] == list(PROFILES) == list(typing.get_args(ProfileName))
     assert all(schema.properties[name].get("description") for name in ordered), "each parameter is explained"
+
+
+def test_every_flow_that_takes_a_factory_config_takes_the_short_form_through_the_same_code():
+    """A new flow, or one that kept (or copied) the long form, fails here; generate-shards takes exact records."""
+    from flows._form import short_form
+
+    flows = _flows()
+    assert set(flows) == UI_FLOWS | {"generate-shards"}, "a new flow: does an operator start it from the UI?"
+    shared = short_form(lambda config: config).__code__
+    for name in sorted(UI_FLOWS):
+        assert flows[name].fn.__code__ is shared, f"{name} does not compose its config with flows/_form.py"
+    assert list(flows["generate-shards"].parameters.properties) == [
+        "config",
+        "catalog",
+        "plan",
+        "concept",
+        "condition",
+        "dataset_uri",
+        "shards",
+    ]
+    deployed = yaml.safe_load((Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml").read_text())
+    for deployment in deployed["deployments"]:
+        if "generate_shards" not in deployment["entrypoint"]:
+            assert set(deployment.get("parameters") or {}) <= {*SHORT, "config"}, deployment
+
+
+def test_a_stage_flow_runs_from_the_short_form_alone(prefect_api, sample_root, tmp_path, caplog):
+    """ingest with a profile, sources and a factory root only: the config is composed as for generate-dataset
+    (the run's log names the layers) and the catalog lands under that factory root."""
+    from flows.ingest import ingest
+    from indusfactory.sources.ingest import catalog_uri_for
+
+    sources = {
+        "coco_annotations": str(sample_root / "defective" / "annotations.json"),
+        "images_dir": str(sample_root / "defective" / "images"),
+        "defect_free_dir": str(sample_root / "defect_free"),
+    }
+    short = {"profile": "smoke", "factory_root": str(tmp_path / "factory"), "sources": sources}
+    state = ingest(**short, return_state=True)
+    record = state.result()
+    expected, layers = compose_config(short["profile"], None, None, factory_root=short["factory_root"], sources=sources)
+    assert record.uri == catalog_uri_for(expected) and record.uri.startswith(str(tmp_path / "factory"))
+    configured = [r.getMessage() for r in caplog.records if r.getMessage().startswith("configuration: ")]
+    assert configured == [f"configuration: {' < '.join(layers)}"]
+    assert layers == [
+        "defaults",
+        "profile smoke",
+        "short parameters factory_root, source.coco_annotations, source.defect_free_dir, source.images_dir",
+    ]
 
 
 def test_composition_order_is_profile_then_file_then_config_then_short_parameters(tmp_path):

@@ -156,6 +156,13 @@ def test_deploy_all_and_fan_out_to_two_workers(prefect_server, sample_root, tiny
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert all(d.enforce_parameter_schema for d in deployments.values())
     assert "config" in nightly.parameter_openapi_schema["properties"], "the UI renders the config as a form"
+    for name, deployment in deployments.items():  # the run form: the short parameters first, the full config last
+        properties = deployment.parameter_openapi_schema["properties"]
+        ordered = sorted(properties, key=lambda p: properties[p]["position"])
+        if name.startswith("generate-shards/"):
+            assert ordered[0] == "config" and "catalog" in ordered, name  # a child run takes exact records
+        else:
+            assert ordered[0] == "dataset_name" and ordered[-2:] == ["config_file", "config"], name
 
     # One worker for the parent run, two "GPU" workers with a concurrency of one each.
     procs.start("worker-parent", [PREFECT, "worker", "start", "--pool", "local-process", "--name", "parent"], env)
