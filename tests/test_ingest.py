@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from skimage.measure import label
 
 from indusfactory.config import SourceConfig, parse_config
+from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError, ConfigError
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
 from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
@@ -783,3 +784,67 @@ def test_cache_key_ignores_threads_and_names_missing_masks_dir(tmp_path):
     )
     with pytest.raises(BadInputError, match="source.masks_dir .*nowhere does not exist"):
         source_listing(source.model_copy(update={"masks_dir": str(tmp_path / "nowhere")}))
+
+
+def _catalog_reads(monkeypatch) -> list[str]:
+    """The catalog files parquet actually reads from now on (every ``pyarrow.parquet.read_table`` of one)."""
+    reads: list[str] = []
+    real = pq.read_table
+
+    def counting(source, *args, **kwargs):
+        path = str(getattr(source, "path", source))
+        if path.endswith("catalog.parquet"):
+            reads.append(path)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    return reads
+
+
+def test_every_stage_of_a_process_is_handed_the_catalog_read_once(make_config, catalog, monkeypatch):
+    """Concept, condition, plan and evaluation each read the catalog; one process reads its file once."""
+    from indusfactory.evaluation.evaluate import real_split
+    from indusfactory.generation.plan import SourceImages
+    from indusfactory.learning.concept import training_images
+    from indusfactory.learning.condition import defect_free_images, probe_masks, training_examples
+
+    config = make_config()
+    reads = _catalog_reads(monkeypatch)
+    images = training_images(catalog.uri, 64)
+    examples = training_examples(config, catalog)
+    masks, _ = probe_masks(config, catalog)
+    free = defect_free_images(config, catalog, 2)
+    sources = SourceImages(catalog.uri, catalog.categories)
+    real = real_split(catalog, "train", 64)
+    assert images and examples.images and masks and free and real.ids
+    assert all(sources.has_image(i) for i in real.ids)
+    assert reads == [storage.filesystem(storage.join(catalog.uri, "catalog.parquet"))[1]]
+    assert read_catalog(catalog.uri) is read_catalog(catalog.uri) and len(reads) == 1
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_a_catalog_written_again_at_its_uri_is_read_again(where, sample_root, tmp_path, monkeypatch, request):
+    """A re-ingest at the same URI (its record removed) writes another file: no stage is handed the old one
+    (a new modification time and inode here, a new ETag on S3)."""
+    from types import SimpleNamespace
+
+    from indusfactory.generation.generate import get_sources
+    from indusfactory.sources import ingest as ingest_module
+
+    uri = f"{tmp_path if where == 'local' else request.getfixturevalue('s3_bucket')}/catalog"
+    first = ingest(_source(sample_root), uri)
+    reads = _catalog_reads(monkeypatch)
+    before = {r["image_id"]: r["split"] for r in read_catalog(uri).to_pylist()}
+    ctx = SimpleNamespace(catalog_uri=uri, categories=first.categories)
+    sources = get_sources(ctx)
+    assert get_sources(ctx) is sources and len(reads) == 1
+
+    fs, record = storage.filesystem(storage.join(uri, ingest_module.RECORD_FILE))
+    fs.rm_file(record)
+    second = ingest(_source(sample_root).model_copy(update={"split_seed": 1}), uri)
+    assert second.uri == first.uri and second.content_fingerprint != first.content_fingerprint
+    after = {r["image_id"]: r["split"] for r in read_catalog(uri).to_pylist()}
+    assert after.keys() == before.keys() and after != before, "the new file's splits, not the cached ones"
+    assert get_sources(ctx) is not sources and len(reads) == 2
+    assert read_catalog(uri).to_pylist() == read_catalog(uri).to_pylist() and len(reads) == 2
+    assert len(ingest_module._CATALOGS) <= ingest_module.CATALOGS_KEPT

@@ -319,3 +319,28 @@ def test_the_readmes_loading_recipes_read_the_new_layout(tmp_path):
     assert datasets.load_dataset(str(root), split="train").num_rows == rows
     assert duckdb.sql(f"select count(*) from read_parquet('{root}/data/*.parquet')").fetchall() == [(rows,)]
     assert len(COCO(str(root / "annotations" / "instances_train.json")).getImgIds()) == rows
+
+
+def test_the_dataset_card_loads_back_as_a_hugging_face_card(tmp_path):
+    """README.md is a ``huggingface_hub.DatasetCard``: its ``configs`` name exactly the manifest's shards."""
+    from huggingface_hub import DatasetCard
+
+    from indusfactory.publishing.publish import finalize_dataset
+
+    root = tmp_path / "datasets" / "d" / "v1"
+    finalize_dataset(str(root), "d", "v1", "train", write_shards(str(root), 2), CATEGORIES, {}, LINEAGE)
+    manifest = json.loads((root / "manifest.json").read_text())
+    card = DatasetCard.load(root / "README.md")
+    assert card.data.configs == [
+        {
+            "config_name": "default",
+            "data_files": [{"split": "train", "path": [shard["path"] for shard in manifest["shards"]]}],
+        }
+    ]
+    assert card.data.configs[0]["data_files"][0]["path"] == [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ]
+    assert card.data.task_categories == ["image-segmentation"]
+    assert card.data.tags == ["synthetic", "industrial-inspection", "indusfactory"]
+    assert card.text.lstrip().startswith("# d v1") and "samples: 6 in 2 shards" in card.text

@@ -329,3 +329,19 @@ def test_noise_offset_adds_one_constant_per_example_and_channel(tiny_model_path)
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant over the pixels
     per_channel = shift[:, :, 0, 0]
     assert per_channel.abs().min() > 0 and per_channel.std() > 0.1  # differs between examples and channels
+
+
+def test_model_cards_load_back_as_hugging_face_cards(make_config, catalog, tmp_path, tiny_model_path):
+    """Each stage's README.md is a ``huggingface_hub.ModelCard``: its metadata reads back as ``ModelCardData``."""
+    from huggingface_hub import ModelCard
+
+    config = make_config(concept={"steps": 1, "validation_images": 0}, condition={"steps": 1, "validation_images": 0})
+    concept = train_concept(config, catalog, str(tmp_path / "concept"))
+    condition = train_condition(config, catalog, concept, str(tmp_path / "condition"))
+    for record in (concept, condition):
+        card = ModelCard.load(f"{record.uri}/README.md")
+        assert card.data.library_name == "diffusers"
+        assert card.data.base_model == str(tiny_model_path) == config.base_model.pretrained
+        assert card.data.tags == ["indusfactory", "text-to-image"]
+        assert f"training data fingerprint: `{catalog.content_fingerprint}`" in card.text
+        assert card.text.lstrip().startswith("# indusfactory ") and "## Training config" in card.text

@@ -80,10 +80,11 @@ from indusfactory.publishing.publish import (
     write_shard,
 )
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
+from indusfactory.sources.ingest import catalog_version
 
 log = logging.getLogger("indusfactory.generate")  # the name operators filter on, kept from the flat layout
 _PIPELINE_CACHE: dict[tuple, object] = {}
-_SOURCES_CACHE: dict[str, SourceImages] = {}
+_SOURCES_CACHE: dict[tuple | None, SourceImages] = {}
 
 
 @dataclass
@@ -242,10 +243,12 @@ def get_pipeline(ctx: GenerationContext, slot: DeviceSlot | None = None):
 
 
 def get_sources(ctx: GenerationContext) -> SourceImages:
-    if ctx.catalog_uri not in _SOURCES_CACHE:
+    """The decoded catalog images of ``ctx`` (one per process and version of the catalog file)."""
+    key = catalog_version(ctx.catalog_uri)
+    if key is None or key not in _SOURCES_CACHE:
         _SOURCES_CACHE.clear()
-        _SOURCES_CACHE[ctx.catalog_uri] = SourceImages(ctx.catalog_uri, ctx.categories)
-    return _SOURCES_CACHE[ctx.catalog_uri]
+        _SOURCES_CACHE[key] = SourceImages(ctx.catalog_uri, ctx.categories)
+    return _SOURCES_CACHE[key]
 
 
 # --- quality control -----------------------------------------------------------------------------

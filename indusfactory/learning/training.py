@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
+from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from indusfactory.config import ExecutionConfig, TrainingConfig
@@ -344,19 +345,12 @@ def model_card(
     extra: str = "",
     validation: Sequence[str] = (),
 ) -> str:
-    """A Hugging Face style model card with the training config, data fingerprint and validation images."""
+    """A Hugging Face model card (``huggingface_hub.ModelCard``): its metadata from ``ModelCardData`` (library,
+    base model, tags), its body the training config, data fingerprint and validation images."""
     tail = losses[-max(1, len(losses) // 10) :]
     images = [f"![{name}]({name})" for name in validation]
-    return "\n".join(
+    body = "\n".join(
         [
-            "---",
-            "library_name: diffusers",
-            f"base_model: {base_model}",
-            "tags:",
-            "- indusfactory",
-            "- text-to-image",
-            "---",
-            "",
             f"# {title}",
             "",
             description,
@@ -375,6 +369,8 @@ def model_card(
             "",
         ]
     )
+    data = ModelCardData(library_name="diffusers", base_model=base_model, tags=["indusfactory", "text-to-image"])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def write_model_metadata(folder: str, card: str, training_config: dict, record_json: str, record_file: str) -> None:

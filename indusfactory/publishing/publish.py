@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from huggingface_hub import DatasetCard, DatasetCardData
 
 from indusfactory.config import FactoryConfig
 from indusfactory.generation.adherence import NEAR_CHANCE, AdherenceSummary, summarise_totals
@@ -359,29 +360,22 @@ def check_version(dataset_uri: str, lineage: dict, split: str, total: int) -> No
 
 
 def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
-    """README.md with the front matter `datasets.load_dataset(folder)` reads: exactly the manifest's shards."""
+    """README.md as a ``huggingface_hub.DatasetCard``: its ``DatasetCardData`` carries the ``configs`` whose
+    ``data_files`` `datasets.load_dataset(folder)` reads (exactly the manifest's shards); its body says what
+    the dataset is and how to load it."""
     counts = manifest["counts"]
-    paths = (
-        ["    path:", *(f"    - {shard['path']}" for shard in manifest["shards"])]
-        if manifest["shards"]
-        else ["    path: []"]
+    data = DatasetCardData(
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": split, "path": [shard["path"] for shard in manifest["shards"]]}],
+            }
+        ],
+        task_categories=["image-segmentation"],
+        tags=["synthetic", "industrial-inspection", "indusfactory"],
     )
-    return "\n".join(
+    body = "\n".join(
         [
-            "---",
-            "configs:",
-            "- config_name: default",
-            "  data_files:",
-            f"  - split: {split}",
-            *paths,
-            "task_categories:",
-            "- image-segmentation",
-            "tags:",
-            "- synthetic",
-            "- industrial-inspection",
-            "- indusfactory",
-            "---",
-            "",
             f"# {name} {version}",
             "",
             "Synthetic, self-annotated industrial defect images made by indusfactory "
@@ -410,6 +404,7 @@ def dataset_card(name: str, version: str, split: str, manifest: dict) -> str:
             "",
         ]
     ).replace("{root}", f"<path to {name}/{version}>")
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def adherence_verdict(shards: list[ShardRecord], generation: dict, dataset_uri: str) -> AdherenceSummary:
