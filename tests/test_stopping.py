@@ -123,6 +123,8 @@ def test_signals_set_the_stop_flag_then_run_the_handler_they_replace_and_are_res
 def test_a_second_ctrl_c_is_a_repeat_once_even_through_nested_handlers():
     repeats = []
     before = signal.getsignal(signal.SIGINT)
+    # Python's own Ctrl-C handler, also where SIGINT was ignored (a suite started in the background of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with stopping.stopping_on_signals(on_repeat=repeats.append), stopping.stopping_on_signals():
             for _ in range(2):
