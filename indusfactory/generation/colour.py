@@ -11,7 +11,9 @@ knows the colour each sample should have; ``match_chroma`` moves a generated ima
   colour, a crack on grey stays grey); without them, inside gets the surroundings' transform.
 
 Only chroma changes: luma (Rec. 601 Y, the ``adherence.luminance`` that labels are measured by) is
-kept exactly before rounding, so what the models drew (where the defect is, how dark) is unchanged.
+kept exactly before rounding, so what the models drew (where the defect is, how dark) is unchanged, except
+for pixels whose new colour falls outside the RGB cube: clipping them changes their luma a little (tinted
+sources only; a grey source never clips).
 This is Reinhard et al.'s colour transfer (2001) restricted to chroma, the same idea as the colour
 correction applied to img2img results in common Stable Diffusion front ends.
 """
