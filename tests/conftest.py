@@ -227,3 +227,55 @@ def dockerfile_env(dockerfile: str) -> dict[str, str]:
         if line.startswith("ENV "):
             env.update(dict(pair.split("=", 1) for pair in line[4:].split() if "=" in pair))
     return env
+
+
+def race_behind_a_lock(script: str, config, lock: str, tmp_path: Path, timeout: float = 420) -> tuple[dict, dict]:
+    """Run ``script`` (given ``config`` as JSON) in two processes, ``run-a`` and ``run-b``, against the test's
+    Prefect API while the test holds the storage lock ``lock``; release it once both log that they wait for it.
+    Returns each run's output and exit status."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from indusfactory.infra.locking import StorageLock
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(repo),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
+    gate = StorageLock(lock, owner="test-holder", stale_after=600).acquire()  # both runs must meet the lock
+    procs = {}
+    try:
+        for name, log in logs.items():
+            with open(log, "w") as out:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-c", script, config.model_dump_json()],
+                    cwd=repo,
+                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        deadline = time.time() + timeout
+        while not all("held by test-holder" in log.read_text() for log in logs.values()):
+            texts = "\n".join(log.read_text()[-3000:] for log in logs.values())
+            assert time.time() < deadline and all(p.poll() is None for p in procs.values()), texts
+            time.sleep(0.5)
+    finally:
+        gate.release()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return {name: log.read_text() for name, log in logs.items()}, {name: p.returncode for name, p in procs.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import race_behind_a_lock
 
 pytestmark = pytest.mark.slow
 
@@ -228,54 +229,15 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(
     manifest is the file on storage, written by one run."""
     import re
 
-    from prefect.settings import PREFECT_API_URL
-
-    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import lock_uri
     from indusfactory.publishing.publish import shard_name
 
-    repo = Path(__file__).resolve().parents[1]
     config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})
     setup = prepare_generation(config)
     root = Path(setup.dataset_uri)
     uri = lock_uri(config.factory_root, f"dataset-{config.export.dataset_name}-{root.name}")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PREFECT_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(repo),
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
-        env.pop(key, None)
-    logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
-    gate = StorageLock(uri, owner="test-holder", stale_after=600).acquire()  # both runs meet the version lock
-    procs = {}
-    try:
-        for name, log in logs.items():
-            with open(log, "w") as out:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-c", RACER, config.model_dump_json()],
-                    cwd=repo,
-                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-        deadline = time.time() + 420
-        while not all("held by test-holder" in log.read_text() for log in logs.values()):
-            texts = "\n".join(log.read_text()[-3000:] for log in logs.values())
-            assert time.time() < deadline and all(p.poll() is None for p in procs.values()), texts
-            time.sleep(0.5)
-    finally:
-        gate.release()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=420)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    outputs = {name: log.read_text() for name, log in logs.items()}
-    assert all(p.returncode == 0 for p in procs.values()), outputs
+    outputs, status = race_behind_a_lock(RACER, config, uri, tmp_path)
+    assert all(code == 0 for code in status.values()), outputs
     results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}
     assert sorted(r["reused"] for r in results.values()) == [False, True], results
     maker = next(name for name, r in results.items() if not r["reused"])

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import race_behind_a_lock
 
 from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
 
@@ -262,9 +263,8 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     """Two processes run learn-concept on the same config at the same time: one trains, the other waits for
     its lock and then reuses the model."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
 
-    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import lock_uri
     from indusfactory.infra.storage import basename as storage_basename
     from indusfactory.learning.concept import concept_uri_for
     from indusfactory.sources.ingest import catalog_uri_for, ingest
@@ -272,46 +272,8 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     config = make_config(execution={"torch_threads": 1})
     catalog = ingest(config.source, catalog_uri_for(config))
     uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PREFECT_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(REPO),
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    for key in ("PREFECT_TEST_MODE", "PREFECT_UNIT_TEST_MODE", "PREFECT_PROFILES_PATH"):
-        env.pop(key, None)
-    logs = {name: tmp_path / f"{name}.log" for name in ("run-a", "run-b")}
-    gate = StorageLock(uri, owner="test-holder", stale_after=600).acquire()  # both runs must meet the lock
-    procs = {}
-    try:
-        for name, log in logs.items():
-            with open(log, "w") as out:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-c", SCRIPT, config.model_dump_json()],
-                    cwd=REPO,
-                    env={**env, "INDUSFACTORY_WORKER_NAME": name},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-        deadline = time.time() + 420
-        while not all("held by test-holder" in log.read_text() for log in logs.values()):
-            assert time.time() < deadline, "\n".join(log.read_text()[-3000:] for log in logs.values())
-            assert all(p.poll() is None for p in procs.values()), "\n".join(
-                log.read_text()[-3000:] for log in logs.values()
-            )
-            time.sleep(0.5)
-    finally:
-        gate.release()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    outputs = {name: log.read_text() for name, log in logs.items()}
-    assert all(p.returncode == 0 for p in procs.values()), outputs
+    outputs, status = race_behind_a_lock(SCRIPT, config, uri, tmp_path)
+    assert all(code == 0 for code in status.values()), outputs
     results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}
     assert sorted(r["reused"] for r in results.values()) == [False, True], results
     assert len({r["fingerprint"] for r in results.values()}) == 1
