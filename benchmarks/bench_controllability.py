@@ -50,13 +50,13 @@ from indusfactory.evaluation.metrics import kernel_inception_distance  # noqa: E
 from indusfactory.generation import adherence  # noqa: E402
 from indusfactory.generation.plan import SourceImages  # noqa: E402
 from indusfactory.infra.imaging import fit_square  # noqa: E402
-from indusfactory.learning.concept import concept_uri_for, train_concept  # noqa: E402
-from indusfactory.learning.condition import condition_prompt, condition_uri_for, train_condition  # noqa: E402
+from indusfactory.layout import EVALUATION_FILE, MANIFEST_FILE  # noqa: E402
+from indusfactory.learning.concept import concept_folder_for, train_concept  # noqa: E402
+from indusfactory.learning.condition import condition_folder_for, condition_prompt, train_condition  # noqa: E402
 from indusfactory.learning.controllability import probe_cases, sample_probe  # noqa: E402
 from indusfactory.learning.models import load_generation_pipeline  # noqa: E402
-from indusfactory.publishing.catalogue import MANIFEST_FILE  # noqa: E402
-from indusfactory.schema import EVALUATION_FILE, category_index  # noqa: E402
-from indusfactory.sources.ingest import catalog_uri_for, ingest  # noqa: E402
+from indusfactory.schema import category_index  # noqa: E402
+from indusfactory.sources.ingest import catalog_folder_for, ingest  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -119,13 +119,13 @@ def run_dataset(tint: str, overrides: list[str], workdir: Path, probe_count: int
     resolution = config.base_model.resolution
     timings = {}
     started = time.perf_counter()
-    catalog = ingest(config.source, catalog_uri_for(config))
+    catalog = ingest(config.source, catalog_folder_for(config))
     timings["ingest"] = time.perf_counter() - started
     started = time.perf_counter()
-    concept = train_concept(config, catalog, concept_uri_for(config, catalog))
+    concept = train_concept(config, catalog, concept_folder_for(config, catalog))
     timings["learn_concept"] = time.perf_counter() - started
     started = time.perf_counter()
-    condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
+    condition = train_condition(config, catalog, concept, condition_folder_for(config, catalog, concept))
     timings["learn_condition"] = time.perf_counter() - started
 
     test = _test_split(data, resolution, catalog.categories)

@@ -43,6 +43,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from indusfactory.layout import DatasetFolder
 
 import numpy as np
 import torch
@@ -217,10 +221,10 @@ def make_config(root: Path, base: str, sample: Path, args, factory: Path | None 
 def prepare(root: Path, args) -> Setup:
     """Base model, random concept and condition, sample data, catalog and plan under ``root``."""
     from indusfactory.demo.sample_data import write_sample_data
-    from indusfactory.generation.plan import build_plan, plan_uri_for, read_plan
+    from indusfactory.generation.plan import build_plan, plan_folder_for, read_plan
     from indusfactory.learning.models import resolve_base_model
     from indusfactory.schema import ModelRecord
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     base = (
         str(write_sd15_architecture(root / "sd15-arch"))
@@ -233,8 +237,8 @@ def prepare(root: Path, args) -> Setup:
         root / "sample", n_defective=12, n_defect_free=args.drivers, size=max(64, args.resolution)
     ).root
     config = make_config(root, base, sample, args)
-    catalog = ingest(config.source, catalog_uri_for(config))
-    plan = build_plan(config, catalog, plan_uri_for(config, catalog))
+    catalog = ingest(config.source, catalog_folder_for(config))
+    plan = build_plan(config, catalog, plan_folder_for(config, catalog))
     records = [
         ModelRecord(kind=kind, uri=str(root / kind), fingerprint=f"bench-{kind}", base_model=base, steps=0, seconds=0.0)
         for kind in ("concept", "condition")
@@ -310,8 +314,8 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
-    """Time to generate every shard and publish the dataset at ``dataset_uri``; the shard records."""
+def factory_pass(setup: Setup, dataset: "DatasetFolder") -> tuple[Clock, list]:
+    """Time to generate every shard and publish the dataset in ``dataset``; the shard records."""
     from indusfactory.generation.generate import GenerationContext, generate_shard
     from indusfactory.publishing.publish import publish_dataset
 
@@ -323,8 +327,8 @@ def factory_pass(setup: Setup, dataset_uri: str) -> tuple[Clock, list]:
         condition=setup.condition,
     )
     with Clock() as clock:
-        shards = [generate_shard(ctx, setup.plan, dataset_uri, i) for i in range(setup.plan.shards)]
-        publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset_uri, shards)
+        shards = [generate_shard(ctx, setup.plan, dataset.uri, i) for i in range(setup.plan.shards)]
+        publish_dataset(setup.config, setup.catalog, setup.plan, setup.concept, setup.condition, dataset, shards)
     return clock, shards
 
 
@@ -401,6 +405,7 @@ def plain_pass(pipe, batches, setup: Setup, args) -> Clock:
 def bench_throughput(root: Path, setup: Setup, args) -> dict:
     """Factory versus plain loop, interleaved ``args.repeats`` times; plus the generation-stage rerun."""
     from indusfactory.generation.generate import GenerationContext, generate_rows
+    from indusfactory.layout import DatasetFolder
 
     ctx = GenerationContext(
         config=setup.config,
@@ -415,7 +420,7 @@ def bench_throughput(root: Path, setup: Setup, args) -> dict:
     samples = len(setup.rows)
     factory, plain, rerun = [], [], None
     for repeat in range(args.repeats):
-        uri = str(root / "factory" / "datasets" / "bench" / f"run-{repeat}")
+        uri = DatasetFolder(str(root / "factory" / "datasets" / "bench" / f"run-{repeat}"), f"run-{repeat}", "bench")
         clock, shards = factory_pass(setup, uri)
         factory.append(clock)
         if repeat == 0:

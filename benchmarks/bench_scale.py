@@ -166,7 +166,7 @@ def stage_plan(root: str, samples: int, shard_size: int, image_size: int) -> dic
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from indusfactory.generation.plan import PLAN_FILE, plan_bytes, plan_shard_files, read_plan
+    from indusfactory.generation.plan import plan_bytes, plan_folder, plan_shard_files, read_plan
     from indusfactory.infra import storage
     from indusfactory.schema import PLAN_SCHEMA
 
@@ -176,8 +176,8 @@ def stage_plan(root: str, samples: int, shard_size: int, image_size: int) -> dic
     made = time.perf_counter() - started
     write = _timed(
         lambda: (
-            storage.write_bytes_atomic(storage.join(plan.uri, PLAN_FILE), plan_bytes(rows)),
-            storage.write_many_atomic(plan_shard_files(plan.uri, rows)),
+            storage.write_bytes_atomic(plan_folder(plan).table, plan_bytes(rows)),
+            storage.write_many_atomic(plan_shard_files(plan_folder(plan), rows)),
         )
     )
     picks = sorted({0, plan.shards // 2, plan.shards - 1})
@@ -198,7 +198,7 @@ def stage_plan(root: str, samples: int, shard_size: int, image_size: int) -> dic
         "seconds": round(write, 3),
         "read_plan_shard_seconds": round(float(np.median(reads)), 5),
         "read_plan_shard_seconds_before": round(float(np.median(old_reads)), 5),
-        "plan_bytes": len(storage.read_bytes(storage.join(plan.uri, PLAN_FILE))),
+        "plan_bytes": len(storage.read_bytes(plan_folder(plan).table)),
     }
 
 
@@ -246,6 +246,7 @@ def stage_reuse(root: str, samples: int, shard_size: int, image_size: int) -> di
 
 def stage_publish(root: str, samples: int, shard_size: int, image_size: int) -> dict:
     from indusfactory.infra import storage
+    from indusfactory.layout import DatasetLayout
     from indusfactory.publishing.publish import existing_shards, finalize_dataset
 
     plan = plan_record(root, samples, shard_size)
@@ -257,7 +258,7 @@ def stage_publish(root: str, samples: int, shard_size: int, image_size: int) -> 
     record = finalize_dataset(dataset, "bench", "v1", "train", shards, CATEGORIES, {}, LINEAGE)
     seconds = time.perf_counter() - started
     assert record.samples == samples and not record.reused
-    coco = storage.info(storage.DatasetLayout(dataset).coco("train")) or {}
+    coco = storage.info(DatasetLayout(dataset).coco("train")) or {}
     return {"seconds": round(seconds, 3), "rss_before_finalize_mb": round(before, 1), "coco_bytes": coco.get("size")}
 
 

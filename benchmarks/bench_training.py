@@ -175,20 +175,20 @@ def reference_condition_loop(config, catalog, concept, steps: int) -> float:
 
 def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
     from indusfactory.demo.sample_data import write_sample_data
-    from indusfactory.learning.concept import concept_uri_for, train_concept
-    from indusfactory.learning.condition import condition_uri_for, train_condition
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_folder_for, train_concept
+    from indusfactory.learning.condition import condition_folder_for, train_condition
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_sample_data(root / "sample", n_defective=defective, n_defect_free=4, size=64)
         config = _config(root, steps, batch)
-        catalog = ingest(config.source, catalog_uri_for(config))
+        catalog = ingest(config.source, catalog_folder_for(config))
         rows = {}
         # Warm up both code paths once (allocator, oneDNN kernels), then time.
         reference_concept_loop(config, catalog, 2)
         wall = time.perf_counter()
-        concept = train_concept(config, catalog, concept_uri_for(config, catalog))
+        concept = train_concept(config, catalog, concept_folder_for(config, catalog))
         ours_concept_wall = time.perf_counter() - wall
         ref_concept = reference_concept_loop(config, catalog, steps)
         rows["concept"] = {
@@ -198,7 +198,7 @@ def bench_cpu_tiny(steps: int, batch: int, defective: int) -> dict:
         }
         reference_condition_loop(config, catalog, concept, 2)  # warm-up
         wall = time.perf_counter()
-        condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
+        condition = train_condition(config, catalog, concept, condition_folder_for(config, catalog, concept))
         ours_condition_wall = time.perf_counter() - wall
         ref_condition = reference_condition_loop(config, catalog, concept, steps)
         rows["condition"] = {

@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows._form import short_form
 from indusfactory.config import FactoryConfig
 from indusfactory.publishing.catalogue import NOT_RUN, evaluation_headline, published_evaluation
-from indusfactory.publishing.publish import check_dataset_version, dataset_uri_for
+from indusfactory.publishing.publish import check_dataset_version, dataset_folder_for
 from indusfactory.schema import DatasetRecord
 from tasks._prefect import factory_run
 from tasks.catalogue import catalogue_artifact
@@ -46,9 +46,10 @@ def generate_dataset(config: FactoryConfig) -> DatasetRecord:
         concept = run(learn_concept_task)(config, catalog)
         condition = run(learn_condition_task)(config, catalog, concept)
         plan = run(build_plan_task)(config, catalog)
-        dataset_uri = dataset_uri_for(config, plan, concept, condition)
+        version = dataset_folder_for(config, plan, concept, condition)  # datasets/<name>/<version>
+        dataset_uri = version.uri
         announce_estimate(config, plan, dataset_uri)  # expected time and images/s, from earlier runs on this device
-        with version_lock(config, dataset_uri):  # one writer per version; a second run waits, then reuses
+        with version_lock(config, version):  # one writer per version; a second run waits, then reuses
             check_dataset_version(config, catalog, plan, concept, condition, dataset_uri)
             with clock.timer("generation"):
                 if config.execution.fan_out == "work_pool":

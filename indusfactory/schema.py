@@ -363,10 +363,6 @@ class ShardRecord(Record):
         return self.rows + self.dropped
 
 
-EVALUATION_FILE = "evaluation.json"
-"""Written inside a dataset version next to ``manifest.json`` by the evaluate-dataset stage."""
-
-
 class EvaluationRecord(Record):
     """What evaluate-dataset measured (the full result is in ``evaluation.json``)."""
 

@@ -22,7 +22,8 @@ from indusfactory.config import FactoryConfig
 from indusfactory.infra import failures, redact, stopping, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
-from indusfactory.infra.locking import StorageLock, default_owner, lock_uri
+from indusfactory.infra.locking import StorageLock, default_owner
+from indusfactory.layout import FactoryLayout, StageFolder
 
 RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
 
@@ -80,12 +81,10 @@ TASK_DEFAULTS: dict[str, Any] = {
 
 # -- results and cache records under the factory root ----------------------------------------------
 
-RESULTS_DIR = "prefect-results"
-
 
 def results_uri_for(config: FactoryConfig) -> str:
     """``<factory_root>/prefect-results``: where Prefect keeps the task results and cache records of a config."""
-    return storage.join(storage.normalise_uri(config.factory_root), RESULTS_DIR)
+    return FactoryLayout.of(config.factory_root).prefect_results
 
 
 def result_storage_for(config: FactoryConfig) -> Path | str:
@@ -302,16 +301,15 @@ def factory_run(config: FactoryConfig) -> Iterator[Callable[[Task], Task]]:
 # -- locks -----------------------------------------------------------------------------------------
 
 
-def stage_lock(config: FactoryConfig, stage: str, output_uri: str) -> StorageLock:
-    """The lock of one stage's output (``<factory_root>/locks/<stage>-<output folder>.lock``), owned by this
+def stage_lock(config: FactoryConfig, stage: str, output: StageFolder) -> StorageLock:
+    """The lock of one stage's output (``<factory_root>/locks/<stage>-<fingerprint>.lock``), owned by this
     worker and flow run, with the config's stale timeout; waits are logged to the run."""
     owner = default_owner()
     flow_run = FlowRunContext.get()
     if flow_run is not None and flow_run.flow_run is not None:
         owner += f", flow run {flow_run.flow_run.name!r}"
-    name = f"{stage}-{storage.basename(output_uri)}"
     return StorageLock(
-        lock_uri(config.factory_root, name),
+        FactoryLayout.of(config.factory_root).lock(f"{stage}-{output.fingerprint}"),
         owner=owner,
         stale_after=config.execution.lock_stale_seconds,
         wait_timeout=config.execution.lock_wait_seconds,

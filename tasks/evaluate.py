@@ -6,15 +6,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from indusfactory.config import FactoryConfig
-from indusfactory.evaluation.evaluate import RECORD_FILE, evaluate_dataset, evaluation_uri_for
+from indusfactory.evaluation.evaluate import evaluate_dataset, evaluation_folder_for
 from indusfactory.infra import storage
+from indusfactory.layout import EvaluationFolder
 from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
 from tasks.report import image_markdown
 
 
 def _marker(p: dict) -> str:
-    return storage.join(evaluation_uri_for(p["config"], p["catalog"], p["dataset"]), RECORD_FILE)
+    return evaluation_folder_for(p["config"], p["catalog"], p["dataset"]).marker
 
 
 @task(name="evaluate-dataset", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
@@ -46,7 +47,7 @@ def evaluate_dataset_task(config: FactoryConfig, catalog: CatalogRecord, dataset
         key=f"{key}-evaluation-table",
         description=f"downstream segmentation, mean and std over seeds; verdict: {record.verdict}",
     )
-    table = storage.read_bytes(storage.join(record.uri, "table.md")).decode("utf-8")
+    table = storage.read_bytes(EvaluationFolder(record.uri, record.fingerprint).table).decode("utf-8")
     images = [image_markdown(storage.join(record.uri, name), name) for name in record.plots]
     create_markdown_artifact(
         "\n\n".join([table, *images, f"Files: `{record.uri}`"]),

@@ -9,11 +9,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from indusfactory.config import FactoryConfig
 from indusfactory.generation.generate import GenerationContext, generate_shard
-from indusfactory.generation.plan import RECORD_FILE as PLAN_RECORD
-from indusfactory.generation.plan import build_plan, plan_uri_for, rows_in_shards
-from indusfactory.infra import storage
+from indusfactory.generation.plan import build_plan, plan_folder_for, rows_in_shards
 from indusfactory.infra.devices import device_pool
 from indusfactory.infra.locking import StorageLock
+from indusfactory.layout import DatasetFolder
 from indusfactory.publishing.publish import publish_dataset, shard_uri
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock
@@ -22,12 +21,12 @@ from tasks.report import collect_shards
 
 @task(
     name="build-plan",
-    cache_key_fn=cache_when_present(lambda p: storage.join(plan_uri_for(p["config"], p["catalog"]), PLAN_RECORD)),
+    cache_key_fn=cache_when_present(lambda p: plan_folder_for(p["config"], p["catalog"]).marker),
     **TASK_DEFAULTS,
 )
 def build_plan_task(config: FactoryConfig, catalog: CatalogRecord) -> PlanRecord:
     """Drivers from defect-free images paired with sampled masks: one row per sample."""
-    record = build_plan(config, catalog, plan_uri_for(config, catalog))
+    record = build_plan(config, catalog, plan_folder_for(config, catalog))
     run_logger().info(
         "plan %s %s: %d samples in %d shards",
         record.fingerprint,
@@ -38,11 +37,11 @@ def build_plan_task(config: FactoryConfig, catalog: CatalogRecord) -> PlanRecord
     return record
 
 
-def version_lock(config: FactoryConfig, dataset_uri: str) -> StorageLock:
+def version_lock(config: FactoryConfig, version: DatasetFolder) -> StorageLock:
     """The lock of one dataset version (``<factory_root>/locks/dataset-<name>-<version>.lock``), held around
     checking its folder, generating its shards and publishing it: a second run of the version waits, then
     finds it published."""
-    return stage_lock(config, f"dataset-{config.export.dataset_name}", dataset_uri)
+    return stage_lock(config, f"dataset-{config.export.dataset_name}", version)
 
 
 def _shard_marker(p: dict) -> str:

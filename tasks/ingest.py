@@ -9,7 +9,7 @@ from prefect import task
 from indusfactory.config import FactoryConfig
 from indusfactory.demo.sample_data import ensure_sample_data
 from indusfactory.schema import CatalogRecord
-from indusfactory.sources.ingest import catalog_marker, catalog_uri_for, ingest
+from indusfactory.sources.ingest import catalog_folder_for, ingest
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
 
 
@@ -24,7 +24,7 @@ def _sample_data_if_asked(config: FactoryConfig) -> Path | None:
 def _marker(parameters: dict) -> str:
     config: FactoryConfig = parameters["config"]
     _sample_data_if_asked(config)
-    return catalog_marker(catalog_uri_for(config))
+    return catalog_folder_for(config).marker
 
 
 @task(name="ingest", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
@@ -34,7 +34,7 @@ def ingest_task(config: FactoryConfig) -> CatalogRecord:
     made = _sample_data_if_asked(config)
     if made:
         logger.info("sources were missing: wrote the sample dataset to %s", made)
-    record = ingest(config.source, catalog_uri_for(config))
+    record = ingest(config.source, catalog_folder_for(config))
     verb = "reused" if record.reused else "built"
     logger.info(
         "catalog %s %s: found %d = ingested %d + quarantined %d + duplicates %d (%d defective, %d defect-free)",

@@ -6,11 +6,8 @@ from __future__ import annotations
 from prefect import task
 
 from indusfactory.config import FactoryConfig
-from indusfactory.infra import storage
-from indusfactory.learning.concept import RECORD_FILE as CONCEPT_RECORD
-from indusfactory.learning.concept import concept_uri_for, train_concept
-from indusfactory.learning.condition import RECORD_FILE as CONDITION_RECORD
-from indusfactory.learning.condition import condition_uri_for, train_condition
+from indusfactory.learning.concept import concept_folder_for, train_concept
+from indusfactory.learning.condition import condition_folder_for, train_condition
 from indusfactory.schema import CatalogRecord, ModelRecord
 from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock, training_progress
 from tasks.report import validation_artifact
@@ -29,29 +26,27 @@ def _report(record: ModelRecord) -> ModelRecord:
 
 @task(
     name="learn-concept",
-    cache_key_fn=cache_when_present(lambda p: storage.join(concept_uri_for(p["config"], p["catalog"]), CONCEPT_RECORD)),
+    cache_key_fn=cache_when_present(lambda p: concept_folder_for(p["config"], p["catalog"]).marker),
     **TASK_DEFAULTS,
 )
 def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRecord:
     """DreamBooth LoRA of the defective concept (cached by data, config and code version).
 
     Under a storage lock: a second run of the same config waits, then finds the model and reuses it."""
-    uri = concept_uri_for(config, catalog)
-    with stage_lock(config, "learn-concept", uri):
-        return _report(train_concept(config, catalog, uri, progress=training_progress("learn-concept")))
+    folder = concept_folder_for(config, catalog)
+    with stage_lock(config, "learn-concept", folder):
+        return _report(train_concept(config, catalog, folder, progress=training_progress("learn-concept")))
 
 
 @task(
     name="learn-condition",
-    cache_key_fn=cache_when_present(
-        lambda p: storage.join(condition_uri_for(p["config"], p["catalog"], p["concept"]), CONDITION_RECORD)
-    ),
+    cache_key_fn=cache_when_present(lambda p: condition_folder_for(p["config"], p["catalog"], p["concept"]).marker),
     **TASK_DEFAULTS,
 )
 def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelRecord:
     """The conditioning network on topological drivers (cached by data, concept, config and code version).
 
     Under a storage lock, like ``learn-concept``."""
-    uri = condition_uri_for(config, catalog, concept)
-    with stage_lock(config, "learn-condition", uri):
-        return _report(train_condition(config, catalog, concept, uri, progress=training_progress("learn-condition")))
+    folder = condition_folder_for(config, catalog, concept)
+    with stage_lock(config, "learn-condition", folder):
+        return _report(train_condition(config, catalog, concept, folder, progress=training_progress("learn-condition")))

@@ -23,7 +23,8 @@ from prefect.futures import as_completed
 from indusfactory.generation.adherence import FOLLOWS_LABELS
 from indusfactory.generation.throughput import Estimate, duration
 from indusfactory.infra import storage
-from indusfactory.publishing.catalogue import CONTACT_SHEET, NOT_RUN, adherence_headline
+from indusfactory.layout import DatasetLayout, ModelFolder
+from indusfactory.publishing.catalogue import NOT_RUN, adherence_headline
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
 from tasks._prefect import run_logger
 
@@ -146,8 +147,10 @@ def summarise_run(
             "",
             "## Models",
             "",
-            f"- concept `{concept.fingerprint}`: [model card]({storage.join(concept.uri, 'README.md')})",
-            f"- condition `{condition.fingerprint}`: [model card]({storage.join(condition.uri, 'README.md')})",
+            *(
+                f"- {m.kind} `{m.fingerprint}`: [model card]({ModelFolder(m.uri, m.fingerprint).card})"
+                for m in (concept, condition)
+            ),
             "",
             *_contact_sheet_lines(dataset),
             "## Load it",
@@ -173,7 +176,7 @@ def summarise_run(
 
 
 def _contact_sheet_lines(dataset: DatasetRecord) -> list[str]:
-    uri = storage.join(dataset.uri, CONTACT_SHEET)
+    uri = DatasetLayout(dataset.uri).contact_sheet
     if not storage.exists(uri):
         return ["## Contact sheet", "", "none (no sample to show)", ""]
     return ["## Contact sheet", "", image_markdown(uri, "contact sheet"), ""]

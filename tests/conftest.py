@@ -76,10 +76,10 @@ def make_config(sample_root, tiny_model_path, tmp_path):
 @pytest.fixture
 def catalog(make_config):
     """The catalog of the sample data, ingested under the test's factory root."""
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     config = make_config()
-    return ingest(config.source, catalog_uri_for(config))
+    return ingest(config.source, catalog_folder_for(config))
 
 
 @pytest.fixture(scope="session")
@@ -189,16 +189,16 @@ def prepare_generation():
 
     def prepare(config) -> SimpleNamespace:
         from indusfactory.generation.generate import GenerationContext
-        from indusfactory.generation.plan import build_plan, plan_uri_for
-        from indusfactory.learning.concept import concept_uri_for, train_concept
-        from indusfactory.learning.condition import condition_uri_for, train_condition
+        from indusfactory.generation.plan import build_plan, plan_folder_for
+        from indusfactory.learning.concept import concept_folder_for, train_concept
+        from indusfactory.learning.condition import condition_folder_for, train_condition
         from indusfactory.publishing.publish import dataset_uri_for
-        from indusfactory.sources.ingest import catalog_uri_for, ingest
+        from indusfactory.sources.ingest import catalog_folder_for, ingest
 
-        catalog = ingest(config.source, catalog_uri_for(config))
-        concept = train_concept(config, catalog, concept_uri_for(config, catalog))
-        condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
-        plan = build_plan(config, catalog, plan_uri_for(config, catalog))
+        catalog = ingest(config.source, catalog_folder_for(config))
+        concept = train_concept(config, catalog, concept_folder_for(config, catalog))
+        condition = train_condition(config, catalog, concept, condition_folder_for(config, catalog, concept))
+        plan = build_plan(config, catalog, plan_folder_for(config, catalog))
         ctx = GenerationContext(
             config=config, catalog_uri=catalog.uri, categories=catalog.categories, concept=concept, condition=condition
         )

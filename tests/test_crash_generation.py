@@ -229,13 +229,13 @@ def test_two_runs_of_one_version_at_once_generate_and_publish_it_once(
     manifest is the file on storage, written by one run."""
     import re
 
-    from indusfactory.infra.locking import lock_uri
+    from indusfactory.layout import FactoryLayout
     from indusfactory.publishing.publish import shard_name
 
     config = make_config(generation={"steps": 2, "batch_size": 2, "shard_size": 2}, execution={"torch_threads": 1})
     setup = prepare_generation(config)
     root = Path(setup.dataset_uri)
-    uri = lock_uri(config.factory_root, f"dataset-{config.export.dataset_name}-{root.name}")
+    uri = FactoryLayout.of(config.factory_root).lock(f"dataset-{config.export.dataset_name}-{root.name}")
     outputs, status = race_behind_a_lock(RACER, config, uri, tmp_path)
     assert all(code == 0 for code in status.values()), outputs
     results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}

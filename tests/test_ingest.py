@@ -20,8 +20,9 @@ from skimage.measure import label
 from indusfactory.config import SourceConfig, parse_config
 from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError, ConfigError
+from indusfactory.layout import CATALOG_RECORD, QUARANTINE_FILE
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
-from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, source_listing, split_of
+from indusfactory.sources.ingest import ingest, read_catalog, source_listing, split_of
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 ORIENTATION = 0x0112
@@ -839,7 +840,7 @@ def test_a_catalog_written_again_at_its_uri_is_read_again(where, sample_root, tm
     sources = get_sources(ctx)
     assert get_sources(ctx) is sources and len(reads) == 1
 
-    fs, record = storage.filesystem(storage.join(uri, ingest_module.RECORD_FILE))
+    fs, record = storage.filesystem(storage.join(uri, CATALOG_RECORD))
     fs.rm_file(record)
     second = ingest(_source(sample_root).model_copy(update={"split_seed": 1}), uri)
     assert second.uri == first.uri and second.content_fingerprint != first.content_fingerprint

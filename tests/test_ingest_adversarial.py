@@ -17,9 +17,10 @@ from skimage.measure import label
 
 from indusfactory.config import SourceConfig
 from indusfactory.infra.errors import BadInputError
+from indusfactory.layout import QUARANTINE_FILE
 from indusfactory.schema import mask_to_rle, rle_to_mask
 from indusfactory.sources import ingest as ingest_module
-from indusfactory.sources.ingest import QUARANTINE_FILE, ingest, read_catalog, rle_string_counts
+from indusfactory.sources.ingest import ingest, read_catalog, rle_string_counts
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 H, W = 40, 48

@@ -60,14 +60,14 @@ def surfaces(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learned(surfaces, tmp_path_factory):
     """Ingest, concept and condition of the shortened default recipe (trained once for the module)."""
-    from indusfactory.learning.concept import concept_uri_for, train_concept
-    from indusfactory.learning.condition import condition_uri_for, train_condition
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_folder_for, train_concept
+    from indusfactory.learning.condition import condition_folder_for, train_condition
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     config = _config(surfaces, tmp_path_factory.mktemp("factory"), **BUDGET)
-    catalog = ingest(config.source, catalog_uri_for(config))
-    concept = train_concept(config, catalog, concept_uri_for(config, catalog))
-    condition = train_condition(config, catalog, concept, condition_uri_for(config, catalog, concept))
+    catalog = ingest(config.source, catalog_folder_for(config))
+    concept = train_concept(config, catalog, concept_folder_for(config, catalog))
+    condition = train_condition(config, catalog, concept, condition_folder_for(config, catalog, concept))
     return config, catalog, concept, condition
 
 
@@ -126,13 +126,13 @@ def test_defects_land_where_held_out_masks_say_far_above_chance(learned, surface
 
 
 def test_a_conditioning_network_that_learned_nothing_is_near_chance(learned, surfaces, tmp_path):
-    from indusfactory.learning.condition import condition_uri_for, train_condition
+    from indusfactory.learning.condition import condition_folder_for, train_condition
 
     config, catalog, concept, _ = learned
     untrained = config.model_copy(
         update={"factory_root": str(tmp_path), "condition": config.condition.model_copy(update={"steps": 1})}
     )
-    record = train_condition(untrained, catalog, concept, condition_uri_for(untrained, catalog, concept))
+    record = train_condition(untrained, catalog, concept, condition_folder_for(untrained, catalog, concept))
     assert record.adherence["verdict"] == adherence.NEAR_CHANCE
     summary = _probe(untrained, catalog, concept.uri, record.uri, surfaces).summary
     assert not summary.follows_labels, summary.headline()

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import race_behind_a_lock
 
-from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, lock_uri, process_identity
+from indusfactory.infra.locking import LockInfo, LockTimeout, StorageLock, holder_died_here, process_identity
+from indusfactory.layout import FactoryLayout
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = REPO / "deployments" / "pools"
@@ -44,7 +45,7 @@ def _holder(uri: str) -> subprocess.Popen:
 
 
 def test_a_lock_whose_holder_was_killed_on_this_host_is_taken_over_at_once(tmp_path):
-    uri = lock_uri(str(tmp_path), "train-concept")
+    uri = FactoryLayout.of(str(tmp_path)).lock("train-concept")
     process = _holder(uri)
     try:
         with pytest.raises(LockTimeout, match="doomed-worker"):  # alive: waited for, not taken
@@ -59,7 +60,7 @@ def test_a_lock_whose_holder_was_killed_on_this_host_is_taken_over_at_once(tmp_p
 
 
 def test_a_zombie_holder_counts_as_dead(tmp_path):
-    uri = lock_uri(str(tmp_path), "zombie")
+    uri = FactoryLayout.of(str(tmp_path)).lock("zombie")
     process = _holder(uri)
     process.send_signal(signal.SIGKILL)
     time.sleep(0.5)  # killed, not yet reaped: a zombie whose pid still answers kill(pid, 0)
@@ -89,7 +90,7 @@ def _planted(path: str, **fields) -> LockInfo:
 
 
 def test_only_a_holder_known_to_be_gone_from_this_host_is_taken_over_at_once(tmp_path):
-    uri = lock_uri(str(tmp_path), "planted")
+    uri = FactoryLayout.of(str(tmp_path)).lock("planted")
     dead_pid = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -114,7 +115,7 @@ def test_only_a_holder_known_to_be_gone_from_this_host_is_taken_over_at_once(tmp
 
 
 def test_a_lock_this_process_could_not_delete_is_taken_over_at_once(tmp_path, monkeypatch):
-    uri = lock_uri(str(tmp_path), "dataset-demo-v1")
+    uri = FactoryLayout.of(str(tmp_path)).lock("dataset-demo-v1")
     first = StorageLock(uri, owner="first run", stale_after=600).acquire()
     monkeypatch.setattr(first._backend, "delete_if", lambda version: False)  # storage down during the release
     first.release()
@@ -161,9 +162,9 @@ def lock_root(request, tmp_path):
 
 
 def test_lock_excludes_concurrent_holders(lock_root):
-    from indusfactory.infra.locking import StorageLock, lock_uri
+    from indusfactory.infra.locking import StorageLock
 
-    uri = lock_uri(lock_root, "learn-concept-abc")
+    uri = FactoryLayout.of(lock_root).lock("learn-concept-abc")
     inside, most, guard = [], [0], threading.Lock()
 
     def hold(i: int) -> None:
@@ -186,9 +187,9 @@ def test_lock_excludes_concurrent_holders(lock_root):
 def test_a_lock_just_created_by_another_thread_is_not_taken_for_a_dead_one(lock_root):
     """The window between a holder's create and its return (a slow S3 response) must not look like a lock left
     behind in this process: the CI failure of a run where two of four threads held the lock at once."""
-    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
+    from indusfactory.infra.locking import LockTimeout, StorageLock
 
-    uri = lock_uri(lock_root, "learn-concept-window")
+    uri = FactoryLayout.of(lock_root).lock("learn-concept-window")
     slow = StorageLock(uri, owner="slow-creator", stale_after=30, poll_every=0.02)
     created = threading.Event()
     create = slow._backend.create
@@ -213,9 +214,9 @@ def test_a_lock_just_created_by_another_thread_is_not_taken_for_a_dead_one(lock_
 
 def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_root, caplog):
     from indusfactory.infra import storage
-    from indusfactory.infra.locking import LockTimeout, StorageLock, lock_uri
+    from indusfactory.infra.locking import LockTimeout, StorageLock
 
-    uri = lock_uri(lock_root, "learn-condition-def")
+    uri = FactoryLayout.of(lock_root).lock("learn-condition-def")
     holder = StorageLock(uri, owner="live-worker", stale_after=2.0, poll_every=0.05).acquire()
     try:
         waiter = StorageLock(uri, owner="waiter", stale_after=2.0, poll_every=0.05, wait_timeout=5.0)
@@ -238,9 +239,9 @@ def test_lock_heartbeat_keeps_a_live_holder_and_a_stale_lock_is_taken_over(lock_
 def test_a_lock_with_a_frozen_heartbeat_is_taken_over_by_the_waiters_own_clock(tmp_path):
     """A holder whose clock runs far ahead still loses a dead lock: the waiter times the silence itself."""
     from indusfactory.infra import storage
-    from indusfactory.infra.locking import LockInfo, StorageLock, lock_uri
+    from indusfactory.infra.locking import LockInfo, StorageLock
 
-    uri = lock_uri(str(tmp_path), "x")
+    uri = FactoryLayout.of(str(tmp_path)).lock("x")
     future = time.time() + 3600
     storage.write_bytes_atomic(
         uri, LockInfo(owner="skewed", token="t", acquired_at=future, heartbeat_at=future, stale_after=0.3).dumps()
@@ -264,14 +265,12 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
     its lock and then reuses the model."""
     from prefect.client.orchestration import get_client
 
-    from indusfactory.infra.locking import lock_uri
-    from indusfactory.infra.storage import basename as storage_basename
-    from indusfactory.learning.concept import concept_uri_for
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_folder_for
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     config = make_config(execution={"torch_threads": 1})
-    catalog = ingest(config.source, catalog_uri_for(config))
-    uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
+    catalog = ingest(config.source, catalog_folder_for(config))
+    uri = FactoryLayout.of(config.factory_root).lock(f"learn-concept-{concept_folder_for(config, catalog).fingerprint}")
     outputs, status = race_behind_a_lock(SCRIPT, config, uri, tmp_path)
     assert all(code == 0 for code in status.values()), outputs
     results = {name: json.loads(re.search(r"RESULT (.*)", out).group(1)) for name, out in outputs.items()}
@@ -295,14 +294,12 @@ def test_two_runs_of_one_config_train_it_once(prefect_api, make_config, tmp_path
 def test_a_stale_training_lock_left_by_a_crashed_worker_is_taken_over(prefect_api, make_config):
     from flows.learn_concept import learn_concept
     from indusfactory.infra import storage
-    from indusfactory.infra.locking import lock_uri
-    from indusfactory.infra.storage import basename as storage_basename
-    from indusfactory.learning.concept import concept_uri_for
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.learning.concept import concept_folder_for
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     config = make_config(execution={"lock_stale_seconds": 120})
-    catalog = ingest(config.source, catalog_uri_for(config))
-    uri = lock_uri(config.factory_root, f"learn-concept-{storage_basename(concept_uri_for(config, catalog))}")
+    catalog = ingest(config.source, catalog_folder_for(config))
+    uri = FactoryLayout.of(config.factory_root).lock(f"learn-concept-{concept_folder_for(config, catalog).fingerprint}")
     storage.write_bytes_atomic(uri, _stale_lock("gpu-box-gpu3 pid 4242", age=3600))
     started = time.monotonic()
     record = learn_concept(config=config)

@@ -7,8 +7,6 @@ import pytest
 from indusfactory.drivers.augment import apply_augmentation
 from indusfactory.drivers.topology import class_colour
 from indusfactory.generation.plan import (
-    PLAN_FILE,
-    PREVIEW_FILE,
     SourceImages,
     build_plan,
     build_plan_rows,
@@ -18,7 +16,8 @@ from indusfactory.generation.plan import (
     read_plan,
 )
 from indusfactory.infra.errors import BadInputError
-from indusfactory.sources.ingest import catalog_uri_for, ingest
+from indusfactory.layout import PLAN_FILE, PREVIEW_FILE
+from indusfactory.sources.ingest import catalog_folder_for, ingest
 
 
 def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
@@ -113,7 +112,7 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
     config = make_config(
         source=source, plan={"roi_min_intensity": 20, "images_per_driver": 6, "procedural_fraction": procedural}
     )
-    catalog = ingest(config.source, catalog_uri_for(config))
+    catalog = ingest(config.source, catalog_folder_for(config))
     sources = SourceImages(catalog.uri, catalog.categories)
 
     def dark_region(row):
@@ -149,7 +148,7 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
         allowed[:, 32:] = 255  # only the right half
         Image.fromarray(allowed).save(roi_dir / path.name)
     config = make_config(source=source, plan={"roi_dir": str(roi_dir), "images_per_driver": 6})
-    catalog = ingest(config.source, catalog_uri_for(config))
+    catalog = ingest(config.source, catalog_folder_for(config))
     sources = SourceImages(catalog.uri, catalog.categories)
     for row in build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources):
         for _, mask in materialise(row, sources, config).instances:

@@ -130,10 +130,10 @@ def test_a_model_whose_weights_went_missing_on_s3_is_trained_again(s3_bucket, ma
     import fsspec
 
     from indusfactory.learning.concept import concept_uri_for, train_concept
-    from indusfactory.sources.ingest import catalog_uri_for, ingest
+    from indusfactory.sources.ingest import catalog_folder_for, ingest
 
     config = make_config(factory_root=f"{s3_bucket}/factory", concept={"validation_images": 0})
-    catalog = ingest(config.source, catalog_uri_for(config))
+    catalog = ingest(config.source, catalog_folder_for(config))
     uri = concept_uri_for(config, catalog)
     first = train_concept(config, catalog, uri)
     fs = fsspec.filesystem("s3")

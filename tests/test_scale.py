@@ -131,6 +131,7 @@ class CountingReads:
 def test_a_shard_reads_its_own_plan_rows_at_the_same_cost_whatever_the_plan_size(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
+    from indusfactory import layout
     from indusfactory.generation import plan as plan_module
     from indusfactory.schema import PlanRecord
 
@@ -138,18 +139,18 @@ def test_a_shard_reads_its_own_plan_rows_at_the_same_cost_whatever_the_plan_size
     for samples in (40, 4000):
         uri = str(tmp_path / f"plan-{samples}")
         rows = plan_rows(samples, 4)
-        storage.write_bytes_atomic(storage.join(uri, plan_module.PLAN_FILE), plan_module.plan_bytes(rows))
-        storage.write_many_atomic(plan_module.plan_shard_files(uri, rows))
+        storage.write_bytes_atomic(storage.join(uri, layout.PLAN_FILE), plan_module.plan_bytes(rows))
+        storage.write_many_atomic(plan_module.plan_shard_files(layout.PlanFolder(uri, "f"), rows))
         record = PlanRecord(uri=uri, fingerprint="f", samples=samples, shards=samples // 4)
         with monkeypatch.context() as patch:
             reads = CountingReads(patch)
             assert plan_module.read_plan(record, shard=7) == rows[28:32]
             read[samples] = sum(reads.bytes.values())
-            assert reads.of(plan_module.PLAN_FILE) == 0  # only the shard's own file
+            assert reads.of(layout.PLAN_FILE) == 0  # only the shard's own file
         # plan.parquet: one row group per shard; a plan without shard files reads only shard 7's row group
-        metadata = pq.read_metadata(Path(uri) / plan_module.PLAN_FILE)
+        metadata = pq.read_metadata(Path(uri) / layout.PLAN_FILE)
         assert metadata.num_row_groups == samples // 4 and metadata.row_group(7).num_rows == 4
-        for path in (Path(uri) / plan_module.PLAN_SHARDS).iterdir():
+        for path in (Path(uri) / layout.PLAN_SHARDS).iterdir():
             path.unlink()
         groups = []
         real = pq.ParquetFile.read_row_groups

@@ -21,7 +21,8 @@ import torch
 from indusfactory.config import TrainingConfig
 from indusfactory.infra import failures, stopping, storage
 from indusfactory.infra.errors import StorageSpaceError
-from indusfactory.learning.training import CHECKPOINT_FILE, load_checkpoint, run_training
+from indusfactory.layout import CHECKPOINT_FILE
+from indusfactory.learning.training import load_checkpoint, run_training
 
 
 @pytest.fixture(autouse=True)

@@ -120,7 +120,8 @@ def _partial_files(root: Path) -> list[Path]:
 def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes_from_its_checkpoint(
     make_config, tmp_path, prefect_home
 ):
-    from indusfactory.learning.training import CHECKPOINT_FILE, load_checkpoint
+    from indusfactory.layout import CHECKPOINT_FILE
+    from indusfactory.learning.training import load_checkpoint
 
     config = make_config(
         concept={"steps": 100_000, "checkpoint_every": 2, "validation_images": 0},

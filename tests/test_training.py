@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from indusfactory.infra.errors import BadInputError
+from indusfactory.layout import CHECKPOINT_FILE
 from indusfactory.learning.concept import concept_fingerprint, train_concept
 from indusfactory.learning.condition import train_condition
 from indusfactory.learning.models import LORA_WEIGHTS
-from indusfactory.learning.training import CHECKPOINT_FILE, checkpoint_uri_for
-from indusfactory.sources.ingest import catalog_uri_for, ingest
+from indusfactory.learning.training import checkpoint_uri_for
+from indusfactory.sources.ingest import catalog_folder_for, ingest
 
 
 class Crash(Exception):
@@ -69,7 +70,7 @@ def test_checkpoint_frequency_does_not_change_the_model_identity(make_config, ca
 
 def test_empty_training_split_is_refused_before_training(make_config, catalog, tmp_path):
     config = make_config(source={"split_fractions": (0.0, 0.5, 0.5)})
-    empty = ingest(config.source, catalog_uri_for(config))
+    empty = ingest(config.source, catalog_folder_for(config))
     with pytest.raises(BadInputError, match="no defective image in its train split"):
         train_concept(config, empty, str(tmp_path / "concept"))
     assert not (tmp_path / "concept").exists()

@@ -55,9 +55,16 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square
+from indusfactory.layout import (
+    ADHERENCE_TABLE,
+    BASELINE_FILE,
+    EVALUATION_TABLE,
+    SEGMENTOR_DIR,
+    DatasetLayout,
+    EvaluationFolder,
+)
 from indusfactory.learning.models import configure_torch
 from indusfactory.schema import (
-    EVALUATION_FILE,
     CatalogRecord,
     DatasetRecord,
     EvaluationRecord,
@@ -68,10 +75,6 @@ from indusfactory.schema import (
 from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.evaluate")  # the name operators filter on, kept from the flat layout
-RECORD_FILE = "record.json"
-SEGMENTOR_DIR = "segmentor"
-BASELINE_FILE = "baseline_check.json"
-"""Next to the saved segmentor: whether it learned (above chance on the real test split)."""
 SIZE_BINS = np.logspace(-4, 0, 13)
 """Relative mask areas (fraction of the image) of the mask-size histograms."""
 
@@ -121,7 +124,7 @@ def synthetic_images(
     dataset: DatasetRecord, categories: list[dict], resolution: int, limit: int | None
 ) -> tuple[LabelledImages, list[bool]]:
     """The published samples with the masks they were conditioned on, and whether each passed QC."""
-    fs, path = storage.filesystem(storage.join(dataset.uri, "data"))
+    fs, path = storage.filesystem(DatasetLayout(dataset.uri).data)
     files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet"))
     tables = [
         pq.read_table(io.BytesIO(fs.cat_file(f)), columns=["sample_id", "image", "instances", "qc_passed"])
@@ -252,8 +255,13 @@ def distribution(name_of: dict[int, str], instances: list[list[tuple[int, np.nda
     return {"instances_per_class": counts, "mask_size_histogram": size_histogram(areas, SIZE_BINS)}
 
 
+def evaluation_folder_for(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> EvaluationFolder:
+    """The evaluation's folder, inside the dataset version it evaluates, with its fingerprint."""
+    return DatasetLayout(dataset.uri).evaluation_folder(evaluation_fingerprint(config, catalog, dataset))
+
+
 def evaluation_uri_for(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> str:
-    return storage.FactoryLayout.evaluation(dataset.uri, evaluation_fingerprint(config, catalog, dataset))
+    return evaluation_folder_for(config, catalog, dataset).uri
 
 
 def evaluation_fingerprint(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> str:
@@ -500,9 +508,9 @@ def run_protocol(e: EvaluationConfig, data: ProtocolData) -> tuple[dict, object]
 
 def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> EvaluationRecord:
     """Run the downstream protocol, adherence and fidelity; write ``evaluation.json`` (reused when present)."""
-    fp = evaluation_fingerprint(config, catalog, dataset)
-    folder_uri = storage.FactoryLayout.evaluation(dataset.uri, fp)
-    done = EvaluationRecord.read_completed(storage.join(folder_uri, RECORD_FILE))
+    target = evaluation_folder_for(config, catalog, dataset)
+    fp = target.fingerprint
+    done = EvaluationRecord.read_completed(target.marker)
     if done:
         return done
     configure_torch(config.execution)
@@ -562,7 +570,7 @@ def evaluate_dataset(config: FactoryConfig, catalog: CatalogRecord, dataset: Dat
         "chance_auc": chance_aucs,
         "adherence_iou": list(scores) if scores else [None] * len(aucs),
     }
-    return write_evaluation(folder_uri, dataset, result, per_sample, real_model)
+    return write_evaluation(target, dataset, result, per_sample, real_model)
 
 
 def adherence_report(
@@ -734,7 +742,7 @@ def results_markdown(result: dict) -> str:
 
 
 def write_evaluation(
-    folder_uri: str, dataset: DatasetRecord, result: dict, per_sample: dict, segmentor
+    target: EvaluationFolder, dataset: DatasetRecord, result: dict, per_sample: dict, segmentor
 ) -> EvaluationRecord:
     """Plots, per-sample adherence, the table and the real-data segmentor (``segmentor/``, safetensors;
     usable as ``generation.adherence_scorer: segformer:<folder>`` when ``baseline.learned``) in
@@ -746,7 +754,7 @@ def write_evaluation(
         "adherence_histogram.png": adherence_histogram(result),
         "mask_sizes.png": mask_size_plot(result),
     }
-    with storage.local_copy_for_write(folder_uri) as folder:
+    with storage.local_copy_for_write(target.uri) as folder:
         for name, png in plots.items():
             with open(os.path.join(folder, name), "wb") as handle:
                 handle.write(png)
@@ -756,15 +764,15 @@ def write_evaluation(
                 **{k: pa.array(per_sample[k], pa.float64()) for k in ("label_auc", "chance_auc", "adherence_iou")},
             }
         )
-        pq.write_table(table, os.path.join(folder, "adherence.parquet"))
-        with open(os.path.join(folder, "table.md"), "w", encoding="utf-8") as handle:
+        pq.write_table(table, os.path.join(folder, ADHERENCE_TABLE))
+        with open(os.path.join(folder, EVALUATION_TABLE), "w", encoding="utf-8") as handle:
             handle.write(results_markdown(result))
         segmentor.save_pretrained(os.path.join(folder, SEGMENTOR_DIR), safe_serialization=True)
         with open(os.path.join(folder, SEGMENTOR_DIR, BASELINE_FILE), "w", encoding="utf-8") as handle:
             json.dump(result["baseline"], handle, indent=1)
     record = EvaluationRecord(
-        uri=folder_uri,
-        fingerprint=result["fingerprint"],
+        uri=target.uri,
+        fingerprint=target.fingerprint,
         dataset_uri=dataset.uri,
         table=results_table(result),
         adherence=result["adherence"],
@@ -777,16 +785,16 @@ def write_evaluation(
         chance=result["chance"],
     )
     document = {**result, **record.model_dump(mode="json", exclude={"reused"})}
-    storage.write_json_atomic(storage.join(folder_uri, EVALUATION_FILE), document)
-    storage.write_json_atomic(storage.join(dataset.uri, EVALUATION_FILE), document)
-    storage.write_bytes_atomic(storage.join(folder_uri, RECORD_FILE), record.to_json().encode("utf-8"))
-    log.info("evaluation written to %s", storage.join(dataset.uri, EVALUATION_FILE))
+    storage.write_json_atomic(target.document, document)
+    storage.write_json_atomic(DatasetLayout(dataset.uri).evaluation, document)
+    storage.write_bytes_atomic(target.marker, record.to_json().encode("utf-8"))
+    log.info("evaluation written to %s", DatasetLayout(dataset.uri).evaluation)
     return record
 
 
 def published_dataset(dataset_uri: str) -> DatasetRecord:
     """The record of a published dataset version, read from its manifest."""
-    manifest_uri = storage.join(dataset_uri, "manifest.json")
+    manifest_uri = DatasetLayout(dataset_uri).manifest
     if not storage.exists(manifest_uri):
         raise BadInputError(f"dataset {dataset_uri} is not published (no manifest.json): run generate-dataset first")
     manifest = storage.read_json(manifest_uri)

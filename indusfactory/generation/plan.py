@@ -34,6 +34,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, image_grid
+from indusfactory.layout import FactoryLayout, PlanFolder
 from indusfactory.learning.prompts import condition_prompt
 from indusfactory.schema import (
     PLAN_SCHEMA,
@@ -46,12 +47,6 @@ from indusfactory.schema import (
 )
 from indusfactory.sources.ingest import read_catalog
 
-PLAN_FILE = "plan.parquet"
-PLAN_SHARDS = "shards"
-"""``plans/<fp>/shards/shard-NNNNN.parquet``: each shard's rows again, alone, so generating a shard reads its
-own rows only (``read_plan``); ``plan.parquet`` holds them all (one row group per shard)."""
-RECORD_FILE = "plan.json"
-PREVIEW_FILE = "preview.png"
 MASK_SOURCE_BANK = "bank"
 MASK_SOURCE_PROCEDURAL = "procedural"
 MAX_PLACEMENT_TRIES = 20
@@ -180,24 +175,28 @@ def build_plan_rows(config: FactoryConfig, rows: list[dict], sources: "SourceIma
     return plan
 
 
-def build_plan(config: FactoryConfig, catalog: CatalogRecord, plan_uri: str) -> PlanRecord:
-    """Write the plan parquet under ``plan_uri`` (reused when already complete)."""
-    record_uri = storage.join(plan_uri, RECORD_FILE)
-    done = PlanRecord.read_completed(record_uri)
+def build_plan(config: FactoryConfig, catalog: CatalogRecord, output: PlanFolder | str) -> PlanRecord:
+    """Write the plan into ``output`` (reused when already complete): the folder ``plan_folder_for`` names, or
+    any URI (the record's fingerprint is the plan's all the same).
+
+    ``plan.parquet`` holds every row (one row group per shard); ``shards/shard-NNNNN.parquet`` each shard's
+    rows again, alone, so generating a shard reads its own rows only (``read_plan``)."""
+    folder = output if isinstance(output, PlanFolder) else PlanFolder(output, plan_fingerprint(config, catalog))
+    done = PlanRecord.read_completed(folder.marker)
     if done:
         return done
     sources = SourceImages(catalog.uri, catalog.categories)
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
-    storage.write_bytes_atomic(storage.join(plan_uri, PLAN_FILE), plan_bytes(rows))
-    storage.write_many_atomic(plan_shard_files(plan_uri, rows))
-    storage.write_bytes_atomic(storage.join(plan_uri, PREVIEW_FILE), plan_preview(config, sources, rows[:32]))
+    storage.write_bytes_atomic(folder.table, plan_bytes(rows))
+    storage.write_many_atomic(plan_shard_files(folder, rows))
+    storage.write_bytes_atomic(folder.preview, plan_preview(config, sources, rows[:32]))
     record = PlanRecord(
-        uri=plan_uri,
-        fingerprint=storage.basename(plan_uri),
+        uri=folder.uri,
+        fingerprint=folder.fingerprint,
         samples=len(rows),
         shards=rows[-1]["shard"] + 1,
     )
-    storage.write_json_atomic(record_uri, record.model_dump(mode="json", exclude={"reused"}))
+    storage.write_json_atomic(folder.marker, record.model_dump(mode="json", exclude={"reused"}))
     return record
 
 
@@ -216,16 +215,16 @@ def plan_bytes(rows: list[dict]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def plan_shard_uri(plan_uri: str, shard: int) -> str:
-    return storage.join(plan_uri, PLAN_SHARDS, f"shard-{shard:05d}.parquet")
+def plan_folder(plan: PlanRecord) -> PlanFolder:
+    return PlanFolder(plan.uri, plan.fingerprint)
 
 
-def plan_shard_files(plan_uri: str, rows: list[dict]) -> dict[str, bytes]:
-    """``{uri: parquet}`` of each shard's rows alone (``PLAN_SHARDS``)."""
+def plan_shard_files(folder: PlanFolder, rows: list[dict]) -> dict[str, bytes]:
+    """``{uri: parquet}`` of each shard's rows alone (``shards/shard-NNNNN.parquet``)."""
     by_shard: dict[int, list[dict]] = {}
     for row in rows:
         by_shard.setdefault(row["shard"], []).append(row)
-    return {plan_shard_uri(plan_uri, shard): plan_bytes(part) for shard, part in by_shard.items()}
+    return {folder.shard(shard): plan_bytes(part) for shard, part in by_shard.items()}
 
 
 def shard_row_groups(metadata: pq.FileMetaData, shard: int) -> list[int] | None:
@@ -252,20 +251,20 @@ def read_plan(plan: PlanRecord, shard: int | None = None) -> list[dict]:
         raise BadInputError(f"shard {shard} is outside plan {plan.uri} (shards 0..{plan.shards - 1})")
     if shard is not None:
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(plan_shard_uri(plan.uri, shard))))
+            table = pq.read_table(io.BytesIO(storage.read_bytes(plan_folder(plan).shard(shard))))
         except FileNotFoundError:
             table = _read_plan_row_groups(plan, shard)
         table = table.filter(pa.compute.equal(table["shard"], shard))
         if table.num_rows == 0:
             raise BadInputError(f"shard {shard} of plan {plan.uri} has no rows: the plan file is damaged")
         return table.to_pylist()
-    fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
+    fs, path = storage.filesystem(plan_folder(plan).table)
     with fs.open(path, "rb") as handle:
         return pq.read_table(handle).to_pylist()
 
 
 def _read_plan_row_groups(plan: PlanRecord, shard: int) -> pa.Table:
-    fs, path = storage.filesystem(storage.join(plan.uri, PLAN_FILE))
+    fs, path = storage.filesystem(plan_folder(plan).table)
     # No read-ahead: a row group is fetched by its byte range, not with the megabytes after it.
     with fs.open(path, "rb", **storage.range_read_options(fs)) as handle:
         file = pq.ParquetFile(handle, pre_buffer=True)  # a row group's columns in one read
@@ -399,8 +398,13 @@ def materialise(row: dict, sources: SourceImages, config: FactoryConfig) -> Samp
     return SampleInputs(driver=driver, instances=instances, image=image)
 
 
+def plan_folder_for(config: FactoryConfig, catalog: CatalogRecord) -> PlanFolder:
+    """The plan's folder under the factory root, with its fingerprint."""
+    return FactoryLayout.of(config.factory_root).plan(plan_fingerprint(config, catalog))
+
+
 def plan_uri_for(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    return storage.FactoryLayout.of(config.factory_root).plan(plan_fingerprint(config, catalog))
+    return plan_folder_for(config, catalog).uri
 
 
 def plan_preview(config: FactoryConfig, sources: SourceImages, rows: list[dict]) -> bytes:

@@ -19,8 +19,9 @@ from datetime import datetime, timezone
 
 from indusfactory.config import ExecutionConfig, FactoryConfig, GenerationConfig
 from indusfactory.infra import storage
+from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.layout import FactoryLayout
 
-THROUGHPUT_DIR = "throughput"
 RECENT_RUNS = 5
 
 
@@ -69,7 +70,7 @@ def _slug(text: str) -> str:
 
 
 def _folder(root: str, device: str) -> str:
-    return storage.join(storage.normalise_uri(root), THROUGHPUT_DIR, _slug(device))
+    return FactoryLayout.of(root).throughput(_slug(device))
 
 
 def unet_passes(gen: GenerationConfig) -> float:
@@ -99,8 +100,7 @@ def record(config: FactoryConfig, device: str, dataset_uri: str, images: int, se
     if images <= 0 or seconds <= 0:
         return None
     created = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    version_path = dataset_uri.rstrip("/").replace("\\", "/").rsplit("/", 2)
-    name = _slug(f"{created}-{'-'.join(version_path[-2:])}")
+    name = f"{created}-{fingerprint('throughput', dataset_uri, length=8)}"  # the record says which dataset
     uri = storage.join(_folder(config.factory_root, device), f"{name}.json")
     storage.write_json_atomic(
         uri,

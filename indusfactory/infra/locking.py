@@ -36,7 +36,6 @@ from indusfactory.infra import storage
 
 log = logging.getLogger("indusfactory.locking")  # the name operators filter on, kept from the flat layout
 
-LOCKS_DIR = "locks"
 DEFAULT_STALE_AFTER = 600.0
 GUARD_FILE = ".guard"
 
@@ -48,11 +47,6 @@ class LockTimeout(TimeoutError):
 def default_owner() -> str:
     """``<worker name or host> pid <pid>``; the worker name comes from ``INDUSFACTORY_WORKER_NAME``."""
     return f"{os.environ.get('INDUSFACTORY_WORKER_NAME') or socket.gethostname()} pid {os.getpid()}"
-
-
-def lock_uri(factory_root: str, name: str) -> str:
-    """Where the lock called ``name`` lives: ``<factory_root>/locks/<name>.lock``."""
-    return storage.join(storage.normalise_uri(factory_root), LOCKS_DIR, f"{name}.lock")
 
 
 @dataclass

@@ -17,7 +17,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ FILES_LISTING = "files.json"
 ETag of a single-part upload), so a reader tells a complete folder from one whose upload was cut."""
 COMPLETION_MARKERS = ("record.json", "class_images.json")
 """Top-level files that say a folder is complete: uploaded last, each in its own write, once every other
-file is in place and verified."""
+file is in place and verified. The default of a folder written without naming its marker; the stages name
+theirs (``indusfactory.layout``, each folder's ``marker_name``)."""
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 """Protocols whose uploads are atomic: an object appears whole or not at all."""
 
@@ -496,70 +496,3 @@ def local_copy_for_read(uri: str) -> Iterator[str]:
         except Exception as exc:
             _name_storage_uri(exc, tmp, uri)
             raise
-
-
-@dataclass(frozen=True)
-class FactoryLayout:
-    """Where each stage writes under the factory root."""
-
-    root: str
-
-    @classmethod
-    def of(cls, root: str) -> "FactoryLayout":
-        return cls(normalise_uri(root))
-
-    def catalog(self, fingerprint: str) -> str:
-        return join(self.root, "catalog", fingerprint)
-
-    def model(self, kind: str, fingerprint: str) -> str:
-        return join(self.root, "models", kind, fingerprint)
-
-    def plan(self, fingerprint: str) -> str:
-        return join(self.root, "plans", fingerprint)
-
-    def dataset(self, name: str, version: str) -> str:
-        return join(self.root, "datasets", name, version)
-
-    @staticmethod
-    def evaluation(dataset_uri: str, fingerprint: str) -> str:
-        """An evaluation lives in the dataset version it evaluates: ``<dataset>/evaluation/<fingerprint>``."""
-        return join(dataset_uri, "evaluation", fingerprint)
-
-
-@dataclass(frozen=True)
-class DatasetLayout:
-    """Where each file of a dataset version lives under its folder (``datasets/<name>/<version>``).
-
-    Images go one folder per shard (``images/<shard>/<sample_id>.png``): no folder or prefix listing holds
-    more than a shard's images, however large the dataset."""
-
-    uri: str
-
-    def shard(self, shard: str) -> str:
-        """The shard's parquet (Hugging Face naming, ``train-00000-of-00042``): its completion marker."""
-        return join(self.uri, "data", f"{shard}.parquet")
-
-    def shard_coco(self, shard: str) -> str:
-        return join(self.uri, "annotations", "shards", f"{shard}.json")
-
-    def shard_record(self, shard: str) -> str:
-        """The shard's record (rows, counts, size, MD5 and sha256 of its parquet), written right after it."""
-        return join(self.uri, "shards", f"{shard}.json")
-
-    def coco(self, split: str) -> str:
-        """The merged COCO file of the version."""
-        return join(self.uri, "annotations", f"instances_{split}.json")
-
-    @staticmethod
-    def image_name(shard: str, file_name: str) -> str:
-        """An image's name relative to ``images/``: the COCO ``file_name`` and the parquet ``image.path``."""
-        return f"{shard}/{file_name}"
-
-    def image(self, image_name: str) -> str:
-        return join(self.uri, "images", image_name)
-
-
-def basename(uri: str) -> str:
-    """The last part of a local path or URI: the fingerprint of a stage's folder (``models/concept/<fp>`` ->
-    ``<fp>``), the version of a dataset's folder."""
-    return uri.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

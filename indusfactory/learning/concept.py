@@ -24,6 +24,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_model_tensor
+from indusfactory.layout import ClassImagesFolder, FactoryLayout, ModelFolder
 from indusfactory.learning.models import (
     BaseComponents,
     assemble_pipeline,
@@ -57,8 +58,6 @@ from indusfactory.schema import CatalogRecord, ModelRecord, decode_image, encode
 from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.concept")  # the name operators filter on, kept from the flat layout
-RECORD_FILE = "record.json"
-CLASS_IMAGES_RECORD = "class_images.json"
 
 
 def concept_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
@@ -178,7 +177,8 @@ def concept_look(
     return look
 
 
-def class_images_uri_for(config: FactoryConfig) -> str:
+def class_images_folder_for(config: FactoryConfig) -> ClassImagesFolder:
+    """The prior-preservation images of the concept's class prompt: one folder per base model, prompt and count."""
     c = config.concept
     fp = fingerprint(
         "class-images",
@@ -190,17 +190,22 @@ def class_images_uri_for(config: FactoryConfig) -> str:
         c.seed,
         config.execution.precision if c.precision == "auto" else c.precision,
     )
-    return storage.FactoryLayout.of(config.factory_root).model("class-images", fp)
+    return FactoryLayout.of(config.factory_root).class_images(fp)
+
+
+def class_images_uri_for(config: FactoryConfig) -> str:
+    return class_images_folder_for(config).uri
 
 
 def class_prior_images(config: FactoryConfig, base: BaseComponents, runtime: TrainingRuntime) -> list[np.ndarray]:
     """Images the base model makes for the class prompt, generated once and cached on storage."""
-    uri = class_images_uri_for(config)
+    found = class_images_folder_for(config)
+    uri = found.uri
     c = config.concept
     names = [f"class-{i:05d}.png" for i in range(c.num_class_images)]
-    if storage.exists(storage.join(uri, CLASS_IMAGES_RECORD)):
+    if storage.exists(found.marker):
         log.info("class-prior images reused from %s", uri)
-        return [decode_image(storage.read_bytes(storage.join(uri, n))) for n in names]
+        return [decode_image(storage.read_bytes(found.file(n))) for n in names]
     prompt = class_prompt(config)
     log.info("generating %d class-prior images for %r", c.num_class_images, prompt)
     images = sample_images(
@@ -211,11 +216,11 @@ def class_prior_images(config: FactoryConfig, base: BaseComponents, runtime: Tra
         config.base_model.resolution,
         c.class_image_inference_steps,
     )
-    with storage.local_copy_for_write(uri) as folder:
+    with storage.local_copy_for_write(uri, markers=(found.marker_name,)) as folder:
         for name, image in zip(names, images):
             with open(os.path.join(folder, name), "wb") as handle:
                 handle.write(encode_png(image))
-        with open(os.path.join(folder, CLASS_IMAGES_RECORD), "w", encoding="utf-8") as handle:
+        with open(os.path.join(folder, found.marker_name), "w", encoding="utf-8") as handle:
             handle.write(f'{{"prompt": "{prompt}", "images": {len(images)}}}\n')
     return images
 
@@ -316,11 +321,13 @@ def concept_validation(base: BaseComponents, config: FactoryConfig, runtime: Tra
 
 
 def train_concept(
-    config: FactoryConfig, catalog: CatalogRecord, output_uri: str, progress: Progress | None = None
+    config: FactoryConfig, catalog: CatalogRecord, output: ModelFolder | str, progress: Progress | None = None
 ) -> ModelRecord:
-    """Train the concept into ``output_uri`` (reused when already complete there)."""
-    record_uri = storage.join(output_uri, RECORD_FILE)
-    done = ModelRecord.read_completed(record_uri)
+    """Train the concept into ``output`` (reused when already complete there): the folder ``concept_folder_for``
+    names, or any URI (the record's fingerprint is then the concept's fingerprint all the same)."""
+    target = output if isinstance(output, ModelFolder) else ModelFolder(output, concept_fingerprint(config, catalog))
+    output_uri, fp = target.uri, target.fingerprint
+    done = ModelRecord.read_completed(target.marker)
     if done:
         return done
     validate(config)
@@ -348,8 +355,7 @@ def train_concept(
         on_step=concept_validation(base, config, runtime, checkpoint_uri),
     )
     look = concept_look(base, config, runtime, images)
-    fp = os.path.basename(output_uri.rstrip("/"))
-    with storage.local_copy_for_write(output_uri) as folder:
+    with storage.local_copy_for_write(output_uri, markers=(target.marker_name,)) as folder:
         save_concept_weights(base, config, folder)
         validation = copy_validation_images(checkpoint_uri, folder)
         record = ModelRecord(
@@ -395,7 +401,6 @@ def train_concept(
                 "losses": losses,
             },
             record.model_dump_json(exclude={"reused"}),
-            RECORD_FILE,
         )
     remove_checkpoint(checkpoint_uri)
     log.info("concept (%s) trained in %.1f s, written to %s", c.method, seconds, output_uri)
@@ -421,5 +426,10 @@ def save_concept_weights(base: BaseComponents, config: FactoryConfig, folder: st
         base.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
 
 
+def concept_folder_for(config: FactoryConfig, catalog: CatalogRecord) -> ModelFolder:
+    """The concept's folder under the factory root, with its fingerprint."""
+    return FactoryLayout.of(config.factory_root).model("concept", concept_fingerprint(config, catalog))
+
+
 def concept_uri_for(config: FactoryConfig, catalog: CatalogRecord) -> str:
-    return storage.FactoryLayout.of(config.factory_root).model("concept", concept_fingerprint(config, catalog))
+    return concept_folder_for(config, catalog).uri

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
 from indusfactory.infra.imaging import fit_square, from_model_output, image_grid, to_condition_tensor, to_model_tensor
+from indusfactory.layout import FactoryLayout, ModelFolder
 from indusfactory.learning.controllability import probe_cases, sample_probe
 from indusfactory.learning.models import (
     BaseComponents,
@@ -52,7 +52,6 @@ from indusfactory.schema import CatalogRecord, ModelRecord, category_index, deco
 from indusfactory.sources.ingest import read_catalog
 
 log = logging.getLogger("indusfactory.condition")  # the name operators filter on, kept from the flat layout
-RECORD_FILE = "record.json"
 
 
 def condition_fingerprint(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:
@@ -243,12 +242,18 @@ def train_condition(
     config: FactoryConfig,
     catalog: CatalogRecord,
     concept: ModelRecord,
-    output_uri: str,
+    output: ModelFolder | str,
     progress: Progress | None = None,
 ) -> ModelRecord:
-    """Train the conditioning network into ``output_uri`` (reused when already complete there)."""
-    record_uri = storage.join(output_uri, RECORD_FILE)
-    done = ModelRecord.read_completed(record_uri)
+    """Train the conditioning network into ``output`` (reused when already complete there): the folder
+    ``condition_folder_for`` names, or any URI (the record's fingerprint is the network's all the same)."""
+    target = (
+        output
+        if isinstance(output, ModelFolder)
+        else ModelFolder(output, condition_fingerprint(config, catalog, concept))
+    )
+    output_uri, fp = target.uri, target.fingerprint
+    done = ModelRecord.read_completed(target.marker)
     if done:
         return done
     configure_torch(config.execution)
@@ -329,8 +334,7 @@ def train_condition(
         on_step=on_step,
     )
     adherence = held_out_adherence(base, controlnet, config, catalog, runtime)
-    fp = os.path.basename(output_uri.rstrip("/"))
-    with storage.local_copy_for_write(output_uri) as folder:
+    with storage.local_copy_for_write(output_uri, markers=(target.marker_name,)) as folder:
         controlnet.save_pretrained(folder, safe_serialization=True)
         validation = copy_validation_images(checkpoint_uri, folder)
         record = ModelRecord(
@@ -370,7 +374,6 @@ def train_condition(
                 "losses": losses,
             },
             record.model_dump_json(exclude={"reused"}),
-            RECORD_FILE,
         )
     remove_checkpoint(checkpoint_uri)
     log.info("conditioning network trained in %.1f s, written to %s", seconds, output_uri)
@@ -393,7 +396,10 @@ def probe_card_lines(adherence: dict) -> list[str]:
     return [line]
 
 
+def condition_folder_for(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelFolder:
+    """The conditioning network's folder under the factory root, with its fingerprint."""
+    return FactoryLayout.of(config.factory_root).model("condition", condition_fingerprint(config, catalog, concept))
+
+
 def condition_uri_for(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> str:
-    return storage.FactoryLayout.of(config.factory_root).model(
-        "condition", condition_fingerprint(config, catalog, concept)
-    )
+    return condition_folder_for(config, catalog, concept).uri

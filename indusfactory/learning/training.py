@@ -24,14 +24,13 @@ from diffusers.training_utils import compute_snr
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
+from indusfactory import layout
 from indusfactory.config import ExecutionConfig, TrainingConfig
 from indusfactory.infra import stopping, storage
 from indusfactory.learning.models import BaseComponents, select_device, select_dtype
 from indusfactory.schema import encode_png
 
 log = logging.getLogger("indusfactory.training")  # the name operators filter on, kept from the flat layout
-CHECKPOINT_FILE = "checkpoint.pt"
-VALIDATION_DIR = "validation"
 Progress = Callable[[int, int, float], None]
 """Called as ``progress(step, total_steps, loss)`` every few steps."""
 
@@ -168,7 +167,7 @@ def latent_mask_weights(masks: torch.Tensor, scale_factor: int, weight: float) -
 
 def checkpoint_uri_for(output_uri: str) -> str:
     """Where a training run keeps its resumable state: next to its output, removed once it is written."""
-    return output_uri.rstrip("/") + ".checkpoint"
+    return layout.checkpoint_folder(output_uri)
 
 
 def save_checkpoint(
@@ -193,12 +192,12 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    storage.write_bytes_atomic(storage.join(uri, CHECKPOINT_FILE), buffer.getvalue())
+    storage.write_bytes_atomic(layout.checkpoint_file(uri), buffer.getvalue())
 
 
 def load_checkpoint(uri: str) -> dict | None:
     """The last checkpoint under ``uri`` (loaded with ``weights_only=True``: no code runs), or None."""
-    path = storage.join(uri, CHECKPOINT_FILE)
+    path = layout.checkpoint_file(uri)
     if not storage.exists(path):
         return None
     return torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=True, map_location="cpu")
@@ -237,13 +236,9 @@ def to_device_and_dtype(module: torch.nn.Module, device: torch.device, dtype: to
     return module
 
 
-def validation_image_uri(checkpoint_uri: str, step: int) -> str:
-    return storage.join(checkpoint_uri, VALIDATION_DIR, f"step-{step:06d}.png")
-
-
 def save_validation_image(checkpoint_uri: str, step: int, grid: np.ndarray) -> str:
     """Keep a validation grid with the run's resumable state (it survives a crash and a resume)."""
-    uri = validation_image_uri(checkpoint_uri, step)
+    uri = layout.validation_image(checkpoint_uri, step)
     storage.write_bytes_atomic(uri, encode_png(grid))
     log.info("validation grid at step %d: %s", step, uri)
     return uri
@@ -251,15 +246,15 @@ def save_validation_image(checkpoint_uri: str, step: int, grid: np.ndarray) -> s
 
 def copy_validation_images(checkpoint_uri: str, folder: str) -> list[str]:
     """Copy the run's validation grids into ``folder/validation``; return their relative paths."""
-    fs, path = storage.filesystem(storage.join(checkpoint_uri, VALIDATION_DIR))
+    fs, path = storage.filesystem(storage.join(checkpoint_uri, layout.VALIDATION_DIR))
     if not fs.exists(path):
         return []
-    os.makedirs(os.path.join(folder, VALIDATION_DIR), exist_ok=True)
+    os.makedirs(os.path.join(folder, layout.VALIDATION_DIR), exist_ok=True)
     names = sorted(os.path.basename(f) for f in fs.ls(path, detail=False) if f.endswith(".png"))
     for name in names:
-        with open(os.path.join(folder, VALIDATION_DIR, name), "wb") as handle:
+        with open(os.path.join(folder, layout.VALIDATION_DIR, name), "wb") as handle:
             handle.write(fs.cat_file(f"{path}/{name}"))
-    return [f"{VALIDATION_DIR}/{name}" for name in names]
+    return [f"{layout.VALIDATION_DIR}/{name}" for name in names]
 
 
 def validation_due(config: TrainingConfig, step: int) -> bool:
@@ -373,12 +368,12 @@ def model_card(
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def write_model_metadata(folder: str, card: str, training_config: dict, record_json: str, record_file: str) -> None:
-    """Write the model card, the training config and the stage record next to the weights."""
+def write_model_metadata(folder: str, card: str, training_config: dict, record_json: str) -> None:
+    """Write the model card, the training config and, last, the stage record (the marker) next to the weights."""
     files = {
-        "README.md": card,
-        "training_config.json": json.dumps(training_config, indent=2, sort_keys=True),
-        record_file: record_json,
+        layout.MODEL_CARD: card,
+        layout.TRAINING_CONFIG: json.dumps(training_config, indent=2, sort_keys=True),
+        layout.MODEL_RECORD: record_json,
     }
     for name, text in files.items():
         with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:

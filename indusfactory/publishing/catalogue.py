@@ -27,15 +27,9 @@ from typing import Any
 
 from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError
+from indusfactory.layout import LATEST_FILE, DatasetLayout, FactoryLayout, ModelFolder
 
-MANIFEST_FILE, LATEST_FILE, EVALUATION_FILE, CONTACT_SHEET = (
-    "manifest.json",
-    "latest",
-    "evaluation.json",
-    "contact_sheet.png",
-)
 MODEL_KINDS = ("concept", "condition")
-MODEL_RECORD, MODEL_CARD, TRAINING_CONFIG = "record.json", "README.md", "training_config.json"
 DEFAULT_GRACE_SECONDS = 24 * 3600.0
 NOT_RUN = "not run"
 
@@ -135,12 +129,12 @@ class Version:
 
 
 def datasets_uri(root: str) -> str:
-    return storage.join(storage.normalise_uri(root), "datasets")
+    return FactoryLayout.of(root).datasets
 
 
 def latest_of(root: str, name: str) -> str | None:
     """The version ``datasets/<name>/latest`` names, or None."""
-    uri = storage.join(datasets_uri(root), name, LATEST_FILE)
+    uri = FactoryLayout.of(root).latest(name)
     if not storage.exists(uri):
         return None
     return storage.read_bytes(uri).decode("utf-8", "replace").strip() or None
@@ -151,17 +145,17 @@ def versions(root: str, name: str | None = None) -> list[Version]:
     unpublished ones."""
     out = []
     for dataset in [name] if name else _folders(datasets_uri(root)):
-        folder = storage.join(datasets_uri(root), dataset)
+        folder = FactoryLayout.of(root).dataset_versions(dataset)
         latest = latest_of(root, dataset)
         for version in _folders(folder):
-            uri = storage.join(folder, version)
+            uri = FactoryLayout.of(root).dataset(dataset, version).uri
             out.append(
                 Version(
                     name=dataset,
                     version=version,
                     uri=uri,
                     latest=version == latest,
-                    manifest=_read_json(storage.join(uri, MANIFEST_FILE)) or {},
+                    manifest=_read_json(DatasetLayout(uri).manifest) or {},
                     evaluation=published_evaluation(uri),
                 )
             )
@@ -186,7 +180,7 @@ def find_version(root: str, ref: str) -> Version:
 
 def published_evaluation(dataset_uri: str) -> dict | None:
     """The ``evaluation.json`` of a dataset version, or None."""
-    return _read_json(storage.join(dataset_uri, EVALUATION_FILE))
+    return _read_json(DatasetLayout(dataset_uri).evaluation)
 
 
 def evaluation_verdict(evaluation: dict | None) -> str:
@@ -233,7 +227,7 @@ def adherence_headline(adherence: dict | None) -> str:
 
 
 def model_uri(root: str, kind: str, fp: str) -> str:
-    return storage.FactoryLayout.of(root).model(kind, fp)
+    return FactoryLayout.of(root).model(kind, fp).uri
 
 
 def show(root: str, ref: str) -> dict:
@@ -244,14 +238,14 @@ def show(root: str, ref: str) -> dict:
     for kind in MODEL_KINDS:
         fp = v.lineage.get(f"{kind}_fingerprint")
         if fp:
-            uri = model_uri(root, kind, fp)
+            folder = FactoryLayout.of(root).model(kind, fp)
             models[kind] = {
                 "fingerprint": fp,
-                "uri": uri,
-                "present": storage.exists(storage.join(uri, MODEL_RECORD)),
-                "card": storage.join(uri, MODEL_CARD),
+                "uri": folder.uri,
+                "present": storage.exists(folder.marker),
+                "card": folder.card,
             }
-    sheet = storage.join(v.uri, CONTACT_SHEET)
+    sheet = DatasetLayout(v.uri).contact_sheet
     return {
         "dataset": v.name,
         "version": v.version,
@@ -272,8 +266,8 @@ def show(root: str, ref: str) -> dict:
 def version_lines(dataset_uri: str) -> list[str]:
     """What the CLI prints after a run: evaluation, contact sheet, model cards of a published version."""
     root = storage.parent(storage.parent(storage.parent(dataset_uri)))
-    manifest = _read_json(storage.join(dataset_uri, MANIFEST_FILE)) or {}
-    sheet = storage.join(dataset_uri, CONTACT_SHEET)
+    manifest = _read_json(DatasetLayout(dataset_uri).manifest) or {}
+    sheet = DatasetLayout(dataset_uri).contact_sheet
     lines = [
         f"evaluation:  {evaluation_headline(published_evaluation(dataset_uri))}",
         f"contact sheet: {sheet if storage.exists(sheet) else 'none'}",
@@ -281,7 +275,7 @@ def version_lines(dataset_uri: str) -> list[str]:
     for kind in MODEL_KINDS:
         fp = manifest.get("lineage", {}).get(f"{kind}_fingerprint")
         if fp:
-            lines.append(f"{kind} card: {storage.join(model_uri(root, kind, fp), MODEL_CARD)}")
+            lines.append(f"{kind} card: {FactoryLayout.of(root).model(kind, fp).card}")
     return lines
 
 
@@ -289,7 +283,7 @@ def class_counts(v: Version) -> dict[str, int]:
     """Instances per class of a published version (from its merged COCO file)."""
     if not v.published:
         return {}
-    uri = storage.join(v.uri, "annotations", f"instances_{v.manifest.get('split', 'train')}.json")
+    uri = DatasetLayout(v.uri).coco(v.manifest.get("split", "train"))
     doc = _read_json(uri) or {}
     names = {c["id"]: c["name"] for c in doc.get("categories", [])}
     counts = {name: 0 for name in names.values()}
@@ -384,7 +378,7 @@ def _models(root: str) -> list[tuple[str, str, str]]:
     return [
         (kind, fp, model_uri(root, kind, fp))
         for kind in MODEL_KINDS
-        for fp in _folders(storage.join(storage.normalise_uri(root), "models", kind))
+        for fp in _folders(FactoryLayout.of(root).models(kind))
     ]
 
 
@@ -434,7 +428,7 @@ def plan_gc(
     models = _models(root)
     decided: dict[str, GcItem] = {}
     for kind, fp, uri in models:
-        record = storage.join(uri, MODEL_RECORD)
+        record = ModelFolder(uri, fp).marker
         modified = _modified(record)
         if (kind, fp) in used:
             decided[uri] = GcItem(kind, uri, "in the lineage of a kept version")
@@ -447,7 +441,7 @@ def plan_gc(
     # A kept condition model keeps the concept model it was trained on.
     for kind, fp, uri in models:
         if kind == "condition" and uri in decided:
-            concept = (_read_json(storage.join(uri, TRAINING_CONFIG)) or {}).get("concept_fingerprint")
+            concept = (_read_json(ModelFolder(uri, fp).training_config) or {}).get("concept_fingerprint")
             concept_uri = model_uri(root, "concept", concept) if concept else None
             if concept_uri and concept_uri not in decided:
                 decided[concept_uri] = GcItem("concept", concept_uri, "the concept of a kept condition model")

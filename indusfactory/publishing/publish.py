@@ -44,6 +44,7 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError, IndusfactoryError, NearChanceError, VersionConflictError
 from indusfactory.infra.fingerprint import CODE_VERSION, fingerprint
 from indusfactory.infra.imaging import image_grid
+from indusfactory.layout import MANIFEST_FILE, DatasetFolder, DatasetLayout, FactoryLayout
 from indusfactory.schema import (
     DATASET_SCHEMA,
     SCHEMA_VERSION,
@@ -61,9 +62,6 @@ from indusfactory.schema import (
 
 log = logging.getLogger("indusfactory.export")  # the name operators filter on, kept from the flat layout
 
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
-CONTACT_SHEET = "contact_sheet.png"
 SHARD_METADATA = b"indusfactory.shard"
 """Parquet metadata key of a shard's own counts and origin: ``{"planned": n, "dropped": k,
 "generation_fingerprint": fp}``."""
@@ -74,15 +72,15 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 def shard_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
-    return storage.DatasetLayout(dataset_uri).shard(shard_name(split, index, total))
+    return DatasetLayout(dataset_uri).shard(shard_name(split, index, total))
 
 
 def shard_coco_uri(dataset_uri: str, split: str, index: int, total: int) -> str:
-    return storage.DatasetLayout(dataset_uri).shard_coco(shard_name(split, index, total))
+    return DatasetLayout(dataset_uri).shard_coco(shard_name(split, index, total))
 
 
 def is_published(dataset_uri: str) -> bool:
-    return storage.exists(storage.join(dataset_uri, MANIFEST_FILE))
+    return storage.exists(DatasetLayout(dataset_uri).manifest)
 
 
 def coco_of_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -146,7 +144,7 @@ def write_shard(
     done = existing_shard(dataset_uri, split, index, total)
     if done:
         return done
-    layout, name = storage.DatasetLayout(dataset_uri), shard_name(split, index, total)
+    layout, name = DatasetLayout(dataset_uri), shard_name(split, index, total)
     rows = [{**row, "image": {**row["image"], "path": layout.image_name(name, row["image"]["path"])}} for row in rows]
     storage.write_many_atomic({layout.image(row["image"]["path"]): row["image"]["bytes"] for row in rows})
     images, annotations = coco_of_rows(rows)
@@ -187,7 +185,7 @@ def write_shard(
         adherence=adherence or {},
         **written_stamp(uri, data),
     )
-    _write_shard_record(dataset_uri, record)
+    _write_shard_record(dataset_uri, split, record)
     return record
 
 
@@ -201,10 +199,10 @@ def written_stamp(uri: str, data: bytes) -> dict:
     }
 
 
-def _write_shard_record(dataset_uri: str, record: ShardRecord) -> None:
-    name = posixpath.basename(record.uri).removesuffix(".parquet")
+def _write_shard_record(dataset_uri: str, split: str, record: ShardRecord) -> None:
+    name = shard_name(split, record.index, record.total)
     fields = record.model_dump(mode="json", exclude={"reused", "seconds"})
-    storage.write_json_atomic(storage.DatasetLayout(dataset_uri).shard_record(name), fields)
+    storage.write_json_atomic(DatasetLayout(dataset_uri).shard_record(name), fields)
 
 
 def existing_shard(
@@ -217,7 +215,7 @@ def existing_shard(
     parquet's metadata from a listing already made (None: looked up here). A shard without a matching record (written
     before records existed, or a crash between the parquet and its record) is read whole once, and its record
     written unless the version is published."""
-    layout, name = storage.DatasetLayout(dataset_uri), shard_name(split, index, total)
+    layout, name = DatasetLayout(dataset_uri), shard_name(split, index, total)
     uri = layout.shard(name)
     if found is None:
         found = storage.info(uri)
@@ -257,7 +255,7 @@ def _shard_read_whole(dataset_uri: str, split: str, index: int, total: int) -> S
         **written_stamp(uri, data),
     )
     if not is_published(dataset_uri):
-        _write_shard_record(dataset_uri, record)
+        _write_shard_record(dataset_uri, split, record)
     return record
 
 
@@ -266,7 +264,7 @@ def existing_shards(dataset_uri: str, split: str, total: int) -> dict[int, Shard
     a time (the work-pool dispatcher, the scale benchmark's reuse check)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    found = storage.listing(storage.join(dataset_uri, "data"))
+    found = storage.listing(DatasetLayout(dataset_uri).data)
     entries = {i: found.get(f"{shard_name(split, i, total)}.parquet") for i in range(total)}
     present = [i for i, entry in entries.items() if entry]
     with ThreadPoolExecutor(max_workers=16) as pool:  # each a record read: latency-bound on object stores
@@ -276,7 +274,7 @@ def existing_shards(dataset_uri: str, split: str, total: int) -> dict[int, Shard
 
 def present_shards(dataset_uri: str, split: str, total: int) -> set[int]:
     """The shards of a version whose parquet is on storage, from one listing of ``data/`` (nothing read)."""
-    found = storage.listing(storage.join(dataset_uri, "data"))
+    found = storage.listing(DatasetLayout(dataset_uri).data)
     return {i for i in range(total) if f"{shard_name(split, i, total)}.parquet" in found}
 
 
@@ -291,7 +289,7 @@ def shard_fingerprint(uri: str) -> str:
 def foreign_shards(dataset_uri: str, generation_fingerprint: str, split: str, total: int) -> list[str]:
     """The parquet files in ``<dataset_uri>/data/`` that are not shards of this plan and config: another
     split or shard count, or another ``generation_fingerprint`` (read from each shard when one is given)."""
-    fs, path = storage.filesystem(storage.join(dataset_uri, "data"))
+    fs, path = storage.filesystem(DatasetLayout(dataset_uri).data)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
@@ -301,7 +299,7 @@ def foreign_shards(dataset_uri: str, generation_fingerprint: str, split: str, to
         if not name.endswith(".parquet") or name.startswith((storage.TMP_PREFIX, ".")):
             continue
         known = generation_fingerprint and name in ours
-        made_by = shard_fingerprint(storage.join(dataset_uri, "data", name)) if known else ""
+        made_by = shard_fingerprint(storage.join(DatasetLayout(dataset_uri).data, name)) if known else ""
         if name not in ours or (generation_fingerprint and made_by and made_by != generation_fingerprint):
             foreign.append(name)
     return foreign
@@ -332,7 +330,7 @@ def check_shard_origin(shard: ShardRecord, generation_fingerprint: str, dataset_
 
 def _foreign_message(dataset_uri: str, names: list[str]) -> str:
     return (
-        f"{storage.join(dataset_uri, 'data')} holds shards of another plan or config ({', '.join(names)}), left "
+        f"{DatasetLayout(dataset_uri).data} holds shards of another plan or config ({', '.join(names)}), left "
         f"by an unfinished run under the same export.version; nothing in {dataset_uri} is published yet: delete "
         "that folder to make the version with the current config, or set export.version to a new name"
     )
@@ -342,7 +340,7 @@ def check_version(dataset_uri: str, lineage: dict, split: str, total: int) -> No
     """Refuse a version folder that published another plan or config (any ``lineage`` fingerprint differs), or
     that holds shards of one; a version is one closed set of the shards of one plan."""
     if is_published(dataset_uri):
-        theirs = storage.read_json(storage.join(dataset_uri, MANIFEST_FILE)).get("lineage", {})
+        theirs = storage.read_json(DatasetLayout(dataset_uri).manifest).get("lineage", {})
         differ = sorted(
             k for k in theirs.keys() & lineage.keys() if k.endswith("_fingerprint") and theirs[k] != lineage[k]
         )
@@ -455,7 +453,7 @@ def finalize_dataset(
     An already published version is checked against ``lineage`` (refused when another plan or config made
     it) and returned as it is; ``latest`` is repaired if a crash left it behind.
     """
-    manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
+    manifest_uri = DatasetLayout(dataset_uri).manifest
     shards = sorted(shards, key=lambda s: s.index)
     expected = shards[0].total if shards else 0
     if is_published(dataset_uri):
@@ -467,7 +465,7 @@ def finalize_dataset(
     summary = adherence_verdict(shards, config.get("generation", {}), dataset_uri)
     storage.remove_temporaries(dataset_uri)  # left by a crashed attempt; every shard is complete now
     annotation_count = merge_coco(
-        storage.DatasetLayout(dataset_uri).coco(split), [s.coco_uri for s in shards], categories, f"{name} {version}"
+        DatasetLayout(dataset_uri).coco(split), [s.coco_uri for s in shards], categories, f"{name} {version}"
     )
     manifest: dict[str, Any] = {
         "name": name,
@@ -506,10 +504,8 @@ def finalize_dataset(
     }
     preview = preview_rows(shards, 16)
     if preview:
-        storage.write_bytes_atomic(storage.join(dataset_uri, CONTACT_SHEET), contact_sheet(preview))
-    storage.write_bytes_atomic(
-        storage.join(dataset_uri, "README.md"), dataset_card(name, version, split, manifest).encode()
-    )
+        storage.write_bytes_atomic(DatasetLayout(dataset_uri).contact_sheet, contact_sheet(preview))
+    storage.write_bytes_atomic(DatasetLayout(dataset_uri).card, dataset_card(name, version, split, manifest).encode())
     document = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode("utf-8")
     if not storage.write_bytes_exclusive(manifest_uri, document):  # published by another run meanwhile
         return _published(dataset_uri, name, version, split, lineage, expected)
@@ -529,7 +525,7 @@ def check_unchanged(dataset_uri: str, shards: list[ShardRecord]) -> None:
     """Every shard is the file its record says was written: compared with one listing of ``data/`` (size, and
     the MD5 ETag on S3 or the version elsewhere). Only a record without them (made by an older version of the
     factory) has its shard read to compare the sha256."""
-    found = storage.listing(storage.join(dataset_uri, "data"))
+    found = storage.listing(DatasetLayout(dataset_uri).data)
     for shard in shards:
         entry = found.get(posixpath.basename(shard.uri))
         if shard.bytes:
@@ -582,7 +578,7 @@ def merge_coco(uri: str, shard_coco_uris: list[str], categories: list[dict], des
 def _published(dataset_uri: str, name: str, version: str, split: str, lineage: dict, total: int) -> DatasetRecord:
     """The record of a published version, after checking it was made by ``lineage``; repairs ``latest``."""
     check_version(dataset_uri, lineage, split, total)
-    manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
+    manifest_uri = DatasetLayout(dataset_uri).manifest
     manifest = storage.read_json(manifest_uri)
     point_latest(dataset_uri, version, manifest.get("created", ""))
     return DatasetRecord(
@@ -601,12 +597,12 @@ def point_latest(dataset_uri: str, version: str, created: str) -> bool:
     """Point ``<dataset>/latest`` at ``version`` unless it already does, or names a version published later
     (by its manifest's ``created``); True when written. Run on every publish and every reuse, so a crash
     between a manifest and its pointer is repaired by the next run."""
-    latest_uri = storage.join(storage.parent(dataset_uri), LATEST_FILE)
+    latest_uri = DatasetLayout(dataset_uri).latest
     current = storage.read_bytes(latest_uri).decode("utf-8", "replace").strip() if storage.exists(latest_uri) else ""
     if current == version:
         return False
     try:
-        other = storage.join(storage.parent(dataset_uri), current, MANIFEST_FILE) if current else ""
+        other = DatasetLayout(dataset_uri).sibling(current).manifest if current else ""
     except BadInputError:
         other = ""  # a damaged pointer: replaced
     if other and storage.exists(other) and str(storage.read_json(other).get("created", "")) > created:
@@ -667,10 +663,17 @@ def generation_fingerprint(
     )
 
 
-def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
-    return storage.FactoryLayout.of(config.factory_root).dataset(
+def dataset_folder_for(
+    config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord
+) -> DatasetFolder:
+    """The dataset version's folder under the factory root (``datasets/<name>/<version>``), with its version."""
+    return FactoryLayout.of(config.factory_root).dataset(
         config.export.dataset_name, dataset_version(config, plan, concept, condition)
     )
+
+
+def dataset_uri_for(config: FactoryConfig, plan: PlanRecord, concept: ModelRecord, condition: ModelRecord) -> str:
+    return dataset_folder_for(config, plan, concept, condition).uri
 
 
 def publish_dataset(
@@ -679,15 +682,20 @@ def publish_dataset(
     plan: PlanRecord,
     concept: ModelRecord,
     condition: ModelRecord,
-    dataset_uri: str,
+    output: DatasetFolder | str,
     shards: list[ShardRecord],
 ) -> DatasetRecord:
-    """Finalise the dataset version at ``dataset_uri`` with the lineage of everything that made it."""
-    version = storage.basename(dataset_uri)
+    """Finalise the dataset version in ``output`` with the lineage of everything that made it: the folder
+    ``dataset_folder_for`` names, or any URI (the version is then the configured or derived one all the same)."""
+    folder = (
+        output
+        if isinstance(output, DatasetFolder)
+        else DatasetFolder(output, dataset_version(config, plan, concept, condition), config.export.dataset_name)
+    )
     return finalize_dataset(
-        dataset_uri,
+        folder.uri,
         config.export.dataset_name,
-        version,
+        folder.version,
         config.export.split,
         shards,
         catalog.categories,

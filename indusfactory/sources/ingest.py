@@ -72,6 +72,7 @@ from indusfactory.config import SourceConfig
 from indusfactory.infra import stopping, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
+from indusfactory.layout import CATALOG_FILE, CatalogFolder, FactoryLayout
 from indusfactory.schema import (
     CATALOG_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -91,10 +92,6 @@ MASK_EXTENSIONS = (".png",)
 SPLITS = ("train", "val", "test")
 CATALOG_PNG_LEVEL = 1
 """zlib level of the catalog's PNGs: ~4x faster than 6 on photographs, about the same size."""
-CATALOG_FILE = "catalog.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
-REPORT_FILE = "report.md"
-RECORD_FILE = "catalog.json"
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 PLAIN_MODES = ("1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -1183,39 +1180,42 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_quarantine(catalog_uri: str, result: IngestResult, source: SourceConfig) -> None:
+def _write_quarantine(folder: CatalogFolder, result: IngestResult, source: SourceConfig) -> None:
     quarantine = pa.Table.from_pylist(result.quarantine, schema=QUARANTINE_SCHEMA)
-    storage.write_bytes_atomic(storage.join(catalog_uri, QUARANTINE_FILE), _parquet_bytes(quarantine))
-    storage.write_bytes_atomic(storage.join(catalog_uri, REPORT_FILE), _report(result, source).encode("utf-8"))
+    storage.write_bytes_atomic(folder.quarantine, _parquet_bytes(quarantine))
+    storage.write_bytes_atomic(folder.report, _report(result, source).encode("utf-8"))
 
 
-def _nothing_usable(result: IngestResult, source: SourceConfig, catalog_uri: str) -> BadInputError:
+def _nothing_usable(result: IngestResult, source: SourceConfig, folder: CatalogFolder) -> BadInputError:
     kinds = Counter(q["kind"] for q in result.quarantine if q["item"] == "image")
     summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
     where = source.coco_annotations if source.format == "coco" else source.images_dir
     return BadInputError(
         f"no usable defective image in {where} ({result.found} images found, {result.quarantined_images} "
         f"quarantined: {summary}; {result.duplicates} duplicates); every reason is in "
-        f"{storage.join(catalog_uri, REPORT_FILE)}"
+        f"{folder.report}"
     )
 
 
-def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
-    """Build the catalog at ``catalog_uri`` (reused as is if it is already complete)."""
-    record_uri = storage.join(catalog_uri, RECORD_FILE)
-    done = CatalogRecord.read_completed(record_uri)
+def ingest(source: SourceConfig, output: CatalogFolder | str) -> CatalogRecord:
+    """Build the catalog in ``output`` (reused as is if it is already complete).
+
+    ``output`` is the folder ``catalog_folder_for`` names under the factory root (its fingerprint is the
+    record's); a bare URI (a catalog written anywhere else) names its catalog by its content."""
+    folder = output if isinstance(output, CatalogFolder) else CatalogFolder(output, "")
+    done = CatalogRecord.read_completed(folder.marker)
     if done:
         return done
     result, categories = collect(source)
     if not any(row["defective"] for row in result.rows):
-        _write_quarantine(catalog_uri, result, source)
-        raise _nothing_usable(result, source, catalog_uri)
+        _write_quarantine(folder, result, source)
+        raise _nothing_usable(result, source, folder)
     table = pa.Table.from_pylist(result.rows, schema=with_metadata(CATALOG_SCHEMA, categories))
     content = fingerprint("catalog", [(r["image_id"], r["split"], r["instances"]) for r in result.rows])
     defective = sum(row["defective"] for row in result.rows)
     record = CatalogRecord(
-        uri=catalog_uri,
-        fingerprint=storage.basename(catalog_uri),
+        uri=folder.uri,
+        fingerprint=folder.fingerprint or content,
         content_fingerprint=content,
         found=result.found,
         ingested=len(result.rows),
@@ -1231,9 +1231,9 @@ def ingest(source: SourceConfig, catalog_uri: str) -> CatalogRecord:
     counts = record.annotations
     if source.format == "coco" and counts["found"] != sum(v for k, v in counts.items() if k != "found"):
         raise AssertionError(f"annotation counts do not reconcile: {counts}")
-    storage.write_bytes_atomic(storage.join(catalog_uri, CATALOG_FILE), _parquet_bytes(table))
-    _write_quarantine(catalog_uri, result, source)
-    storage.write_json_atomic(record_uri, record.model_dump(mode="json", exclude={"reused"}))
+    storage.write_bytes_atomic(folder.table, _parquet_bytes(table))
+    _write_quarantine(folder, result, source)
+    storage.write_json_atomic(folder.marker, record.model_dump(mode="json", exclude={"reused"}))
     return record
 
 
@@ -1308,10 +1308,11 @@ def read_catalog(catalog_uri: str) -> pa.Table:
         return table
 
 
+def catalog_folder_for(config) -> CatalogFolder:
+    """The folder of the catalog of ``config.source`` under the factory root, with its fingerprint."""
+    return FactoryLayout.of(config.factory_root).catalog(ingest_fingerprint(config.source, config.factory_root))
+
+
 def catalog_uri_for(config) -> str:
     """Where the catalog of ``config.source`` lives under the factory root."""
-    return storage.FactoryLayout.of(config.factory_root).catalog(ingest_fingerprint(config.source, config.factory_root))
-
-
-def catalog_marker(catalog_uri: str) -> str:
-    return storage.join(catalog_uri, RECORD_FILE)
+    return catalog_folder_for(config).uri
