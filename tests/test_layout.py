@@ -88,3 +88,62 @@ def test_flow_parameters_are_the_factory_config_form():
     assert list(schema["properties"])[-1] == "config"  # the short run form first, the full config last
     definitions = schema.get("definitions") or schema.get("$defs")
     assert {"FactoryConfig", "ConceptConfig", "GenerationConfig"} <= set(definitions)
+
+
+def _factory_file_names() -> dict[str, str]:
+    """The file names ``indusfactory.layout`` owns (``record.json``, ...): ``{value: constant name}``."""
+    from indusfactory import layout
+
+    return {value: name for name, value in vars(layout).items() if name.isupper() and "." in str(value)}
+
+
+def test_only_the_layout_names_the_files_and_folders_of_the_factory_root():
+    """A path under the factory root is built from ``indusfactory.layout`` alone: no other module of the
+    library, the tasks or the flows spells one of its file names (``record.json``, ``manifest.json``, ...);
+    only the storage floor's default markers, checked against the layout below."""
+    names = _factory_file_names()
+    assert {"record.json", "manifest.json", "catalog.json", "plan.json", "checkpoint.pt"} <= names.keys()
+    allowed = {("indusfactory/infra/storage.py", "record.json"), ("indusfactory/infra/storage.py", "class_images.json")}
+    offenders = []
+    for folder in ("indusfactory", "tasks", "flows"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel == "indusfactory/layout.py" or "assets" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names and (rel, node.value) not in allowed:
+                    offenders.append(f"{rel}:{node.lineno}: {node.value!r} (layout.{names[node.value]})")
+    assert offenders == []
+
+
+def test_storage_default_markers_are_the_layouts():
+    """The storage floor cannot import the layout; its default completion markers are the layout's."""
+    from indusfactory import layout
+    from indusfactory.infra import storage
+
+    assert set(storage.COMPLETION_MARKERS) == {layout.MODEL_RECORD, layout.CLASS_IMAGES_RECORD}
+
+
+def test_a_stage_folder_carries_the_fingerprint_it_is_named_by(tmp_path):
+    from indusfactory.layout import FactoryLayout
+
+    root = FactoryLayout.of(str(tmp_path / "factory"))
+    folders = [root.catalog("c1"), root.model("concept", "m1"), root.plan("p1"), root.dataset("demo", "v-1")]
+    assert [Path(f.uri).name for f in folders] == [f.fingerprint for f in folders]
+    assert [Path(f.marker).name for f in folders] == ["catalog.json", "record.json", "plan.json", "manifest.json"]
+    version = root.dataset("demo", "v-1")
+    assert (
+        version.files.latest == root.latest("demo")
+        and version.files.sibling("v-2").uri == root.dataset("demo", "v-2").uri
+    )
+    assert Path(version.files.evaluation_folder("e1").uri) == Path(version.uri) / "evaluation" / "e1"
+
+
+def test_a_stage_written_to_a_uri_of_its_own_records_the_fingerprint_of_its_inputs(make_config, catalog, tmp_path):
+    """Nothing reads a fingerprint out of a path: a plan written anywhere records the plan's fingerprint."""
+    from indusfactory.generation.plan import build_plan, plan_fingerprint, plan_folder_for
+
+    config = make_config(plan={"max_defect_free_images": 2, "augmentations_per_image": 1})
+    anywhere = build_plan(config, catalog, str(tmp_path / "somewhere-else"))
+    assert anywhere.fingerprint == plan_fingerprint(config, catalog) == plan_folder_for(config, catalog).fingerprint
+    assert Path(anywhere.uri).name == "somewhere-else"
