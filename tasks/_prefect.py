@@ -1,7 +1,7 @@
-"""What every indusfactory task shares: cache keys that trust only outputs still on storage,
-a retry condition that does not retry bad input, run-logger progress, and what a flow run needs
-to run like production (``factory_run``): Prefect results and cache records under the factory
-root, library logs in the run's logs, secrets scrubbed from logs and errors, and storage locks."""
+"""What every indusfactory task shares: a retry condition that does not retry bad input, run-logger
+progress, and what a flow run needs to run like production (``factory_run``): Prefect results and
+cache records under the factory root (reuse itself: ``tasks/reuse.py``), library logs in the run's
+logs, secrets scrubbed from logs and errors."""
 
 from __future__ import annotations
 
@@ -21,27 +21,10 @@ from prefect.logging.handlers import APILogHandler
 from indusfactory.config import FactoryConfig
 from indusfactory.infra import failures, redact, stopping, storage
 from indusfactory.infra.errors import BadInputError
-from indusfactory.infra.fingerprint import fingerprint
-from indusfactory.infra.locking import StorageLock, default_owner
-from indusfactory.layout import FactoryLayout, StageFolder
+from indusfactory.layout import FactoryLayout
+from tasks.reuse import CompletedOutput, recording_cache
 
 RESULT_SETTINGS: dict[str, Any] = {"persist_result": True, "result_serializer": "json"}
-
-
-def cache_when_present(marker_uri: Callable[[dict[str, Any]], str]) -> Callable[[TaskRunContext, dict], str | None]:
-    """A ``cache_key_fn``: the key of the stage's output when its completion marker exists, else no cache.
-
-    A cache record is only trusted while what it describes is on storage; a deleted output, or a marker
-    whose folder lacks a file its ``files.json`` lists (a cut upload), means the task runs again and
-    rebuilds it.
-    """
-
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-        uri = marker_uri(parameters)
-        complete = storage.exists(uri) and not storage.incomplete(storage.parent(uri))
-        return fingerprint(context.task.name, uri) if complete else None
-
-    return key
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -108,51 +91,17 @@ def result_storage_for(config: FactoryConfig) -> Path | str:
 def on_factory(task: Task, result_storage: Path | str, endpoint: str | None = None) -> Task:
     """``task`` writing its results and cache records to ``result_storage``, its errors scrubbed of secrets.
 
-    A task without a storage-backed cache key (its default cache key holds the run id, so it can
-    never be a cache hit in another run) keeps its result in memory rather than leaving a new file
-    under the factory root on every run.
+    A task whose cache policy is not :class:`tasks.reuse.CompletedOutput` (its key could never be a hit
+    in another run) keeps its result in memory rather than leaving a new file under the factory root on
+    every run. See ``tasks/reuse.py`` for how finished work is reused.
     """
-    if task.cache_key_fn is None:
+    if not isinstance(task.cache_policy, CompletedOutput):
         bound = task.with_options(persist_result=False, cache_policy=NO_CACHE)
     else:
         bound = task.with_options(result_storage=result_storage)
-        bound.fn = recording_cache(bound.cache_key_fn, bound.fn)
+        bound.fn = recording_cache(task.cache_policy, bound.fn)
     bound.fn = scrubbing_errors(explaining_permanent_errors(bound.fn, endpoint))
     return bound
-
-
-def recording_cache(cache_key_fn: Callable, fn: Callable) -> Callable:
-    """``fn`` that writes the cache record the *next* run will look up as soon as its output is complete.
-
-    A ``cache_when_present`` key only exists once the stage's marker is on storage, so the run that
-    builds the output has no key (Prefect computes it before the task runs) and would leave the
-    record to the next run, which would then run the task once more (only to find the output) and
-    write under the factory root. Written here, the next run is a plain cache hit, on any machine,
-    and writes nothing. The record says ``reused``: that is what a cache hit is.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        context = TaskRunContext.get()
-        if context is None or context.result_store is None:
-            return result
-        try:
-            key = cache_key_fn(context, context.parameters)
-            if key and key != context.task_run.cache_key:
-                fields = getattr(type(result), "model_fields", {})
-                cached = result.model_copy(update={"reused": True}) if "reused" in fields else result
-                context.result_store.write(obj=cached, key=key)
-        except Exception as exc:  # noqa: BLE001 - a missing cache record only costs a rerun that reuses
-            run_logger().warning(
-                "cache record of %s not written (%s: %s); the next run finds the output instead",
-                context.task.name,
-                type(exc).__name__,
-                redact.scrub(str(exc)),
-            )
-        return result
-
-    return wrapper
 
 
 def explaining_permanent_errors(fn: Callable, endpoint: str | None = None) -> Callable:
@@ -296,22 +245,3 @@ def factory_run(config: FactoryConfig) -> Iterator[Callable[[Task], Task]]:
         if replacement is exc:
             raise
         raise replacement from None
-
-
-# -- locks -----------------------------------------------------------------------------------------
-
-
-def stage_lock(config: FactoryConfig, stage: str, output: StageFolder) -> StorageLock:
-    """The lock of one stage's output (``<factory_root>/locks/<stage>-<fingerprint>.lock``), owned by this
-    worker and flow run, with the config's stale timeout; waits are logged to the run."""
-    owner = default_owner()
-    flow_run = FlowRunContext.get()
-    if flow_run is not None and flow_run.flow_run is not None:
-        owner += f", flow run {flow_run.flow_run.name!r}"
-    return StorageLock(
-        FactoryLayout.of(config.factory_root).lock(f"{stage}-{output.fingerprint}"),
-        owner=owner,
-        stale_after=config.execution.lock_stale_seconds,
-        wait_timeout=config.execution.lock_wait_seconds,
-        logger=run_logger(),
-    )

@@ -10,15 +10,16 @@ from indusfactory.evaluation.evaluate import evaluate_dataset, evaluation_folder
 from indusfactory.infra import storage
 from indusfactory.layout import EvaluationFolder
 from indusfactory.schema import CatalogRecord, DatasetRecord, EvaluationRecord
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+from tasks._prefect import TASK_DEFAULTS, run_logger
 from tasks.report import image_markdown
+from tasks.reuse import CompletedOutput
 
 
 def _marker(p: dict) -> str:
     return evaluation_folder_for(p["config"], p["catalog"], p["dataset"]).marker
 
 
-@task(name="evaluate-dataset", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
+@task(name="evaluate-dataset", cache_policy=CompletedOutput(marker=_marker), **TASK_DEFAULTS)
 def evaluate_dataset_task(config: FactoryConfig, catalog: CatalogRecord, dataset: DatasetRecord) -> EvaluationRecord:
     """Downstream segmentation (real / synthetic / synthetic + real), adherence and fidelity of a dataset."""
     record = evaluate_dataset(config, catalog, dataset)

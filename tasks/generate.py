@@ -15,13 +15,14 @@ from indusfactory.infra.locking import StorageLock
 from indusfactory.layout import DatasetFolder
 from indusfactory.publishing.publish import publish_dataset, shard_uri
 from indusfactory.schema import CatalogRecord, DatasetRecord, ModelRecord, PlanRecord, ShardRecord
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock
+from tasks._prefect import TASK_DEFAULTS, run_logger
 from tasks.report import collect_shards
+from tasks.reuse import CompletedOutput, stage_lock
 
 
 @task(
     name="build-plan",
-    cache_key_fn=cache_when_present(lambda p: plan_folder_for(p["config"], p["catalog"]).marker),
+    cache_policy=CompletedOutput(marker=lambda p: plan_folder_for(p["config"], p["catalog"]).marker),
     **TASK_DEFAULTS,
 )
 def build_plan_task(config: FactoryConfig, catalog: CatalogRecord) -> PlanRecord:
@@ -51,7 +52,7 @@ def _shard_marker(p: dict) -> str:
 @task(
     name="generate-shard",
     task_run_name="generate-shard-{shard}",
-    cache_key_fn=cache_when_present(_shard_marker),
+    cache_policy=CompletedOutput(marker=_shard_marker),
     **TASK_DEFAULTS,
 )
 def generate_shard_task(

@@ -10,7 +10,8 @@ from indusfactory.config import FactoryConfig
 from indusfactory.demo.sample_data import ensure_sample_data
 from indusfactory.schema import CatalogRecord
 from indusfactory.sources.ingest import catalog_folder_for, ingest
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger
+from tasks._prefect import TASK_DEFAULTS, run_logger
+from tasks.reuse import CompletedOutput
 
 
 def _sample_data_if_asked(config: FactoryConfig) -> Path | None:
@@ -27,7 +28,7 @@ def _marker(parameters: dict) -> str:
     return catalog_folder_for(config).marker
 
 
-@task(name="ingest", cache_key_fn=cache_when_present(_marker), **TASK_DEFAULTS)
+@task(name="ingest", cache_policy=CompletedOutput(marker=_marker), **TASK_DEFAULTS)
 def ingest_task(config: FactoryConfig) -> CatalogRecord:
     """Build (or reuse) the catalog of the configured sources."""
     logger = run_logger()

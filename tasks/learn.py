@@ -9,8 +9,9 @@ from indusfactory.config import FactoryConfig
 from indusfactory.learning.concept import concept_folder_for, train_concept
 from indusfactory.learning.condition import condition_folder_for, train_condition
 from indusfactory.schema import CatalogRecord, ModelRecord
-from tasks._prefect import TASK_DEFAULTS, cache_when_present, run_logger, stage_lock, training_progress
+from tasks._prefect import TASK_DEFAULTS, run_logger, training_progress
 from tasks.report import validation_artifact
+from tasks.reuse import CompletedOutput, stage_lock
 
 
 def _report(record: ModelRecord) -> ModelRecord:
@@ -26,7 +27,7 @@ def _report(record: ModelRecord) -> ModelRecord:
 
 @task(
     name="learn-concept",
-    cache_key_fn=cache_when_present(lambda p: concept_folder_for(p["config"], p["catalog"]).marker),
+    cache_policy=CompletedOutput(marker=lambda p: concept_folder_for(p["config"], p["catalog"]).marker),
     **TASK_DEFAULTS,
 )
 def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRecord:
@@ -40,7 +41,7 @@ def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRe
 
 @task(
     name="learn-condition",
-    cache_key_fn=cache_when_present(lambda p: condition_folder_for(p["config"], p["catalog"], p["concept"]).marker),
+    cache_policy=CompletedOutput(marker=lambda p: condition_folder_for(p["config"], p["catalog"], p["concept"]).marker),
     **TASK_DEFAULTS,
 )
 def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept: ModelRecord) -> ModelRecord:
