@@ -24,7 +24,8 @@ PARAMETERS_DOC = """Args:
     defect_free_images: Use at most this many defect-free images.
     sources: Where the annotated defective and the defect-free images are.
     base_model: Stable Diffusion 1.x folder or hub id ('embedded:tiny-sd': the demo model).
-    profile: Named preset: demo (tiny model, CPU), smoke (a quick end-to-end check; not a useful dataset), sd15-gpu.
+    profile: Named preset: demo (tiny model, CPU), smoke (a quick end-to-end check; not a useful dataset),
+        cpu-128 (labels that follow the images on CPU: 128 px, ~12 min of training), sd15-gpu.
     factory_root: Local path or s3:// URI everything is written under.
     config_file: Path or URI of a YAML FactoryConfig (a site's settings).
     config: Advanced: the full configuration; only the fields set here override.

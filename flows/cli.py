@@ -176,13 +176,19 @@ def demo(
 def run(
     config_file: Path = typer.Argument(..., help="A YAML FactoryConfig."),
     stage: str = typer.Option("generate-dataset", help=f"One of: {', '.join(STAGES)}."),
+    profile: str | None = typer.Option(
+        None, help="A named preset under the file (demo, smoke, cpu-128, sd15-gpu); the file's keys win."
+    ),
 ):
     """Run the chain (or one stage flow) on a YAML configuration."""
     from indusfactory.config import load_config
     from indusfactory.infra.errors import ConfigError
+    from indusfactory.runform import compose_config
 
     try:
         config = load_config(config_file)
+        if profile is not None:
+            config, _ = compose_config(profile, str(config_file))
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
