@@ -131,40 +131,29 @@ DATASET_SCHEMA = pa.schema(
     ]
 )
 
-# Hugging Face `datasets` reads this from the parquet metadata: images decode as `Image`.
-_HF_INSTANCE_FEATURES = {
-    "category_id": {"dtype": "int32", "_type": "Value"},
-    "category": {"dtype": "string", "_type": "Value"},
-    "rle": {
-        "size": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
-        "counts": {"dtype": "string", "_type": "Value"},
-    },
-    "bbox": {"feature": {"dtype": "float64", "_type": "Value"}, "_type": "List"},
-    "area": {"dtype": "float64", "_type": "Value"},
-    "mask_source": {"dtype": "string", "_type": "Value"},
+_HF_VALUE_TYPES = {
+    pa.string(): "string",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float64(): "float64",
+    pa.bool_(): "bool",
 }
-HF_FEATURES = {
-    "sample_id": {"dtype": "string", "_type": "Value"},
-    "sample_index": {"dtype": "int64", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "width": {"dtype": "int32", "_type": "Value"},
-    "height": {"dtype": "int32", "_type": "Value"},
-    "instances": {"feature": _HF_INSTANCE_FEATURES, "_type": "List"},
-    "driver": {"_type": "Image"},
-    "prompt": {"dtype": "string", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "driver_image_id": {"dtype": "string", "_type": "Value"},
-    "qc_mask_contrast": {"dtype": "float64", "_type": "Value"},
-    "qc_adherence": {"dtype": "float64", "_type": "Value"},
-    "qc_label_auc": {"dtype": "float64", "_type": "Value"},
-    "qc_chance_auc": {"dtype": "float64", "_type": "Value"},
-    "qc_passed": {"dtype": "bool", "_type": "Value"},
-    "base_model": {"dtype": "string", "_type": "Value"},
-    "concept_fingerprint": {"dtype": "string", "_type": "Value"},
-    "condition_fingerprint": {"dtype": "string", "_type": "Value"},
-    "code_version": {"dtype": "string", "_type": "Value"},
-    "worker": {"dtype": "string", "_type": "Value"},
-}
+
+
+def huggingface_feature(arrow_type: pa.DataType) -> dict:
+    """The Hugging Face ``datasets`` feature of an Arrow type: ``IMAGE_STRUCT`` decodes as ``Image``, lists as
+    ``List``, structs field by field, the rest as ``Value``."""
+    if arrow_type == IMAGE_STRUCT:
+        return {"_type": "Image"}
+    if pa.types.is_list(arrow_type):
+        return {"feature": huggingface_feature(arrow_type.value_type), "_type": "List"}
+    if pa.types.is_struct(arrow_type):
+        return {field.name: huggingface_feature(field.type) for field in arrow_type}
+    return {"dtype": _HF_VALUE_TYPES[arrow_type], "_type": "Value"}
+
+
+HF_FEATURES = {field.name: huggingface_feature(field.type) for field in DATASET_SCHEMA}
+"""What Hugging Face ``datasets`` reads from a shard's parquet metadata, derived from ``DATASET_SCHEMA``."""
 
 
 def with_metadata(schema: pa.Schema, categories: list[dict], huggingface: bool = False) -> pa.Schema:

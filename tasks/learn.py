@@ -14,7 +14,7 @@ from tasks.report import validation_artifact
 from tasks.reuse import CompletedOutput, stage_lock
 
 
-def _report(record: ModelRecord) -> ModelRecord:
+def _log_model(record: ModelRecord) -> ModelRecord:
     if record.reused:
         run_logger().info("%s model %s reused from %s: not trained again", record.kind, record.fingerprint, record.uri)
     else:
@@ -36,7 +36,7 @@ def learn_concept_task(config: FactoryConfig, catalog: CatalogRecord) -> ModelRe
     Under a storage lock: a second run of the same config waits, then finds the model and reuses it."""
     folder = concept_folder_for(config, catalog)
     with stage_lock(config, "learn-concept", folder):
-        return _report(train_concept(config, catalog, folder, progress=training_progress("learn-concept")))
+        return _log_model(train_concept(config, catalog, folder, progress=training_progress("learn-concept")))
 
 
 @task(
@@ -50,4 +50,6 @@ def learn_condition_task(config: FactoryConfig, catalog: CatalogRecord, concept:
     Under a storage lock, like ``learn-concept``."""
     folder = condition_folder_for(config, catalog, concept)
     with stage_lock(config, "learn-condition", folder):
-        return _report(train_condition(config, catalog, concept, folder, progress=training_progress("learn-condition")))
+        return _log_model(
+            train_condition(config, catalog, concept, folder, progress=training_progress("learn-condition"))
+        )

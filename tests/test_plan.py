@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,40 @@ def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     (tmp_path / "empty-roi").mkdir()
     with pytest.raises(BadInputError, match="region-of-interest file"):
         build_plan_rows(missing, read_catalog(catalog.uri).to_pylist(), sources)
+
+
+def test_an_roi_file_is_decoded_once_per_version_whatever_the_rows(bordered, make_config, tmp_path, monkeypatch):
+    """Every row and augmentation of an image warps the same decoded ROI; a file redrawn in place is read again."""
+    from PIL import Image
+
+    from indusfactory.infra import storage as storage_module
+    from indusfactory.sources.ingest import read_catalog
+
+    root, source = bordered
+    roi_dir = tmp_path / "roi"
+    roi_dir.mkdir()
+    for path in (root / "defect_free").glob("*.png"):
+        Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(roi_dir / path.name)
+    config = make_config(source=source, plan={"roi_dir": str(roi_dir), "images_per_driver": 6})
+    catalog = ingest(config.source, catalog_folder_for(config))
+    sources = SourceImages(catalog.uri, catalog.categories)
+    reads: list[str] = []
+    real = storage_module.read_bytes
+    monkeypatch.setattr(storage_module, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), sources)
+    for row in rows:
+        materialise(row, sources, config)
+    roi_reads = [u for u in reads if u.startswith(str(roi_dir))]
+    assert len(rows) > len(set(roi_reads)) and len(roi_reads) == len(set(roi_reads)), "each ROI file read once"
+
+    redrawn = Path(roi_reads[0])
+    mtime = redrawn.stat().st_mtime_ns
+    Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(redrawn)
+    os.utime(redrawn, ns=(mtime + 2_000_000_000, mtime + 2_000_000_000))
+    reads.clear()
+    for row in rows:
+        materialise(row, sources, config)
+    assert [u for u in reads if u.startswith(str(roi_dir))] == [str(redrawn)], "only the redrawn file again"
 
 
 def test_plan_references_that_do_not_exist_are_named(make_config, catalog, tmp_path):

@@ -128,7 +128,7 @@ def progress_listener(listener: ProgressListener) -> Iterator[None]:
             _LISTENERS.remove(listener)
 
 
-def _report(event: GenerationProgress) -> None:
+def _notify_listeners(event: GenerationProgress) -> None:
     with _LISTENERS_LOCK:
         listeners = list(_LISTENERS)
     for listener in listeners:
@@ -582,13 +582,15 @@ def generate_shard(ctx: GenerationContext, plan: PlanRecord, dataset_uri: str, s
     done = existing_shard(dataset_uri, split, shard, plan.shards)
     if done:
         check_shard_origin(done, made_by, dataset_uri)
-        _report(GenerationProgress(done.planned, plan.samples, generated=False))
+        _notify_listeners(GenerationProgress(done.planned, plan.samples, generated=False))
         return done
     check_before_writing(dataset_uri, split, plan.shards)
     started = time.perf_counter()
-    _report(GenerationProgress(0, plan.samples, generated=True))
+    _notify_listeners(GenerationProgress(0, plan.samples, generated=True))
     rows = generate_rows(
-        ctx, read_plan(plan, shard), on_batch=lambda n: _report(GenerationProgress(n, plan.samples, generated=True))
+        ctx,
+        read_plan(plan, shard),
+        on_batch=lambda n: _notify_listeners(GenerationProgress(n, plan.samples, generated=True)),
     )
     kept, dropped = apply_qc_action(rows, ctx.config.generation.qc_action)
     worker = rows[0]["worker"] if rows else worker_name()

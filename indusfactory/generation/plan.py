@@ -8,6 +8,7 @@ plan and the same models give the same bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -362,6 +363,23 @@ def instance_mask(inst: dict, sources: SourceImages, resolution: int, roi: np.nd
     return apply_perturbation(sources.mask(inst["mask_source_id"], resolution), params, roi=roi)
 
 
+def roi_square(roi_dir: str, name: str, resolution: int) -> np.ndarray:
+    """An ROI file as a boolean square at ``resolution``, decoded once per process and version of the file
+    (every row and augmentation of its image warps the same square; a file redrawn in place is read again)."""
+    uri = storage.join(roi_dir, name)
+    found = storage.info(uri)
+    if found is None:
+        raise FileNotFoundError(uri)
+    return _decoded_roi(uri, storage.file_version(found), int(found.get("size") or 0), resolution)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded_roi(uri: str, version: str, size: int, resolution: int) -> np.ndarray:
+    square = fit_square(decode_image(storage.read_bytes(uri)).max(axis=2) > 0, resolution)
+    square.setflags(write=False)  # shared between rows: callers warp a copy
+    return square
+
+
 def driver_roi(config: FactoryConfig, sources: SourceImages, image_id: str, augmentation: dict) -> np.ndarray | None:
     """Where masks may go on an augmented driver image: brighter than ``roi_min_intensity`` and
     inside the image's ROI file from ``roi_dir`` (warped like the image); None when unconstrained."""
@@ -370,10 +388,9 @@ def driver_roi(config: FactoryConfig, sources: SourceImages, image_id: str, augm
     if config.plan.roi_dir:
         name = sources.file_name(image_id).rsplit(".", 1)[0] + ".png"
         try:
-            raw = decode_image(storage.read_bytes(storage.join(config.plan.roi_dir, name)))
+            square = roi_square(config.plan.roi_dir, name, resolution)
         except FileNotFoundError as exc:
             raise BadInputError(f"plan.roi_dir has no region-of-interest file {name} for image {image_id}") from exc
-        square = fit_square(raw.max(axis=2) > 0, resolution)
         matrix = augmentation_matrix(augmentation, square.shape)
         roi = warp(square.astype(np.float64), AffineTransform(matrix=matrix), order=0, mode="reflect") > 0.5
     if config.plan.roi_min_intensity is not None:

@@ -1121,7 +1121,7 @@ def _cell(text: str) -> str:
     return printable(str(text)).replace("|", "\\|").replace("\n", " ")
 
 
-def _report(result: IngestResult, source: SourceConfig) -> str:
+def _report_markdown(result: IngestResult, source: SourceConfig) -> str:
     """The human-readable account of an ingest: counts that reconcile, then every refused item."""
     defective = sum(r["defective"] for r in result.rows)
     ingested, quarantined = len(result.rows), result.quarantined_images
@@ -1183,7 +1183,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def _write_quarantine(folder: CatalogFolder, result: IngestResult, source: SourceConfig) -> None:
     quarantine = pa.Table.from_pylist(result.quarantine, schema=QUARANTINE_SCHEMA)
     storage.write_bytes_atomic(folder.quarantine, _parquet_bytes(quarantine))
-    storage.write_bytes_atomic(folder.report, _report(result, source).encode("utf-8"))
+    storage.write_bytes_atomic(folder.report, _report_markdown(result, source).encode("utf-8"))
 
 
 def _nothing_usable(result: IngestResult, source: SourceConfig, folder: CatalogFolder) -> BadInputError:
