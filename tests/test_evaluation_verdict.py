@@ -30,6 +30,7 @@ from indusfactory.evaluation.evaluate import (
 )
 from indusfactory.evaluation.segmentor import SegmentationSet
 from indusfactory.generation.adherence import derangement
+from indusfactory.layout import EvaluationFolder
 from indusfactory.schema import DatasetRecord
 
 SIZE = 32
@@ -136,7 +137,8 @@ def test_invisible_defects_make_the_evaluation_inconclusive(tmp_path):
         "chance_auc": [0.5] * 8,
         "adherence_iou": [None] * 8,
     }
-    record = write_evaluation(str(tmp_path / "dataset" / "evaluation" / "fp"), dataset, result, per_sample, baseline)
+    folder = EvaluationFolder(str(tmp_path / "dataset" / "evaluation" / "fp"), "fp")
+    record = write_evaluation(folder, dataset, result, per_sample, baseline)
     document = json.loads((tmp_path / "dataset" / "evaluation.json").read_text())
     assert record.verdict == document["verdict"] == INCONCLUSIVE
     assert f"**Verdict: {INCONCLUSIVE}**" in (Path(record.uri) / "table.md").read_text()

@@ -22,7 +22,8 @@ from indusfactory.infra import storage
 from indusfactory.infra.errors import BadInputError, ConfigError
 from indusfactory.layout import CATALOG_RECORD, QUARANTINE_FILE
 from indusfactory.schema import categories_from_metadata, decode_image, rle_to_mask
-from indusfactory.sources.ingest import ingest, read_catalog, source_listing, split_of
+from indusfactory.sources.catalog import read_catalog
+from indusfactory.sources.ingest import ingest, source_listing, split_of
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 ORIENTATION = 0x0112
@@ -830,7 +831,7 @@ def test_a_catalog_written_again_at_its_uri_is_read_again(where, sample_root, tm
     from types import SimpleNamespace
 
     from indusfactory.generation.generate import get_sources
-    from indusfactory.sources import ingest as ingest_module
+    from indusfactory.sources import catalog as catalog_module
 
     uri = f"{tmp_path if where == 'local' else request.getfixturevalue('s3_bucket')}/catalog"
     first = ingest(_source(sample_root), uri)
@@ -848,4 +849,4 @@ def test_a_catalog_written_again_at_its_uri_is_read_again(where, sample_root, tm
     assert after.keys() == before.keys() and after != before, "the new file's splits, not the cached ones"
     assert get_sources(ctx) is not sources and len(reads) == 2
     assert read_catalog(uri).to_pylist() == read_catalog(uri).to_pylist() and len(reads) == 2
-    assert len(ingest_module._CATALOGS) <= ingest_module.CATALOGS_KEPT
+    assert len(catalog_module._CATALOGS) <= catalog_module.CATALOGS_KEPT

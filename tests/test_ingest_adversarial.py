@@ -20,7 +20,8 @@ from indusfactory.infra.errors import BadInputError
 from indusfactory.layout import QUARANTINE_FILE
 from indusfactory.schema import mask_to_rle, rle_to_mask
 from indusfactory.sources import ingest as ingest_module
-from indusfactory.sources.ingest import ingest, read_catalog, rle_string_counts
+from indusfactory.sources.catalog import read_catalog
+from indusfactory.sources.ingest import ingest, rle_string_counts
 
 CATEGORIES = [{"id": 1, "name": "scratch", "supercategory": ""}, {"id": 2, "name": "dent", "supercategory": ""}]
 H, W = 40, 48

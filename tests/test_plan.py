@@ -39,7 +39,7 @@ def test_same_config_same_plan_bytes(make_config, catalog, tmp_path):
 
 def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
     config = make_config(plan={"max_instances_per_image": 3, "images_per_driver": 5})
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -57,7 +57,7 @@ def test_rows_rebuild_driver_and_masks_exactly(make_config, catalog):
 
 
 def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, catalog):
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     config = make_config(plan={"procedural_fraction": 1.0, "procedural_styles": {"hairline": "branched"}})
     rows = build_plan_rows(config, read_catalog(catalog.uri).to_pylist(), SourceImages(catalog.uri, catalog.categories))
@@ -73,7 +73,7 @@ def test_procedural_masks_are_recorded_and_follow_class_styles(make_config, cata
 
 
 def test_unknown_style_and_missing_drivers_are_clear_errors(make_config, catalog):
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     rows = read_catalog(catalog.uri).to_pylist()
     sources = SourceImages(catalog.uri, catalog.categories)
@@ -107,7 +107,7 @@ def bordered(sample_root, tmp_path, make_config):
 
 @pytest.mark.parametrize("procedural", [0.0, 1.0])
 def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedural):
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     root, source = bordered
     config = make_config(
@@ -139,7 +139,7 @@ def test_masks_stay_inside_the_region_of_interest(bordered, make_config, procedu
 def test_roi_files_constrain_placement(bordered, make_config, tmp_path):
     from PIL import Image
 
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     root, source = bordered
     roi_dir = tmp_path / "roi"
@@ -176,7 +176,7 @@ def test_an_roi_file_is_decoded_once_per_version_whatever_the_rows(bordered, mak
     from PIL import Image
 
     from indusfactory.infra import storage as storage_module
-    from indusfactory.sources.ingest import read_catalog
+    from indusfactory.sources.catalog import read_catalog
 
     root, source = bordered
     roi_dir = tmp_path / "roi"

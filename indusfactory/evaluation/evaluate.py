@@ -72,7 +72,7 @@ from indusfactory.schema import (
     decode_image,
     rle_to_mask,
 )
-from indusfactory.sources.ingest import read_catalog
+from indusfactory.sources.catalog import read_catalog
 
 log = logging.getLogger("indusfactory.evaluate")  # the name operators filter on, kept from the flat layout
 SIZE_BINS = np.logspace(-4, 0, 13)

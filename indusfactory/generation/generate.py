@@ -80,7 +80,7 @@ from indusfactory.publishing.publish import (
     write_shard,
 )
 from indusfactory.schema import ModelRecord, PlanRecord, ShardRecord, encode_png, mask_to_rle, rle_bbox_area
-from indusfactory.sources.ingest import catalog_version
+from indusfactory.sources.catalog import catalog_version
 
 log = logging.getLogger("indusfactory.generate")  # the name operators filter on, kept from the flat layout
 _PIPELINE_CACHE: dict[tuple, object] = {}

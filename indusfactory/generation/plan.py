@@ -46,7 +46,7 @@ from indusfactory.schema import (
     encode_png,
     rle_to_mask,
 )
-from indusfactory.sources.ingest import read_catalog
+from indusfactory.sources.catalog import read_catalog
 
 MASK_SOURCE_BANK = "bank"
 MASK_SOURCE_PROCEDURAL = "procedural"

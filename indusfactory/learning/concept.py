@@ -55,7 +55,7 @@ from indusfactory.learning.training import (
     write_model_metadata,
 )
 from indusfactory.schema import CatalogRecord, ModelRecord, decode_image, encode_png
-from indusfactory.sources.ingest import read_catalog
+from indusfactory.sources.catalog import read_catalog
 
 log = logging.getLogger("indusfactory.concept")  # the name operators filter on, kept from the flat layout
 

@@ -49,7 +49,7 @@ from indusfactory.learning.training import (
     write_model_metadata,
 )
 from indusfactory.schema import CatalogRecord, ModelRecord, category_index, decode_image, rle_to_mask
-from indusfactory.sources.ingest import read_catalog
+from indusfactory.sources.catalog import read_catalog
 
 log = logging.getLogger("indusfactory.condition")  # the name operators filter on, kept from the flat layout
 

@@ -53,8 +53,7 @@ import json
 import logging
 import os
 import posixpath
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,7 +71,7 @@ from indusfactory.config import SourceConfig
 from indusfactory.infra import stopping, storage
 from indusfactory.infra.errors import BadInputError
 from indusfactory.infra.fingerprint import fingerprint
-from indusfactory.layout import CATALOG_FILE, CatalogFolder, FactoryLayout
+from indusfactory.layout import CatalogFolder, FactoryLayout
 from indusfactory.schema import (
     CATALOG_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -1270,42 +1269,6 @@ def ingest_fingerprint(source: SourceConfig, factory_root: str) -> str:
         source_listing(source),
         storage.normalise_uri(factory_root),
     )
-
-
-CATALOGS_KEPT = 2
-"""How many catalog tables a process keeps (the most recently read): a run reads one; two cover a switch."""
-_CATALOGS: OrderedDict[tuple, pa.Table] = OrderedDict()
-_CATALOGS_LOCK = threading.Lock()
-
-
-def catalog_version(catalog_uri: str) -> tuple | None:
-    """What names the catalog file's bytes without reading them: its URI, size and version (ETag on object
-    stores; modification time and inode elsewhere). A catalog written again at the same URI (ingested again
-    after its record was removed) has another version. None when there is no catalog file."""
-    uri = storage.join(catalog_uri, CATALOG_FILE)
-    found = storage.info(uri)
-    if found is None:
-        return None
-    return storage.normalise_uri(uri), int(found.get("size") or 0), storage.file_version(found), found.get("ino")
-
-
-def read_catalog(catalog_uri: str) -> pa.Table:
-    """The catalog table (with its categories metadata), read once per process and version of the file: every
-    stage of a process that reads it (concept, condition, plan, generation, evaluation) is handed the same
-    table (Arrow tables are immutable). A rewritten catalog has another version and is read again."""
-    key = catalog_version(catalog_uri)
-    with _CATALOGS_LOCK:
-        if key is not None and key in _CATALOGS:
-            _CATALOGS.move_to_end(key)
-            return _CATALOGS[key]
-        fs, path = storage.filesystem(storage.join(catalog_uri, CATALOG_FILE))
-        with fs.open(path, "rb") as handle:  # absent: the same FileNotFoundError as an uncached read
-            table = pq.read_table(handle)
-        if key is not None:
-            _CATALOGS[key] = table
-            while len(_CATALOGS) > CATALOGS_KEPT:
-                _CATALOGS.popitem(last=False)
-        return table
 
 
 def catalog_folder_for(config) -> CatalogFolder:
