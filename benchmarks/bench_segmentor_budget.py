@@ -41,6 +41,45 @@ from indusfactory.sources.ingest import catalog_folder_for  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def synthetic_holdout(evaluation, synthetic, passed, test, ids) -> dict:
+    """Per seed: a segmentor trained ``evaluation.steps`` steps on 80% of the QC-passed samples, scored on the
+    other 20% (synthetic) and on the real test split."""
+    import numpy as np
+
+    from indusfactory.evaluation.evaluate import LabelledImages, score_segmentor
+    from indusfactory.evaluation.segmentor import build_segmentor, loss_function, train_segmentor
+
+    kept = [i for i, ok in enumerate(passed) if ok]
+    rows = []
+    for seed in range(evaluation.seed, evaluation.seed + evaluation.seeds):
+        order = np.random.default_rng(seed).permutation(kept).tolist()
+        cut = int(0.8 * len(order))
+        fit, held = order[:cut], order[cut:]
+        held_out = LabelledImages(
+            synthetic.data.subset(held), [synthetic.instances[i] for i in held], [synthetic.ids[i] for i in held]
+        )
+        model = build_segmentor(2, evaluation.segmentor_pretrained, seed)
+        train_segmentor(
+            model,
+            synthetic.data.subset(fit),
+            evaluation.steps,
+            evaluation.batch_size,
+            evaluation.learning_rate,
+            seed,
+            loss_function(True, evaluation.loss),
+        )
+        on_synthetic, on_real = score_segmentor(model, held_out, ids), score_segmentor(model, test, ids)
+        rows.append(
+            {
+                "seed": seed,
+                "train": len(fit),
+                "iou_held_out_synthetic": on_synthetic["iou"],
+                "iou_real_test": on_real["iou"],
+            }
+        )
+    return {"mode": "synthetic holdout", "steps": evaluation.steps, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config_file", help="The YAML config the dataset was made with (its factory root).")
@@ -51,6 +90,12 @@ def main() -> None:
     parser.add_argument("--controls", nargs="*", default=["shuffled labels"], help="evaluation.controls.")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--label", required=True)
+    parser.add_argument(
+        "--synthetic-holdout",
+        action="store_true",
+        help="Instead: train on 80%% of the synthetic samples only and score on the other 20%% and on the real "
+        "test split (can a segmentor learn the synthetic labels at all, and does that transfer to real images?).",
+    )
     args = parser.parse_args()
 
     config = parse_config(yaml.safe_load(Path(args.config_file).read_text()), origin=args.config_file)
@@ -74,6 +119,13 @@ def main() -> None:
     training = synthetic.data.subset([i for i, ok in enumerate(passed) if ok])
     ids = [c["id"] for c in sorted(catalog.categories, key=lambda c: c["id"])]
     started = time.perf_counter()
+    if args.synthetic_holdout:
+        report = synthetic_holdout(evaluation, synthetic, passed, test, ids)
+        report.update(label=args.label, dataset=dataset.uri, seconds=round(time.perf_counter() - started, 1))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"segmentor-budget-{args.label}.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["rows"], indent=1))
+        return
     protocol, _ = run_protocol(evaluation, ProtocolData(train, test, training, ids))
     seconds = time.perf_counter() - started
     report = {

@@ -44,7 +44,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "generation": {"steps": 4, "shard_size": 8},
         "evaluation": {"enabled": False},
     },
-    "cpu-128": {"base_model": {"resolution": 128}},
+    "cpu-128": {"base_model": {"resolution": 128}, "evaluation": {"steps": 400, "finetune_steps": 200}},
     "sd15-gpu": {
         "base_model": {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5", "resolution": 512},
         "concept": {"steps": 800, "batch_size": 4, "learning_rate": 1.0e-4},
@@ -58,7 +58,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 ``smoke`` checks a chain end to end in minutes (few steps, small plan, no evaluation; not a useful dataset);
 ``cpu-128`` is the demo's recipe at 128 px, the smallest resolution where the embedded model's VAE keeps thin
 cracks: labels follow the images on surfaces it never saw (benchmark label AUC 0.90 grey, 0.87 teal, against
-chance 0.52 and 0.50; BENCHMARKS.md), about 11-12 min of training on 2 CPU cores instead of 3;
+chance 0.52 and 0.50; BENCHMARKS.md), about 11-12 min of training on 2 CPU cores instead of 3; and the
+evaluation's segmentor budgets at which its real-only baseline learns at 128 px (400 + 200 steps; at 120 + 60
+it did not, and the evaluation could only say "inconclusive");
 ``sd15-gpu`` is Stable Diffusion 1.5 at 512 px on a CUDA GPU with the paper's plan."""
 
 

@@ -129,10 +129,11 @@ def test_composition_order_is_profile_then_file_then_config_then_short_parameter
     assert compose_config()[0] == FactoryConfig()
     assert compose_config("demo")[0] == FactoryConfig(), "demo is the defaults"
     cpu_128 = compose_config("cpu-128")[0]
-    assert (
-        cpu_128.base_model.resolution == 128
-        and cpu_128.model_copy(update={"base_model": FactoryConfig().base_model}) == FactoryConfig()
-    ), "cpu-128 is the demo recipe at 128 px, nothing else"
+    assert cpu_128.base_model.resolution == 128 and cpu_128.evaluation.steps == 400
+    same_otherwise = cpu_128.model_copy(
+        update={"base_model": FactoryConfig().base_model, "evaluation": FactoryConfig().evaluation}
+    )
+    assert same_otherwise == FactoryConfig(), "cpu-128 is the demo recipe at 128 px (and its evaluation budgets)"
     with pytest.raises(ConfigError, match="images_per_driver"):
         compose_config("smoke", images_per_driver=99)
     with pytest.raises(ConfigError, match="does not exist"):
