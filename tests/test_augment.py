@@ -117,6 +117,18 @@ def test_translation_moves_content_and_zoom_magnifies():
     assert abs(cols.mean() - (31.5 - 1.3 * (1 - 1 / 1.3) * 32)) < 1.0
 
 
+def test_augmenting_a_grey_image_keeps_it_grey():
+    """The noise is luminance noise (one field for the three channels): a grey source stays grey whatever
+    the params, so its samples are colour-matched to grey."""
+    grey = brick_crop(np.random.default_rng(3)).mean(axis=2, keepdims=True).round().astype(np.uint8).repeat(3, 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        params = {**sample_augmentation(rng), "noise_std": 0.03}
+        out = apply_augmentation(grey, params)
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+        assert not np.array_equal(out, apply_augmentation(grey, {**params, "noise_std": 0.0})), "noise is there"
+
+
 def test_noise_and_contrast_do_what_they_say():
     image = brick_crop(np.random.default_rng(1))
     base = identity_augmentation()

@@ -102,6 +102,11 @@ def _rotation(degrees: float) -> np.ndarray:
 # --- offline augmentation of defect-free images ------------------------------------------------
 
 
+AUGMENTATION_VERSION = "2"
+"""Part of the plan fingerprint: bumped when the same params give other pixels (2: the noise is shared by the
+channels; 1 drew it per channel, which put colour noise into grey sources and so into their samples)."""
+
+
 def sample_augmentation(rng: np.random.Generator) -> dict:
     """Draw augmentation params: crop/zoom 1.0-1.3 with centre offset, rotation -15..15 deg,
     translation up to 10% of a side, gaussian noise std 0-0.03, contrast 0.8-1.2, noise seed."""
@@ -152,7 +157,8 @@ def apply_augmentation(image: np.ndarray, params: Mapping) -> np.ndarray:
 
     Geometry (zoom into the crop, rotation about the centre, translation) is one bilinear warp
     with reflect padding (no black borders); then contrast about the image mean; then gaussian
-    noise drawn from ``noise_seed``. Deterministic given ``params``.
+    noise drawn from ``noise_seed``, one field for the three channels (luminance noise: it never adds colour,
+    so a grey source stays grey). Deterministic given ``params``.
     """
     _check_image(image)
     p = _read_params(params, AUGMENTATION_KEYS, "augmentation")
@@ -166,7 +172,8 @@ def apply_augmentation(image: np.ndarray, params: Mapping) -> np.ndarray:
         mean = out.mean()
         out = mean + p["contrast"] * (out - mean)
     if p["noise_std"] > 0:
-        out = out + np.random.default_rng(p["noise_seed"]).normal(0.0, p["noise_std"] * 255.0, out.shape)
+        noise = np.random.default_rng(p["noise_seed"]).normal(0.0, p["noise_std"] * 255.0, out.shape[:2])
+        out = out + noise[..., None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -22,6 +22,7 @@ from skimage.transform import AffineTransform, warp
 
 from indusfactory.config import FactoryConfig
 from indusfactory.drivers.augment import (
+    AUGMENTATION_VERSION,
     apply_augmentation,
     apply_perturbation,
     augmentation_matrix,
@@ -66,7 +67,7 @@ def plan_fingerprint(config: FactoryConfig, catalog: CatalogRecord) -> str:
     ]
     if config.plan.roi_dir:  # the ROI files' contents decide the placements, not only their folder's name
         parts.append(storage.folder_listing(config.plan.roi_dir))
-    return fingerprint("plan", *parts)
+    return fingerprint("plan", AUGMENTATION_VERSION, *parts)
 
 
 def _rng(*parts: object) -> np.random.Generator:
