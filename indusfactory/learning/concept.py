@@ -38,7 +38,6 @@ from indusfactory.learning.training import (
     LatentCache,
     Progress,
     TrainingRuntime,
-    checkpoint_uri_for,
     copy_validation_images,
     diffusion_loss,
     encode_latents,
@@ -342,7 +341,7 @@ def train_concept(
         class_latents = encode_latents(base, to_model_tensor(class_prior_images(config, base, runtime)))
     latents = encode_latents(base, to_model_tensor(images))
     params = attach_trainable(base, config)
-    checkpoint_uri = checkpoint_uri_for(output_uri)
+    checkpoint_uri = target.checkpoint
     losses, seconds = run_training(
         params,
         c,

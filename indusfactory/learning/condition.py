@@ -32,7 +32,6 @@ from indusfactory.learning.prompts import condition_prompt
 from indusfactory.learning.training import (
     Progress,
     TrainingRuntime,
-    checkpoint_uri_for,
     copy_validation_images,
     diffusion_loss,
     encode_latents,
@@ -318,7 +317,7 @@ def train_condition(
         )
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
-    checkpoint_uri = checkpoint_uri_for(output_uri)
+    checkpoint_uri = target.checkpoint
     on_step = condition_validation(
         base, controlnet, config, validation_examples(config, catalog, c.validation_images), runtime, checkpoint_uri
     )
